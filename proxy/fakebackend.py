@@ -1,0 +1,302 @@
+"""A small scripted OpenAI-compatible backend on raw asyncio: fast enough to expose the proxy's own cost in
+benchmarks, and scriptable for tests (errors, delays, caps on n, mid-stream failures, recorded aborts)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class FakeReply:
+    """What the fake answers to one request. `texts[i]` is choice i's content (cycled)."""
+
+    texts: list[str] = field(default_factory=lambda: ["The answer is 42."])
+    status: int = 200
+    error: dict[str, Any] | None = None
+    delay: float = 0.0  # before the response starts
+    chunk_delay: float = 0.0  # between stream chunks
+    fail_after_chunks: int | None = None  # drop the connection mid-stream
+    token_logprob: float | list[float] = -0.1
+    finish_reason: str = "stop"
+    raw_body: bytes | None = None  # send these bytes instead of JSON (for malformed-backend tests)
+
+
+Script = Callable[[dict[str, Any]], FakeReply]
+
+
+def _tokens(text: str) -> list[str]:
+    """Whitespace-preserving word pieces: good enough as 'tokens' for counting and logprobs."""
+    pieces: list[str] = []
+    current = ""
+    for ch in text:
+        if ch == " " and current:
+            pieces.append(current)
+            current = ch
+        else:
+            current += ch
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    aborted: bool = False
+    finished: bool = False
+
+
+class FakeBackend:
+    """llama-server-like by default: /props reports `slots`, n above it is a 400, usage counts one choice."""
+
+    def __init__(self, *, slots: int = 4, owned_by: str = "llamacpp", usage_counts_one_choice: bool = True,
+                 model: str = "fake-model") -> None:
+        self.slots = slots
+        self.owned_by = owned_by
+        self.usage_counts_one_choice = usage_counts_one_choice
+        self.model = model
+        self.script: Script = lambda request: FakeReply()
+        self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.max_in_flight_seen = 0
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # ---- lifecycle ----
+
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def start_in_thread(self) -> "FakeBackend":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="fake-backend")
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop_thread(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def reset(self, script: Script | None = None) -> None:
+        self.requests.clear()
+        self.max_in_flight_seen = 0
+        self.script = script or (lambda request: FakeReply())
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    # ---- HTTP ----
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        k, v = line.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                length = int(headers.get("content-length", "0"))
+                raw = await reader.readexactly(length) if length else b""
+                keep_open = await self._handle(method, path, headers, raw, reader, writer)
+                if not keep_open:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, status: int, payload: bytes,
+                    content_type: str = "application/json") -> None:
+        writer.write(
+            f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+
+    async def _handle(self, method: str, path: str, headers: dict[str, str], raw: bytes,
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if method == "GET" and path.endswith("/models"):
+            listing = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": self.owned_by}]}
+            await self._send(writer, 200, json.dumps(listing).encode())
+            return True
+        if method == "GET" and path == "/props":
+            await self._send(writer, 200, json.dumps({"total_slots": self.slots}).encode())
+            return True
+        if method == "GET" and path == "/health":
+            await self._send(writer, 200, b'{"status":"ok"}')
+            return True
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            await self._send(writer, 400, b'{"error":{"message":"bad json","type":"invalid_request_error"}}')
+            return True
+        if path == "/tokenize":
+            await self._send(writer, 200, json.dumps({"tokens": list(range(len(_tokens(body.get("content", "")))))}).encode())
+            return True
+        record = RecordedRequest(path, body, headers)
+        self.requests.append(record)
+        self.in_flight += 1
+        self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
+        try:
+            return await self._completion(record, reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            record.aborted = True
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _wait_or_abort(self, seconds: float, reader: asyncio.StreamReader, record: RecordedRequest) -> bool:
+        """Sleep, noticing a client that closes the connection meanwhile (returns False then)."""
+        if seconds <= 0:
+            return True
+        try:
+            data = await asyncio.wait_for(reader.read(1), timeout=seconds)
+        except TimeoutError:
+            return True
+        if data == b"":
+            record.aborted = True
+            return False
+        return True
+
+    async def _completion(self, record: RecordedRequest, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> bool:
+        body = record.body
+        reply = self.script(body)
+        n = int(body.get("n") or 1)
+        if not await self._wait_or_abort(reply.delay, reader, record):
+            return False
+        if reply.raw_body is not None:
+            await self._send(writer, reply.status, reply.raw_body, "text/plain")
+            record.finished = True
+            return True
+        if reply.status >= 400:
+            error = reply.error or {"error": {"message": "scripted failure", "type": "server_error", "code": 500}}
+            await self._send(writer, reply.status, json.dumps(error).encode())
+            record.finished = True
+            return True
+        if n > self.slots:
+            error = {"error": {"code": 400, "message": f"n must be <= {self.slots} (server slots)",
+                               "type": "invalid_request_error"}}
+            await self._send(writer, 400, json.dumps(error).encode())
+            record.finished = True
+            return True
+        texts = [reply.texts[i % len(reply.texts)] for i in range(n)]
+        is_chat = record.path.endswith("/chat/completions")
+        if body.get("stream"):
+            return await self._stream(record, reply, texts[0], is_chat, reader, writer)
+        choices = []
+        for i, text in enumerate(texts):
+            if is_chat:
+                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": reply.finish_reason}
+                if body.get("logprobs"):
+                    choice["logprobs"] = {"content": self._logprob_entries(text, reply, body)}
+            else:
+                choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
+            choices.append(choice)
+        counted = [len(_tokens(t)) for t in texts]
+        completion_tokens = counted[0] if self.usage_counts_one_choice else sum(counted)
+        prompt_tokens = self._prompt_tokens(body)
+        payload = {
+            "id": "chatcmpl-fake", "object": "chat.completion" if is_chat else "text_completion",
+            "created": int(time.time()), "model": body.get("model", self.model), "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+        await self._send(writer, 200, json.dumps(payload).encode())
+        record.finished = True
+        return True
+
+    @staticmethod
+    def _prompt_tokens(body: dict[str, Any]) -> int:
+        messages = body.get("messages") or []
+        return sum(len(_tokens(str(m.get("content", "")))) for m in messages if isinstance(m, dict)) or 1
+
+    @staticmethod
+    def _logprob_entries(text: str, reply: FakeReply, body: dict[str, Any]) -> list[dict[str, Any]]:
+        entries = []
+        top_k = int(body.get("top_logprobs") or 0)
+        for i, token in enumerate(_tokens(text)):
+            value = reply.token_logprob[i % len(reply.token_logprob)] if isinstance(reply.token_logprob, list) \
+                else reply.token_logprob
+            top = [{"token": token, "logprob": value}] + [
+                {"token": f"alt{k}", "logprob": value - 1.0 - k} for k in range(max(0, top_k - 1))
+            ]
+            entries.append({"token": token, "logprob": value, "top_logprobs": top[:top_k]})
+        return entries
+
+    async def _stream(self, record: RecordedRequest, reply: FakeReply, text: str, is_chat: bool,
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+
+        def chunk(data: bytes) -> None:
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+        def event(payload: dict[str, Any]) -> None:
+            chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": record.body.get("model", self.model)}
+        if is_chat:
+            event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]})
+        tokens = _tokens(text)
+        for i, token in enumerate(tokens):
+            if reply.fail_after_chunks is not None and i >= reply.fail_after_chunks:
+                await writer.drain()
+                writer.transport.abort()
+                record.finished = True
+                return False
+            if is_chat:
+                choice: dict[str, Any] = {"index": 0, "delta": {"content": token}, "finish_reason": None}
+                if record.body.get("logprobs"):
+                    choice["logprobs"] = {"content": self._logprob_entries(token, reply, record.body)}
+            else:
+                choice = {"index": 0, "text": token, "finish_reason": None}
+            event({**base, "choices": [choice]})
+            await writer.drain()
+            if not await self._wait_or_abort(reply.chunk_delay, reader, record):
+                return False
+        final_choice = {"index": 0, "delta": {}, "finish_reason": reply.finish_reason} if is_chat else \
+            {"index": 0, "text": "", "finish_reason": reply.finish_reason}
+        event({**base, "choices": [final_choice]})
+        options = record.body.get("stream_options") or {}
+        if options.get("include_usage"):
+            prompt_tokens = self._prompt_tokens(record.body)
+            event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                                                    "total_tokens": prompt_tokens + len(tokens)}})
+        chunk(b"data: [DONE]\n\n")
+        chunk(b"")
+        await writer.drain()
+        record.finished = True
+        return True

@@ -1,0 +1,68 @@
+"""Request models mirroring the OpenAI spec. Unknown fields are kept (engines have many vendor extras)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidRequest
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> "ChatMessage":
+        has_calls = bool(getattr(self, "tool_calls", None) or getattr(self, "function_call", None))
+        if self.content is None and not (self.role == "assistant" and has_calls):
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(OpenAIModel):
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class CompletionRequest(OpenAIModel):
+    model: str = Field(min_length=1)
+    prompt: str | list[Any] = ""
+    stream: bool | None = False
+    n: int | None = Field(default=None, ge=1, le=128)
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+def validate_request(model: type[OpenAIModel], payload: Any) -> Any:
+    """Validate a parsed body; the first problem becomes a 400 naming the field."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        extra = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise InvalidRequest(message + extra, param=param, code="invalid_value") from exc
