@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -129,10 +129,16 @@ class Backend:
         cost: int = 1,
         request_id: str | None = None,
         content: bytes | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        """A call whose response body is read by the caller; leaving the block early aborts the backend call."""
+        """A call whose response body is read by the caller; leaving the block early aborts the backend call.
+
+        `on_start` runs when the call gets its scheduler slot, just before it is sent; raising there cancels it.
+        """
         request = self._request(path, content if content is not None else json.dumps(body).encode(), request_id)
         async with self.scheduler.slot(owner, cost):
+            if on_start is not None:
+                on_start()
             response = await self._send(request)
             try:
                 await self._raise_for_status(response, body)
@@ -153,13 +159,16 @@ class Backend:
         cost: int = 1,
         request_id: str | None = None,
         content: bytes | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> tuple[httpx.Response, bytes]:
         """A whole non-streaming call: the response (status and headers) and its body bytes."""
-        async with self.stream(path, body, owner=owner, cost=cost, request_id=request_id, content=content) as response:
+        async with self.stream(path, body, owner=owner, cost=cost, request_id=request_id, content=content,
+                               on_start=on_start) as response:
             return response, await response.aread()
 
-    async def call_json(self, path: str, body: dict[str, Any], *, owner: str, cost: int = 1) -> dict[str, Any]:
-        _, raw = await self.call(path, body, owner=owner, cost=cost)
+    async def call_json(self, path: str, body: dict[str, Any], *, owner: str, cost: int = 1,
+                        request_id: str | None = None, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+        _, raw = await self.call(path, body, owner=owner, cost=cost, request_id=request_id, on_start=on_start)
         try:
             payload = json.loads(raw)
         except ValueError as exc:

@@ -221,11 +221,18 @@ class RunContext:
             self._node, label, "call", n=n, seed=seed, temperature=body.get("temperature"),
             max_tokens=body.get("max_tokens"), status="running",
         )
-        state.usage.calls += 1
+
+        def start() -> None:
+            # Checked again when the call gets its turn: calls that waited in the queue see what the calls
+            # before them spent, so the token budget binds; only calls that really start are counted.
+            self._check_budget()
+            state.usage.calls += 1
+
         started = time.monotonic()
         try:
             async with asyncio.timeout_at(_loop_time_of(state.deadline)):
-                payload = await backend.call_json("/chat/completions", body, owner=state.owner, cost=n)
+                payload = await backend.call_json("/chat/completions", body, owner=state.owner, cost=n,
+                                                  request_id=state.request_id, on_start=start)
         except TimeoutError as exc:
             state.trace.update(node, status="timeout", ms=_ms_since(started))
             raise BudgetExhausted(f"wall-time budget of {state.budget.max_seconds:g} s is spent") from exc
@@ -292,6 +299,23 @@ class RunContext:
         ]
         return candidates, prompt_tokens, completion_tokens, estimated
 
+    async def _draw(self, body: dict[str, Any], n: int, label: str) -> list[Candidate]:
+        """n unseeded samples in one call; if the backend refuses that n (a 400 that lowered the remembered
+        cap, see Backend.lower_n_cap), draw them again in calls within the new cap."""
+        try:
+            return await self._call(body, n, None, label)
+        except ProxyError as exc:
+            cap = max(1, self._state.backend.capabilities.max_n)
+            if exc.status_code != 400 or n <= cap:
+                raise
+        results = await asyncio.gather(
+            *(self._draw(body, min(cap, n - start), label) for start in range(0, n, cap)), return_exceptions=True
+        )
+        candidates = [c for result in results if not isinstance(result, BaseException) for c in result]
+        if not candidates:
+            raise next(result for result in results if isinstance(result, BaseException))
+        return candidates
+
     # ---- the StrategyContext interface ----
 
     async def generate(
@@ -318,7 +342,7 @@ class RunContext:
         else:
             cap = max(1, self._state.backend.capabilities.max_n)
             sizes = [min(cap, n - start) for start in range(0, n, cap)]
-            calls = [self._call(body, size, None, label) for size in sizes]
+            calls = [self._draw(body, size, label) for size in sizes]
         results = await asyncio.gather(*calls, return_exceptions=True)
         candidates: list[Candidate] = []
         errors: list[BaseException] = []
@@ -394,7 +418,8 @@ class RunContext:
         status = "cancelled"
         try:
             async with asyncio.timeout_at(_loop_time_of(state.deadline)):
-                async with state.backend.stream("/chat/completions", body, owner=state.owner) as response:
+                async with state.backend.stream("/chat/completions", body, owner=state.owner,
+                                                request_id=state.request_id) as response:
                     async for data in _sse_data(response.aiter_lines()):
                         if isinstance(data.get("usage"), dict):
                             usage = data["usage"]

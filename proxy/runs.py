@@ -152,7 +152,6 @@ class StrategyRun:
             "object": "chat.completion",
             "created": self.created,
             "model": self.job.client_model,
-            "system_fingerprint": None,
             "choices": [
                 {
                     "index": i,

@@ -66,6 +66,7 @@ class FairScheduler:
                 self._dispatch()
             else:
                 self._forget(owner, waiter)
+                self._dispatch()  # it may have blocked the head of the line: whoever fits now goes
             raise
 
     def _forget(self, owner: str, waiter: _Waiter) -> None:

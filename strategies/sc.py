@@ -5,7 +5,15 @@ from __future__ import annotations
 from pydantic import Field
 
 from .answers import extract_answer, tally
-from .framework import Candidate, FinalChoice, Strategy, StrategyContext, StrategyParams, StrategyResult
+from .framework import (
+    DEFAULT_SAMPLING_TEMPERATURE,
+    Candidate,
+    FinalChoice,
+    Strategy,
+    StrategyContext,
+    StrategyParams,
+    StrategyResult,
+)
 
 
 class SelfConsistencyParams(StrategyParams):
@@ -25,7 +33,8 @@ class SelfConsistency(Strategy):
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, SelfConsistencyParams)
-        temperature = params.temperature or ctx.sampling.sampling_temperature()
+        # The request's temperature when above 0; else the `temperature` param; else 0.8.
+        temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         await ctx.progress(f"drawing {params.n} samples at temperature {temperature:g}")
         candidates = await ctx.generate(n=params.n, temperature=temperature, min_success=min(params.min_success, params.n))
         answers = [extract_answer(c.text) for c in candidates]

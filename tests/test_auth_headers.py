@@ -1,0 +1,127 @@
+"""The proxy's own API keys, the backend's key, and x-request-id."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+import pytest
+
+from proxy.fakebackend import FakeBackend
+
+from .conftest import fake_config
+from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, sync_client, user
+
+KEYS = ["proxy-key-1", "proxy-key-2"]
+
+
+@pytest.fixture(scope="module")
+def locked(fake_backend: FakeBackend):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FAKE_BACKEND_KEY", "backend-secret")
+    mp.delenv("TTC_PROXY_API_KEYS", raising=False)
+    config = fake_config(fake_backend, server={"api_keys": KEYS},
+                         backends=[backend_entry(fake_backend, api_key_env="FAKE_BACKEND_KEY")])
+    with ProxyServer(config) as server:
+        yield server
+    mp.undo()
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": "proxy-key-1"},
+                                     {"authorization": "Basic proxy-key-1"}, {"api-key": "nope"}])
+def test_missing_or_wrong_key_is_401(locked, fake, headers):
+    body = {"model": "fake-model", "messages": user()}
+    error = assert_openai_error(chat(locked, body, headers=headers), 401, code="invalid_api_key")
+    assert error["type"] == "authentication_error"
+    assert_openai_error(chat(locked, {**body, "model": "sc-fake-model"}, headers=headers), 401)
+    assert_openai_error(httpx.get(locked.url + "/v1/models", headers=headers), 401)
+    assert_openai_error(httpx.get(locked.url + "/v1/traces/trace-x", headers=headers), 401)
+    assert fake.requests == []
+
+
+def test_sdk_with_wrong_key(locked, fake):
+    with pytest.raises(openai.AuthenticationError):
+        sync_client(locked, api_key="wrong").chat.completions.create(model="fake-model", messages=user())
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_right_key_works(locked, fake, key):
+    client = sync_client(locked, api_key=key)
+    assert client.chat.completions.create(model="fake-model", messages=user()).choices[0].message.content
+    completion = client.chat.completions.create(model="sc:n=2-fake-model", messages=user())
+    assert completion.ttc["strategy"] == "sc"
+    assert [m.id for m in client.models.list()][0] == "fake-model"
+    assert httpx.get(f"{locked.url}/v1/traces/{completion.ttc['trace_id']}",
+                     headers={"authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_azure_style_api_key_header(locked, fake):
+    assert chat(locked, {"model": "fake-model", "messages": user()}, headers={"api-key": KEYS[0]}).status_code == 200
+
+
+def test_client_key_is_not_forwarded_backend_key_is(locked, fake):
+    client = sync_client(locked, api_key=KEYS[0])
+    client.chat.completions.create(model="fake-model", messages=user())
+    client.chat.completions.create(model="sc:n=2-fake-model", messages=user(), seed=1)
+    list(client.chat.completions.create(model="fake-model", messages=user(), stream=True))
+    client.completions.create(model="fake-model", prompt="hi")
+    assert len(fake.requests) == 5
+    for request in fake.requests:
+        assert request.headers["authorization"] == "Bearer backend-secret"
+        assert KEYS[0] not in str(request.headers)
+
+
+def test_no_backend_key_means_no_authorization(client, fake):
+    # The default proxy's backend has no api_key_env: the client's key must not leak through instead.
+    sync = openai.OpenAI(base_url=client.base_url, api_key="client-secret", max_retries=0)
+    sync.chat.completions.create(model="fake-model", messages=user())
+    sync.chat.completions.create(model="sc:n=2-fake-model", messages=user())
+    assert len(fake.requests) == 2
+    for request in fake.requests:
+        assert "authorization" not in request.headers
+        assert "client-secret" not in str(request.headers)
+
+
+def test_keys_from_environment(fake_backend, fake, monkeypatch):
+    monkeypatch.setenv("TTC_PROXY_API_KEYS", "env-key-a, env-key-b")
+    with ProxyServer(fake_config(fake_backend)) as server:
+        assert_openai_error(chat(server, {"model": "fake-model", "messages": user()}), 401)
+        assert sync_client(server, api_key="env-key-b").chat.completions.create(
+            model="fake-model", messages=user()).choices
+
+
+@pytest.mark.parametrize("model", ["fake-model", "sc:n=3-fake-model"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_id_is_passed_and_returned(proxy, fake, model, stream):
+    response = chat(proxy, {"model": model, "messages": user(), "stream": stream},
+                    headers={"x-request-id": "req-abc-123"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-abc-123"
+    assert fake.chat_requests()
+    assert all(r.headers.get("x-request-id") == "req-abc-123" for r in fake.chat_requests())
+
+
+@pytest.mark.parametrize("model", ["fake-model", "sc:n=8-fake-model"])
+def test_request_id_is_generated_and_returned(proxy, fake, model):
+    response = chat(proxy, {"model": model, "messages": user()})
+    generated = response.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert {r.headers.get("x-request-id") for r in fake.chat_requests()} == {generated}
+    other = chat(proxy, {"model": model, "messages": user()}).headers["x-request-id"]
+    assert other != generated
+
+
+def test_request_id_on_completions_and_errors(proxy, fake):
+    response = chat(proxy, {"model": "fake-model", "prompt": "x"}, path="/v1/completions",
+                    headers={"x-request-id": "req-c"})
+    assert response.headers["x-request-id"] == "req-c" and fake.requests[0].headers["x-request-id"] == "req-c"
+    response = chat(proxy, {"model": "fake-model", "messages": []}, headers={"x-request-id": "req-bad"})
+    assert response.status_code == 400 and response.headers["x-request-id"] == "req-bad"
+
+
+def test_sdk_exposes_request_id(client, fake):
+    raw = client.chat.completions.with_raw_response.create(model="fake-model", messages=user(),
+                                                           extra_headers={"x-request-id": "sdk-req"})
+    assert raw.headers["x-request-id"] == "sdk-req"
+    assert raw.parse().choices[0].message.content

@@ -1,0 +1,141 @@
+"""End to end against the real engine: the proxy's embedded llama-server + SmolLM2, through the official SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from proxy.config import BackendConfig, EmbeddedEngine, ProxyConfig
+
+from .helpers import ProxyServer, validate_schema
+
+pytestmark = pytest.mark.engine
+
+QUESTION = [{"role": "user", "content": "What is 3 times 4? Answer with just the number."}]
+
+
+@pytest.fixture(scope="module")
+def engine_proxy() -> Iterator[ProxyServer]:
+    config = ProxyConfig(
+        backends=[BackendConfig(name="local", kind="llama_cpp", embedded=EmbeddedEngine(slots=8, context=16384))]
+    )
+    with ProxyServer(config) as server:
+        yield server
+
+
+@pytest.fixture()
+def client(engine_proxy: ProxyServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{engine_proxy.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_capabilities_are_learned_from_the_engine(engine_proxy: ProxyServer) -> None:
+    health = httpx.get(f"{engine_proxy.url}/health").json()
+    assert health["backends"]["local"]["kind"] == "llama_cpp"
+    assert health["backends"]["local"]["max_n"] == 8  # from llama-server's /props total_slots
+
+
+def test_pass_through_sync_sdk(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=8, temperature=0)
+    validate_schema(response.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+    assert response.model == "smollm2"
+    assert response.choices[0].message.content
+    assert response.usage is not None and response.usage.completion_tokens > 0
+
+
+def test_pass_through_keeps_turns_and_n_and_logprobs(client: openai.OpenAI) -> None:
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say A."},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "Say B."},
+    ]
+    response = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=4, n=3, logprobs=True, top_logprobs=2, temperature=0.8,
+        extra_body={"top_k": 20, "cache_prompt": False},
+    )
+    assert len(response.choices) == 3
+    entries = response.choices[0].logprobs.content
+    assert entries and len(entries[0].top_logprobs) == 2
+
+
+def test_engine_refusing_n_above_slots_comes_back_as_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=2, n=9)
+    assert caught.value.status_code == 400
+    assert isinstance(caught.value.body, dict) and caught.value.body.get("message")
+
+
+def test_pass_through_streaming_sdk(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len([p for p in pieces if p]) >= 2  # token by token, not one buffered blob
+    assert "".join(pieces).strip()
+
+
+def test_completions_pass_through(engine_proxy: ProxyServer) -> None:
+    client = openai.OpenAI(base_url=f"{engine_proxy.url}/v1", api_key="unused", max_retries=0)
+    response = client.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=6, temperature=0)
+    assert response.choices[0].text
+
+
+def test_self_consistency_async_sdk_counts_every_sample(engine_proxy: ProxyServer) -> None:
+    async def ask() -> openai.types.chat.ChatCompletion:
+        client = openai.AsyncOpenAI(base_url=f"{engine_proxy.url}/v1", api_key="unused", max_retries=0)
+        return await client.chat.completions.create(model="sc:n=6-smollm2", messages=QUESTION, max_tokens=16)
+
+    response = asyncio.run(ask())
+    body = response.model_dump(exclude_unset=True)
+    validate_schema(body, "CreateChatCompletionResponse")
+    ttc = body["ttc"]
+    assert ttc["strategy"] == "sc" and ttc["params"]["n"] == 6
+    assert ttc["details"]["samples"] == 6 and sum(ttc["details"]["votes"].values()) == 6
+    # One call draws all 6 (slots=8); llama-server's own usage would count one choice only.
+    assert ttc["backend_calls"] == 1
+    usage = body["usage"]
+    answer_tokens = usage["completion_tokens"] - usage["completion_tokens_details"]["reasoning_tokens"]
+    assert usage["completion_tokens"] > answer_tokens > 0
+    assert response.choices[0].message.content
+
+
+def test_self_consistency_streams_progress_then_answer(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="sc:n=4-smollm2", messages=QUESTION, max_tokens=16, stream=True,
+        stream_options={"include_usage": True},
+    )
+    reasoning, content, usage, ttc = [], [], None, None
+    for chunk in stream:
+        validate_schema(chunk.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
+        if chunk.usage is not None:
+            usage = chunk.usage
+        extra = chunk.model_extra or {}
+        ttc = extra.get("ttc", ttc)
+        for choice in chunk.choices:
+            delta_extra = choice.delta.model_extra or {}
+            if delta_extra.get("reasoning_content"):
+                assert not content, "progress comes before the answer"
+                reasoning.append(delta_extra["reasoning_content"])
+            if choice.delta.content:
+                content.append(choice.delta.content)
+    assert any("winner" in line for line in reasoning)
+    assert "".join(content)
+    assert usage is not None and usage.completion_tokens > 0
+    assert ttc is not None and ttc["strategy"] == "sc"
+
+
+def test_seeded_self_consistency_is_reproducible(client: openai.OpenAI) -> None:
+    def ask() -> str:
+        response = client.chat.completions.create(
+            model="sc:n=3-smollm2", messages=QUESTION, max_tokens=12, seed=1234, temperature=0.9
+        )
+        return response.model_extra["ttc"]["trace_id"], response.choices[0].message.content
+
+    (trace_a, first), (trace_b, second) = ask(), ask()
+    assert first == second
+    assert trace_a != trace_b

@@ -1,0 +1,289 @@
+"""Routing: model-name prefixes, the `ttc` body object, aliases, and /v1/models."""
+
+from __future__ import annotations
+
+import threading
+from types import MappingProxyType
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from proxy.app import create_app
+from proxy.config import ProxyConfig
+from proxy.errors import InvalidRequest
+from proxy.fakebackend import FakeBackend
+from proxy.routing import resolve_route, split_model_name
+from strategies import BUILTIN_STRATEGIES
+from strategies.framework import FinalChoice, Strategy, StrategyParams, StrategyResult
+from strategies.sc import SelfConsistency
+
+from .conftest import fake_config
+from .helpers import ProxyServer, assert_openai_error, chat, sync_client, user, validate_schema
+
+
+class FirstSample(Strategy):
+    """A test-only strategy: one sample, returned as is."""
+
+    slug = "first"
+    description = "first sample"
+
+    async def run(self, ctx, params: StrategyParams) -> StrategyResult:
+        (candidate,) = await ctx.generate(n=1)
+        return StrategyResult([FinalChoice(candidate.text, "stop", candidate.completion_tokens)])
+
+
+REGISTRY = MappingProxyType({"sc": SelfConsistency, "first": FirstSample})
+
+
+class RegistryProxyServer(ProxyServer):
+    """ProxyServer with a custom strategy registry."""
+
+    def __init__(self, config: ProxyConfig, registry) -> None:
+        super().__init__(config)
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(config, registry), host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="proxy-registry")
+
+
+ALIASES = {
+    "smart": {"model": "fake-model", "strategy": "sc", "params": {"n": 3}},
+    "house-model": {"model": "fake-model"},
+}
+
+
+@pytest.fixture(scope="module")
+def two_strategies(fake_backend: FakeBackend):
+    with RegistryProxyServer(fake_config(fake_backend, aliases=ALIASES), REGISTRY) as server:
+        yield server
+
+
+def sdk_error(client: openai.OpenAI, model: str, **kwargs) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=model, messages=user(), **kwargs)
+    return info.value
+
+
+# ---- the model-name grammar ----
+
+def test_prefix_selects_strategy(client, fake):
+    completion = client.chat.completions.create(model="sc-fake-model", messages=user())
+    assert completion.model == "sc-fake-model"
+    assert completion.ttc["strategy"] == "sc"
+    assert completion.ttc["params"]["n"] == 8  # the default
+    assert {r.body["model"] for r in fake.chat_requests()} == {"fake-model"}
+
+
+def test_prefix_with_params(client, fake):
+    completion = client.chat.completions.create(model="sc:n=3,min_success=2-fake-model", messages=user())
+    assert completion.ttc["params"]["n"] == 3 and completion.ttc["params"]["min_success"] == 2
+    (request,) = fake.chat_requests()  # 3 samples fit one request under the cap of 4
+    assert request.body["n"] == 3 and request.body["model"] == "fake-model"
+
+
+def test_model_with_dashes_after_prefix(client, fake):
+    client.chat.completions.create(model="sc:n=2-org-model-7b-q4", messages=user())
+    assert fake.chat_requests()[0].body["model"] == "org-model-7b-q4"
+
+
+def test_plain_model_passes_through(client, fake):
+    completion = client.chat.completions.create(model="gpt-4o-mini", messages=user())
+    (request,) = fake.chat_requests()
+    assert request.body == {"model": "gpt-4o-mini", "messages": user()}
+    assert completion.id == "chatcmpl-fake"
+    assert getattr(completion, "ttc", None) is None
+
+
+def test_unknown_strategy_prefix_lists_valid_ones(proxy, fake):
+    error = assert_openai_error(chat(proxy, {"model": "bnn:n=8-fake-model", "messages": user()}), 400,
+                                param="model", code="unknown_strategy")
+    assert "'bnn'" in error["message"] and "valid strategies: sc" in error["message"]
+    assert fake.requests == []
+
+
+def test_unknown_strategy_prefix_lists_all_registered(two_strategies, fake):
+    error = assert_openai_error(chat(two_strategies, {"model": "bnn:n=8-fake-model", "messages": user()}), 400)
+    assert "valid strategies: first, sc" in error["message"]
+
+
+def test_bad_param_lists_valid_params(client, fake):
+    error = sdk_error(client, "sc:samples=3-fake-model")
+    assert error.status_code == 400
+    message = error.body["message"]
+    assert "samples" in message
+    for name in ("n", "temperature", "min_success"):
+        assert f"{name} (" in message
+    assert error.body["code"] == "invalid_strategy_params"
+    assert fake.requests == []
+
+
+def test_mistyped_param_is_400(client, fake):
+    error = sdk_error(client, "sc:n=lots-fake-model")
+    assert error.status_code == 400 and "n" in error.body["message"]
+    error = sdk_error(client, "sc:n=0-fake-model")
+    assert error.status_code == 400
+    assert fake.requests == []
+
+
+def test_malformed_param_list_is_400(client, fake):
+    for model in ("sc:n-fake-model", "sc:=3-fake-model", "sc:n=3,-fake-model"):
+        error = sdk_error(client, model)
+        assert error.status_code == 400 and error.body["code"] == "invalid_strategy_params", model
+    error = sdk_error(client, "sc-")
+    assert error.status_code == 400 and error.body["code"] == "invalid_model"
+    assert fake.requests == []
+
+
+def test_param_above_default_maximum(client, fake):
+    error = sdk_error(client, "sc:n=65-fake-model")
+    assert error.status_code == 400
+    assert error.body["code"] == "strategy_param_above_maximum"
+    assert "maximum of 64" in error.body["message"]
+    assert fake.requests == []
+
+
+def test_param_above_configured_maximum(fake_backend, fake):
+    with ProxyServer(fake_config(fake_backend, strategies={"max_samples": 4})) as server:
+        client = sync_client(server)
+        error = sdk_error(client, "sc:n=5-fake-model")
+        assert error.status_code == 400 and "maximum of 4" in error.body["message"]
+        assert error.body["param"] == "ttc.params.n"
+        assert client.chat.completions.create(model="sc:n=4-fake-model", messages=user()).ttc["params"]["n"] == 4
+        error = sdk_error(client, "fake-model", extra_body={"ttc": {"strategy": "sc", "params": {"n": 6}}})
+        assert error.status_code == 400
+
+
+# ---- the `ttc` body object ----
+
+def test_ttc_object_selects_strategy(client, fake):
+    completion = client.chat.completions.create(
+        model="fake-model", messages=user(), extra_body={"ttc": {"strategy": "sc", "params": {"n": 2}}})
+    assert completion.ttc["strategy"] == "sc" and completion.ttc["params"]["n"] == 2
+    assert completion.model == "fake-model"
+    (request,) = fake.chat_requests()
+    assert request.body["n"] == 2 and "ttc" not in request.body
+
+
+def test_ttc_params_add_to_prefix(client, fake):
+    completion = client.chat.completions.create(
+        model="sc:n=3-fake-model", messages=user(), extra_body={"ttc": {"params": {"min_success": 2}}})
+    assert completion.ttc["params"]["n"] == 3 and completion.ttc["params"]["min_success"] == 2
+
+
+def test_ttc_unknown_strategy(client, fake):
+    error = sdk_error(client, "fake-model", extra_body={"ttc": {"strategy": "bnn"}})
+    assert error.status_code == 400
+    assert error.body["param"] == "ttc.strategy" and "valid strategies: sc" in error.body["message"]
+    assert fake.requests == []
+
+
+def test_ttc_bad_shapes(client, fake):
+    for ttc in ("sc", {"strategy": "sc", "extra": 1}, {"strategy": "sc", "params": [1]},
+                {"strategy": "sc", "budget": 3}, {"params": {"n": 3}}, {"strategy": "sc", "params": {"bogus": 1}}):
+        error = sdk_error(client, "fake-model", extra_body={"ttc": ttc})
+        assert error.status_code == 400, ttc
+        assert error.body["param"].startswith("ttc"), (ttc, error.body)
+    assert fake.requests == []
+
+
+def test_ttc_conflicts_with_prefix(two_strategies, fake):
+    client = sync_client(two_strategies)
+    error = sdk_error(client, "sc-fake-model", extra_body={"ttc": {"strategy": "first"}})
+    assert error.status_code == 400
+    assert error.body["code"] == "conflicting_strategy" and error.body["param"] == "ttc.strategy"
+    # The same strategy named twice is no conflict.
+    completion = client.chat.completions.create(model="first-fake-model", messages=user(),
+                                                extra_body={"ttc": {"strategy": "first"}})
+    assert completion.ttc["strategy"] == "first"
+
+
+def test_resolve_route_units():
+    config = ProxyConfig.model_validate({"backends": [{"name": "b", "base_url": "http://127.0.0.1:9"}],
+                                         "aliases": ALIASES})
+    route = resolve_route("sc:n=4-m", None, config, REGISTRY)
+    assert route.model == "m" and route.strategy.strategy is SelfConsistency and route.strategy.params == {"n": "4"}
+    route = resolve_route("m", {"strategy": "first", "budget": {"max_calls": 2}}, config, REGISTRY)
+    assert route.strategy.strategy is FirstSample and route.strategy.budget == {"max_calls": 2}
+    assert resolve_route("gpt-4o-mini", None, config, REGISTRY).strategy is None
+    assert resolve_route("smart", None, config, REGISTRY).strategy.params == {"n": 3}
+    assert split_model_name("first-m", REGISTRY) == ("first", {}, "m")
+    assert split_model_name("plain-model-name", REGISTRY) == (None, {}, "plain-model-name")
+    with pytest.raises(InvalidRequest, match="conflicting|selects strategy"):
+        resolve_route("smart", {"strategy": "first"}, config, REGISTRY)
+
+
+# ---- aliases ----
+
+def test_alias_with_strategy(two_strategies, fake):
+    client = sync_client(two_strategies)
+    completion = client.chat.completions.create(model="smart", messages=user())
+    assert completion.model == "smart"
+    assert completion.ttc["strategy"] == "sc" and completion.ttc["params"]["n"] == 3
+    (request,) = fake.chat_requests()
+    assert request.body["model"] == "fake-model" and request.body["n"] == 3
+
+
+def test_alias_request_params_override_alias_params(two_strategies, fake):
+    client = sync_client(two_strategies)
+    completion = client.chat.completions.create(model="smart", messages=user(),
+                                                extra_body={"ttc": {"params": {"n": 2}}})
+    assert completion.ttc["params"]["n"] == 2
+
+
+def test_alias_without_strategy_passes_through(two_strategies, fake):
+    client = sync_client(two_strategies)
+    completion = client.chat.completions.create(model="house-model", messages=user())
+    assert completion.model == "house-model"
+    assert fake.chat_requests()[0].body["model"] == "fake-model"
+
+
+def test_alias_to_unknown_backend_is_a_config_error(fake_backend):
+    with pytest.raises(ValueError, match="unknown backend"):
+        fake_config(fake_backend, aliases={"x": {"model": "m", "backend": "nope"}})
+
+
+# ---- /v1/models ----
+
+def test_models_listing(two_strategies, fake):
+    response = httpx.get(two_strategies.url + "/v1/models")
+    assert response.status_code == 200
+    listing = response.json()
+    validate_schema(listing, "ListModelsResponse")
+    ids = [m["id"] for m in listing["data"]]
+    assert "fake-model" in ids  # discovered from the backend's own /v1/models
+    assert "sc-fake-model" in ids and "first-fake-model" in ids
+    assert "smart" in ids and "house-model" in ids
+    assert len(ids) == len(set(ids))
+    by_id = {m["id"]: m for m in listing["data"]}
+    assert by_id["sc-fake-model"]["ttc"] == {"strategy": "sc", "model": "fake-model"}
+    assert by_id["smart"]["ttc"]["strategy"] == "sc" and by_id["smart"]["ttc"]["params"] == {"n": 3}
+    assert by_id["fake-model"]["owned_by"] == "fake"
+
+
+def test_models_listing_with_sdk(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids[:2] == ["fake-model", "sc-fake-model"]
+    assert set(ids) == {"fake-model"} | {f"{slug}-fake-model" for slug in BUILTIN_STRATEGIES}
+
+
+def test_configured_models_route_to_their_backend(fake_backend, fake):
+    other = FakeBackend(slots=2, model="other-model").start_in_thread()
+    try:
+        config = ProxyConfig.model_validate({"backends": [
+            {"name": "a", "kind": "llama_cpp", "base_url": fake_backend.base_url, "models": ["fake-model"]},
+            {"name": "b", "kind": "llama_cpp", "base_url": other.base_url, "models": ["other-model"]},
+        ]})
+        with ProxyServer(config) as server:
+            client = sync_client(server)
+            client.chat.completions.create(model="sc:n=2-other-model", messages=user())
+            assert fake.requests == [] and len(other.chat_requests()) == 1
+            client.chat.completions.create(model="fake-model", messages=user())
+            assert len(fake.chat_requests()) == 1
+            error = sdk_error(client, "unknown-model")
+            assert error.status_code == 404 and error.body["code"] == "model_not_found"
+            ids = [m.id for m in client.models.list()]
+            assert {"fake-model", "other-model", "sc-fake-model", "sc-other-model"} <= set(ids)
+    finally:
+        other.stop_thread()
