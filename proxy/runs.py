@@ -10,12 +10,19 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from strategies.framework import Sampling, Strategy, StrategyParams, StrategyResult
+from strategies.framework import (
+    Sampling,
+    Strategy,
+    StrategyError,
+    StrategyInputError,
+    StrategyParams,
+    StrategyResult,
+)
 
 from .backends import Backend
 from .config import Budget, StrategySettings
 from .context import RunContext, RunState
-from .errors import InvalidRequest, ProxyError
+from .errors import InvalidRequest, ProxyError, StrategyFailed
 from .protocol import ChatCompletionRequest
 from .traces import Trace, TraceStore
 
@@ -106,7 +113,12 @@ class StrategyRun:
 
     async def execute(self) -> StrategyResult:
         try:
-            result = await self.job.strategy().run(RunContext(self.state), self.job.params)
+            try:
+                result = await self.job.strategy().run(RunContext(self.state), self.job.params)
+            except StrategyInputError as exc:
+                raise InvalidRequest(str(exc), code="unsupported_by_strategy") from exc
+            except StrategyError as exc:
+                raise StrategyFailed(str(exc)) from exc
         except ProxyError as exc:
             self.trace.update(0, status="error", error=exc.message, ms=self._wall_ms())
             raise

@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict
 DEFAULT_SAMPLING_TEMPERATURE = 0.8
 
 
+class StrategyError(Exception):
+    """A strategy could not produce an answer (e.g. too few candidates survived); reported as a 502."""
+
+
+class StrategyInputError(StrategyError):
+    """This request cannot be served by the strategy as asked (e.g. a parameter clash); reported as a 400."""
+
+
 class StrategyParams(BaseModel):
     """Base for a strategy's parameters: unknown keys are an error, so typos never pass silently."""
 

@@ -1,16 +1,22 @@
-"""Self-consistency: sample n answers, extract each one's final answer, return a sample of the majority."""
+"""Self-consistency: sample answers, extract each one's final answer, return a sample of the majority.
+
+Adaptive mode samples in waves and stops as soon as the majority is settled (Adaptive-Consistency's Beta
+stopping rule), so easy questions cost few samples.
+"""
 
 from __future__ import annotations
 
+from math import comb
+
 from pydantic import Field
 
-from .answers import extract_answer, tally
+from .answers import Tally, extract_answer, tally
 from .framework import (
-    DEFAULT_SAMPLING_TEMPERATURE,
     Candidate,
     FinalChoice,
     Strategy,
     StrategyContext,
+    StrategyError,
     StrategyParams,
     StrategyResult,
 )
@@ -19,41 +25,79 @@ from .framework import (
 class SelfConsistencyParams(StrategyParams):
     limits = {"n": "samples"}
 
-    n: int = Field(default=8, ge=1, description="samples to draw")
+    n: int = Field(default=8, ge=1, description="samples to draw (the most, when adaptive)")
     temperature: float | None = Field(
         default=None, gt=0, le=2, description="sampling temperature when the request has none above 0 (default 0.8)"
     )
     min_success: int = Field(default=1, ge=1, description="fail unless at least this many samples succeed")
+    adaptive: bool = Field(default=False, description="sample in waves; stop once the majority is settled")
+    first_wave: int = Field(default=4, ge=1, description="adaptive: samples in the first wave")
+    wave: int = Field(default=2, ge=1, description="adaptive: samples in each later wave")
+    stop_confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="adaptive: stop when P(leader is the true majority) reaches this"
+    )
+
+
+def majority_settled_probability(votes: Tally) -> float:
+    """P(the leading answer is the true majority) under Adaptive-Consistency's Beta rule.
+
+    With v1 votes for the leader and v2 for the runner-up, p ~ Beta(v1 + 1, v2 + 1) and we want P(p > 1/2).
+    For integer parameters the regularised incomplete beta is a binomial tail, so no special functions needed.
+    """
+    ranked = votes.ranked()
+    v1 = int(ranked[0][1])
+    v2 = int(ranked[1][1]) if len(ranked) > 1 else 0
+    trials = v1 + v2 + 1
+    below_half = sum(comb(trials, j) for j in range(v1 + 1, trials + 1)) / 2**trials
+    return 1.0 - below_half
 
 
 class SelfConsistency(Strategy):
     slug = "sc"
-    description = "self-consistency: n samples, majority vote over extracted answers"
+    description = "self-consistency: samples, majority vote over extracted answers (adaptive: stop when settled)"
     Params = SelfConsistencyParams
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, SelfConsistencyParams)
-        # The request's temperature when above 0; else the `temperature` param; else 0.8.
-        temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
-        await ctx.progress(f"drawing {params.n} samples at temperature {temperature:g}")
-        candidates = await ctx.generate(n=params.n, temperature=temperature, min_success=min(params.min_success, params.n))
-        answers = [extract_answer(c.text) for c in candidates]
-        for i, (candidate, answer) in enumerate(zip(candidates, answers), start=1):
-            await ctx.progress(f"sample {i}/{len(candidates)} → {answer}")
+        temperature = params.temperature or ctx.sampling.sampling_temperature()
+        mode = "adaptive, at most" if params.adaptive else "drawing"
+        await ctx.progress(f"{mode} {params.n} samples at temperature {temperature:g}")
+        candidates: list[Candidate] = []
+        answers: list[str] = []
+        settled = 0.0
+        wave = params.n if not params.adaptive else min(params.first_wave, params.n)
+        while len(candidates) < params.n:
+            seed = ctx.sampling.seed + len(candidates) if ctx.sampling.seed is not None else None
+            drawn = await ctx.generate(
+                n=wave, temperature=temperature, seed=seed,
+                min_success=min(params.min_success, wave) if not candidates else 1,
+            )
+            for candidate in drawn:
+                candidates.append(candidate)
+                answers.append(extract_answer(candidate.text))
+                await ctx.progress(f"sample {len(candidates)}/{params.n} → {answers[-1]}")
+            if not params.adaptive:
+                break
+            settled = majority_settled_probability(tally(answers))
+            if settled >= params.stop_confidence:
+                await ctx.progress(f"majority settled after {len(candidates)} samples (P={settled:.3f})")
+                break
+            wave = min(params.wave, params.n - len(candidates))
+        if len(candidates) < params.min_success:
+            raise StrategyError(f"only {len(candidates)} samples succeeded; at least {params.min_success} needed")
         votes = tally(answers)
         leader, leader_votes = votes.ranked()[0]
-        winner = _first_with_answer(candidates, answers, leader)
+        winner = candidates[answers.index(leader)]
         await ctx.progress(f"winner: {leader}, {leader_votes:g} of {len(candidates)} votes")
+        details = {
+            "temperature": temperature,
+            "samples": len(candidates),
+            "answer": leader,
+            "votes": dict(votes.ranked()),
+        }
+        if params.adaptive:
+            details["settled_probability"] = round(settled, 4)
         return StrategyResult(
             choices=[FinalChoice(winner.text, winner.finish_reason or "stop", winner.completion_tokens)],
-            details={
-                "temperature": temperature,
-                "samples": len(candidates),
-                "answer": leader,
-                "votes": dict(votes.ranked()),
-            },
+            details=details,
         )
-
-
-def _first_with_answer(candidates: list[Candidate], answers: list[str], answer: str) -> Candidate:
-    return candidates[answers.index(answer)]
