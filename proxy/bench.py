@@ -605,10 +605,12 @@ def _run_loadgen(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=_child_env())
     try:
         out, _ = proc.communicate(json.dumps(spec).encode(), timeout=timeout)
-    except BaseException:
+    except BaseException as exc:
         proc.kill()
         proc.wait(5)
         stderr.close()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise BenchError(f"the {spec['kind']} phase on port {spec['port']} did not finish within {timeout:.0f} s")
         raise
     try:
         if proc.returncode != 0:
@@ -779,8 +781,7 @@ def format_report(report: dict[str, Any]) -> str:
         line(scenario, metric, _p(pair["direct"], key, stat), _p(pair["proxy"], key, stat))
 
     def cpu_rows(pair: dict[str, Any]) -> None:
-        lines.append(f"{'':<32}{'proxy CPU/request':<20}{'':>14}{_fmt(_cpu(pair['proxy'], 'proxy')):>14}"
-                     f"{_fmt(_cpu(pair['proxy'], 'proxy'), sign=True):>14}")
+        lines.append(f"{'':<32}{'proxy CPU/request':<20}{'':>14}{_fmt(_cpu(pair['proxy'], 'proxy')):>14}")
 
     row("1 connection, non-streaming", "latency p50", "latency_ms", "p50", seq)
     row("", "latency p99", "latency_ms", "p99", seq)
@@ -851,7 +852,23 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def bench_command(args: argparse.Namespace) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the child processes are ended on the way out.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return _bench(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _bench(args: argparse.Namespace) -> int:
     try:
         report = run_benchmark(requests=args.requests, warmup=args.warmup, duration=args.duration,
                                concurrency=args.concurrency, loop=args.loop, http=args.http,

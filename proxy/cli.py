@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench
 
     bench.add_parser(commands)
+    from . import evaluation
+    evaluation.add_parser(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -138,9 +139,10 @@ def _message_text(message: Mapping[str, Any]) -> str:
 class RunContext:
     """Implements strategies.framework.StrategyContext over one backend."""
 
-    def __init__(self, state: RunState, node: int = 0) -> None:
+    def __init__(self, state: RunState, node: int = 0, sampling: Sampling | None = None) -> None:
         self._state = state
         self._node = node
+        self._sampling = sampling if sampling is not None else state.sampling  # a nested run may reseed
 
     # ---- what the strategy reads ----
 
@@ -150,7 +152,7 @@ class RunContext:
 
     @property
     def sampling(self) -> Sampling:
-        return self._state.sampling
+        return self._sampling
 
     def supports(self, capability: str) -> bool:
         return self._state.backend.capabilities.supports(capability)
@@ -175,7 +177,7 @@ class RunContext:
         logprobs: bool,
         top_logprobs: int | None,
     ) -> dict[str, Any]:
-        sampling = self._state.sampling
+        sampling = self._sampling
         body: dict[str, Any] = {**sampling.extra}
         body["model"] = self._state.model
         body["messages"] = list(messages) if messages is not None else self._state.messages
@@ -335,7 +337,7 @@ class RunContext:
         if n < 1:
             return []
         body = self._body(messages, temperature, max_tokens, stop, logprobs, top_logprobs)
-        base_seed = seed if seed is not None else self._state.sampling.seed
+        base_seed = seed if seed is not None else self._sampling.seed
         if base_seed is not None:
             # Reproducible: sample i uses seed + i, so each is its own request.
             calls = [self._call(body, 1, base_seed + i, label) for i in range(n)]
@@ -384,7 +386,7 @@ class RunContext:
         if self._state.backend.capabilities.kind == "vllm":
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-        (candidate,) = await self._call(body, 1, seed if seed is not None else self._state.sampling.seed, label)
+        (candidate,) = await self._call(body, 1, seed if seed is not None else self._sampling.seed, label)
         text = candidate.text[len(prefix):] if candidate.text.startswith(prefix) else candidate.text
         return Candidate(text, candidate.finish_reason, candidate.message, candidate.completion_tokens,
                          candidate.logprobs, candidate.seed, label)
@@ -405,7 +407,7 @@ class RunContext:
         body = self._body(messages, temperature, max_tokens, stop, True, top_logprobs)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        chosen_seed = seed if seed is not None else state.sampling.seed
+        chosen_seed = seed if seed is not None else self._sampling.seed
         if chosen_seed is not None:
             body["seed"] = chosen_seed
         node = state.trace.add(self._node, label, "stream", seed=chosen_seed, temperature=body.get("temperature"),
@@ -462,13 +464,18 @@ class RunContext:
     def note(self, key: str, value: Any) -> None:
         self._state.trace.nodes[self._node].setdefault("notes", {})[key] = value
 
-    async def run_strategy(self, slug: str, params: dict[str, Any] | None = None) -> StrategyResult:
+    async def run_strategy(self, slug: str, params: dict[str, Any] | None = None, *,
+                           seed: int | None = None) -> StrategyResult:
         strategy = self._state.registry.get(slug)
         if strategy is None:
             raise InvalidRequest(f"unknown strategy {slug!r}; valid: {', '.join(sorted(self._state.registry))}")
         checked = check_params(strategy, params or {}, self._state.settings)
-        node = self._state.trace.add(self._node, slug, "strategy", params=checked.model_dump())
-        return await strategy().run(RunContext(self._state, node), checked)
+        for capability in strategy.requirements(checked):
+            self._require(capability)
+        sampling = dataclasses.replace(self._sampling, seed=seed) if seed is not None else self._sampling
+        node = self._state.trace.add(self._node, slug, "strategy", params=checked.model_dump(),
+                                     **({"seed": seed} if seed is not None else {}))
+        return await strategy().run(RunContext(self._state, node, sampling), checked)
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:

@@ -25,6 +25,9 @@ class FakeReply:
     token_logprob: float | list[float] = -0.1
     finish_reason: str = "stop"
     raw_body: bytes | None = None  # send these bytes instead of JSON (for malformed-backend tests)
+    # Per-token logprobs by choice: (choice index, token index, token) -> [(token, logprob), ...], the sampled
+    # token first, then its alternatives (truncated to the request's top_logprobs). Overrides token_logprob.
+    logprobs_fn: Callable[[int, int, str], list[tuple[str, float]]] | None = None
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -220,7 +223,7 @@ class FakeBackend:
                 choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
                                           "finish_reason": reply.finish_reason}
                 if body.get("logprobs"):
-                    choice["logprobs"] = {"content": self._logprob_entries(text, reply, body)}
+                    choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
             else:
                 choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
             choices.append(choice)
@@ -243,10 +246,15 @@ class FakeBackend:
         return sum(len(_tokens(str(m.get("content", "")))) for m in messages if isinstance(m, dict)) or 1
 
     @staticmethod
-    def _logprob_entries(text: str, reply: FakeReply, body: dict[str, Any]) -> list[dict[str, Any]]:
+    def _logprob_entries(text: str, reply: FakeReply, body: dict[str, Any], choice: int = 0) -> list[dict[str, Any]]:
         entries = []
         top_k = int(body.get("top_logprobs") or 0)
         for i, token in enumerate(_tokens(text)):
+            if reply.logprobs_fn is not None:
+                pairs = reply.logprobs_fn(choice, i, token)
+                entries.append({"token": pairs[0][0], "logprob": pairs[0][1],
+                                "top_logprobs": [{"token": t, "logprob": lp} for t, lp in pairs[:top_k]]})
+                continue
             value = reply.token_logprob[i % len(reply.token_logprob)] if isinstance(reply.token_logprob, list) \
                 else reply.token_logprob
             top = [{"token": token, "logprob": value}] + [

@@ -66,12 +66,20 @@ def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequ
             param="n",
             code="unsupported_by_strategy",
         )
-    missing = [c for c in sorted(strategy.requires) if not backend.capabilities.supports(c)]
+    check_capabilities(strategy, backend)
+
+
+def check_capabilities(strategy: type[Strategy], backend: Backend, params: StrategyParams | None = None) -> None:
+    """The backend offers what the strategy needs: its static `requires`, or with `params` what those need."""
+    needed = strategy.requirements(params) if params is not None else {c: "" for c in strategy.requires}
+    missing = [c for c in sorted(needed) if not backend.capabilities.supports(c)]
     if missing:
+        why = "; ".join(f"{c}: {needed[c]}" for c in missing if needed[c])
         raise InvalidRequest(
-            f"strategy {strategy.slug!r} needs {', '.join(missing)}, which backend {backend.name!r} "
-            f"({backend.capabilities.kind}) does not offer; set its capabilities in config.yaml if it does",
-            param="model",
+            f"strategy {strategy.slug!r} needs {', '.join(missing)}{f' ({why})' if why else ''}, which backend "
+            f"{backend.name!r} ({backend.capabilities.kind}) does not offer; set its capabilities in config.yaml "
+            f"if it does",
+            param="ttc.params" if params is not None and set(missing) - strategy.requires else "model",
             code="backend_capability_missing",
         )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from .bon import BestOfN
 from .framework import Strategy
 from .sc import SelfConsistency
 
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
-    {strategy.slug: strategy for strategy in (SelfConsistency,)}
+    {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN)}
 )

@@ -7,7 +7,7 @@ and returns a result; the proxy supplies the context, which owns budgets, accoun
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -162,8 +162,12 @@ class StrategyContext(Protocol):
         """Record a fact in the trace of this run."""
         ...
 
-    async def run_strategy(self, slug: str, params: dict[str, Any] | None = None) -> StrategyResult:
-        """Run another registered strategy on this request, inside this one's budget and trace."""
+    async def run_strategy(self, slug: str, params: dict[str, Any] | None = None, *,
+                           seed: int | None = None) -> StrategyResult:
+        """Run another registered strategy on this request, inside this one's budget and trace.
+
+        `seed` replaces the request's seed for that run (so repeated runs of a seeded request can differ).
+        """
         ...
 
 
@@ -175,6 +179,14 @@ class Strategy(ABC):
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     requires: ClassVar[frozenset[str]] = frozenset()  # capability names, e.g. {"logprobs", "prefill"}
     multiple_choices: ClassVar[bool] = False  # may a client ask for n > 1?
+
+    @classmethod
+    def requirements(cls, params: StrategyParams) -> Mapping[str, str]:
+        """Capabilities this run needs with these parameters -> why (shown to the client when missing).
+
+        Checked before the run starts. The default is the static `requires`; override when parameters decide.
+        """
+        return {capability: "" for capability in cls.requires}
 
     @abstractmethod
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult: ...

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from .answers import Tally, extract_answer, tally
 from .framework import (
+    DEFAULT_SAMPLING_TEMPERATURE,
     Candidate,
     FinalChoice,
     Strategy,
@@ -59,7 +60,8 @@ class SelfConsistency(Strategy):
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, SelfConsistencyParams)
-        temperature = params.temperature or ctx.sampling.sampling_temperature()
+        # The request's temperature when above 0; else the `temperature` param; else 0.8 (as the param says).
+        temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         mode = "adaptive, at most" if params.adaptive else "drawing"
         await ctx.progress(f"{mode} {params.n} samples at temperature {temperature:g}")
         candidates: list[Candidate] = []

@@ -44,6 +44,7 @@ from .helpers import sync_client  # noqa: E402
 
 
 @pytest.fixture()
-def client(proxy: ProxyServer, fake: FakeBackend) -> openai.OpenAI:
+def client(proxy: ProxyServer, fake: FakeBackend) -> Iterator[openai.OpenAI]:
     """The official OpenAI SDK against the default proxy (the fake is reset for the test)."""
-    return sync_client(proxy)
+    with sync_client(proxy) as sdk:
+        yield sdk

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 
 import httpx
 import openai
@@ -125,3 +127,21 @@ def test_sdk_exposes_request_id(client, fake):
                                                            extra_headers={"x-request-id": "sdk-req"})
     assert raw.headers["x-request-id"] == "sdk-req"
     assert raw.parse().choices[0].message.content
+
+
+@pytest.mark.parametrize("model", ["fake-model", "sc:n=2-fake-model"])
+def test_unforwardable_request_id_is_replaced(proxy, fake, model):
+    payload = json.dumps({"model": model, "messages": user()}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-request-id: caf\xe9\r\n"
+                     b"content-type: application/json\r\nconnection: close\r\n"
+                     b"content-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), data[:300]
+    assert json.loads(body)["choices"][0]["message"]["content"]
+    returned = re.search(rb"x-request-id: ([0-9a-f]{32})\r\n", head)
+    assert returned, head  # a generated id instead of a 500 for a header we could not forward
+    assert {r.headers["x-request-id"] for r in fake.chat_requests()} == {returned.group(1).decode()}

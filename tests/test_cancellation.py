@@ -6,11 +6,12 @@ import asyncio
 import socket
 import time
 
+import httpx
 import pytest
 
 from proxy.fakebackend import FakeBackend, FakeReply
 
-from .helpers import async_client, raw_request, user, wait_until
+from .helpers import async_client, chat, raw_request, user, wait_until
 
 # A disconnect must reach every backend request within 100 ms; polling and thread scheduling get a little
 # slack on top, but far less than a second.
@@ -116,8 +117,6 @@ async def test_async_sdk_caller_giving_up(proxy, fake):
 
 
 def test_proxy_serves_after_disconnects(proxy, fake):
-    from .helpers import chat
-
     fake.script = lambda body: FakeReply(delay=5.0)
     socks = [raw_request(proxy, {"model": "sc:n=2-fake-model", "messages": user(), "seed": i}) for i in range(2)]
     socks.append(raw_request(proxy, {"model": "fake-model", "messages": user()}))
@@ -129,7 +128,5 @@ def test_proxy_serves_after_disconnects(proxy, fake):
     wait_until(lambda: fake.in_flight == 0)
     fake.script = lambda body: FakeReply()
     assert chat(proxy, {"model": "sc:n=4-fake-model", "messages": user()}).status_code == 200
-    import httpx
-
     health = httpx.get(proxy.url + "/health").json()["backends"]["fake"]
     assert health["in_flight"] == 0 and health["queued"] == 0  # every slot was given back

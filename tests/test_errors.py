@@ -12,7 +12,16 @@ import pytest
 from proxy.fakebackend import FakeBackend, FakeReply
 
 from .conftest import fake_config
-from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, closed_port, sync_client, user
+from .helpers import (
+    ProxyServer,
+    assert_openai_error,
+    backend_entry,
+    chat,
+    closed_port,
+    sync_client,
+    user,
+    validate_schema,
+)
 
 
 def still_serving(server: ProxyServer, fake: FakeBackend | None = None) -> None:
@@ -158,16 +167,21 @@ def test_backend_reply_without_choices_breaks_strategy_cleanly(proxy, fake):
     still_serving(proxy, fake)
 
 
+def stream_error_event(server: ProxyServer, body: dict) -> dict:
+    """Stream `body`; the relay must end with an OpenAI-shaped error event and [DONE]. Returns the error."""
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=5) as response:
+        assert response.status_code == 200
+        events = [e for e in response.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    payload = json.loads(events[-2][6:])
+    validate_schema(payload, "ErrorResponse")
+    return payload["error"]
+
+
 def test_backend_dies_mid_stream(proxy, fake):
     fake.script = lambda body: FakeReply(texts=["one two three four"], fail_after_chunks=2)
-    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=5,
-                      json={"model": "fake-model", "messages": user(), "stream": True}) as response:
-        assert response.status_code == 200
-        try:
-            text = response.read().decode()
-        except httpx.HTTPError:
-            text = ""  # a torn relay is acceptable; the proxy must survive it
-    assert "[DONE]" not in text or '"error"' in text
+    error = stream_error_event(proxy, {"model": "fake-model", "messages": user(), "stream": True})
+    assert error["code"] == "backend_unreachable" and "broke off" in error["message"]
     still_serving(proxy, fake)
 
 
@@ -204,13 +218,8 @@ def test_backend_stall_mid_stream_times_out(fake_backend, fake):
     fake.script = lambda body: FakeReply(texts=["one two three"], chunk_delay=1.0)
     with ProxyServer(config) as server:
         started = time.monotonic()
-        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=5,
-                          json={"model": "fake-model", "messages": user(), "stream": True}) as response:
-            assert response.status_code == 200
-            try:
-                response.read()
-            except httpx.HTTPError:
-                pass
+        error = stream_error_event(server, {"model": "fake-model", "messages": user(), "stream": True})
+        assert error["code"] == "backend_timeout"
         assert time.monotonic() - started < 0.9  # the stall is cut by the read timeout, not waited out
         still_serving(server, fake)
 

@@ -11,7 +11,7 @@ import pytest
 from proxy.fakebackend import FakeBackend, FakeReply
 
 from .conftest import fake_config
-from .helpers import ProxyServer, chat, sync_client, user
+from .helpers import ProxyServer, async_client, chat, sync_client, user
 
 IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
@@ -166,8 +166,6 @@ def test_stream_raw_bytes_are_backend_events(proxy, fake):
 
 
 async def test_async_sdk_pass_through(proxy, fake):
-    from .helpers import async_client
-
     fake.script = lambda body: FakeReply(texts=[f"echo {body['messages'][0]['content']}"])
     client = async_client(proxy)
     completion = await client.chat.completions.create(model="fake-model", messages=user("ping"))

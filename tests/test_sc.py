@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 from proxy.fakebackend import FakeBackend, FakeReply
@@ -170,8 +171,6 @@ def test_configured_strategy_defaults(fake_backend, fake):
 
 
 def test_client_n_above_one_is_refused(client, fake):
-    import openai
-
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="sc-fake-model", messages=user(), n=2)
     assert info.value.body["param"] == "n"

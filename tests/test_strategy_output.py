@@ -11,7 +11,7 @@ import pytest
 from proxy.fakebackend import FakeBackend, FakeReply
 
 from .conftest import fake_config
-from .helpers import ProxyServer, chat, sse_payloads, user, validate_schema
+from .helpers import ProxyServer, chat, sse_payloads, sync_client, user, validate_schema
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,6 @@ def test_keepalive_comments_during_silence(keepalive_proxy, fake):
 
 
 def test_sdk_stream_through_keepalives(keepalive_proxy, fake):
-    from .helpers import sync_client
-
     fake.script = lambda body: FakeReply(delay=0.2)
     chunks = list(sync_client(keepalive_proxy).chat.completions.create(
         model="sc:n=2-fake-model", messages=user(), stream=True))

@@ -1,0 +1,458 @@
+"""Best-of-n: draw n candidates, pick one with a selectable selector.
+
+Selectors (the picking itself is in strategies.selection, pure and usable offline):
+  vote        majority over extracted answers (as sc)
+  confidence  DeepConf token confidence: the candidate whose trace is most confident (needs logprobs)
+  weighted    confidence-weighted vote: the answer with the most summed confidence (needs logprobs)
+  judge       the model itself verifies each distinct answer (pointwise: P(yes); pairwise: a knockout)
+  verifier    a user check (regex and/or JSON schema); the fallback picks among the candidates that pass
+
+Candidates come from `CandidateSource`s: plain samples (ctx.generate, n in one go), or `generator=<slug>`, which runs
+another registered strategy n times concurrently and takes each run's answer as a candidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import Field, field_validator, model_validator
+
+from .checks import check_all, check_schema
+from .framework import (
+    DEFAULT_SAMPLING_TEMPERATURE,
+    Candidate,
+    FinalChoice,
+    Strategy,
+    StrategyContext,
+    StrategyParams,
+    StrategyResult,
+    TokenLogprob,
+)
+from .selection import (
+    CONFIDENCE_SELECTORS,
+    ConfidenceSpec,
+    Pool,
+    Selection,
+    answer_scores,
+    judge_probability,
+    representative,
+    select,
+    select_by_answer_scores,
+    select_verified,
+    tournament,
+)
+
+JUDGE_TOP_LOGPROBS = 20  # the context lowers it to the backend's maximum
+GENERATOR_SEED_STRIDE = 100_003  # generator run i gets seed + i * stride, so nested samples never share a seed
+
+POINTWISE_PROMPT = "Question: {question}\nProposed answer: {answer}\nIs the proposed answer correct? Answer yes or no."
+PAIRWISE_PROMPT = ("Question: {question}\nAnswer A: {first}\nAnswer B: {second}\n"
+                   "Which answer is correct, A or B? Answer A or B.")
+
+
+class BestOfNParams(StrategyParams):
+    limits = {"n": "samples"}
+
+    n: int = Field(default=8, ge=1, description="candidates to draw")
+    select: Literal["vote", "confidence", "weighted", "judge", "verifier"] = Field(
+        default="confidence", description="how to pick: vote | confidence | weighted | judge | verifier")
+    temperature: float | None = Field(
+        default=None, gt=0, le=2, description="sampling temperature when the request has none above 0 (default 0.8)")
+    min_success: int = Field(default=1, ge=1, description="fail unless at least this many candidates succeed")
+    confidence: Literal["mean", "tail", "lowest_group"] = Field(
+        default="lowest_group", description="trace confidence: mean | tail (last window) | lowest_group (sliding)")
+    window: int = Field(default=16, ge=1, description="tokens per group/tail; a shorter trace is one group")
+    top_k: int = Field(default=5, ge=2, le=20, description="top logprobs per token for token confidence")
+    fallback: Literal["auto", "vote", "confidence", "weighted", "first"] = Field(
+        default="auto", description="breaks ties (and picks among verified candidates); auto: weighted when the "
+                                    "backend has logprobs (vote for select=weighted), else vote")
+    judge_mode: Literal["pointwise", "pairwise"] = Field(
+        default="pointwise", description="judge: verify each answer (pointwise) or a knockout of A-vs-B calls")
+    judge_swap: bool = Field(default=True, description="pairwise judge: ask each pair in both orders")
+    regex: str | None = Field(default=None, description="verifier: a regex the candidate's text must match")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="verifier: a JSON schema (subset) the candidate's JSON must satisfy")
+    generator: str | None = Field(
+        default=None, description="take candidates from n runs of this registered strategy instead of samples")
+    generator_params: dict[str, Any] = Field(default_factory=dict, description="params for the generator")
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from a model-name prefix, or sent as a string
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        if value is not None:
+            check_schema(value)
+        return value
+
+    @field_validator("generator_params", mode="before")
+    @classmethod
+    def _generator_params(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BestOfNParams":
+        if self.select == "verifier" and self.regex is None and self.json_schema is None:
+            raise ValueError("select=verifier needs a check: regex and/or json_schema")
+        if self.generator is not None:
+            needing = sorted({self.select, self.fallback} & CONFIDENCE_SELECTORS)
+            if needing:
+                raise ValueError(f"{', '.join(needing)} needs token logprobs, which generator candidates do not "
+                                 f"have; use select=vote, judge or verifier with fallback=auto, vote or first")
+        elif self.generator_params:
+            raise ValueError("generator_params given without a generator")
+        return self
+
+    def needs_logprobs(self) -> bool:
+        return self.generator is None and bool({self.select, self.fallback} & CONFIDENCE_SELECTORS)
+
+
+def resolve_fallback(select: str, fallback: str, has_logprobs: bool) -> str:
+    """auto: weighted when there are logprobs (vote when weighted is the selector), else vote (first when vote
+    is the selector). A fallback equal to the selector would decide nothing, so it becomes `first`."""
+    if fallback == "auto":
+        if has_logprobs:
+            fallback = "vote" if select == "weighted" else "weighted"
+        else:
+            fallback = "first" if select == "vote" else "vote"
+    return "first" if fallback == select else fallback
+
+
+# ---------------------------------------------------------------- candidate sources
+
+
+class CandidateSource(Protocol):
+    """Where bon's candidates come from."""
+
+    description: str
+
+    async def draw(self, ctx: StrategyContext, n: int, min_success: int) -> list[Candidate]: ...
+
+
+@dataclass(frozen=True)
+class Samples:
+    """n samples in one ctx.generate (the context splits them across requests as the backend needs)."""
+
+    temperature: float
+    top_k: int | None  # top logprobs per token; None: no logprobs
+
+    @property
+    def description(self) -> str:
+        return f"samples at temperature {self.temperature:g}"
+
+    async def draw(self, ctx: StrategyContext, n: int, min_success: int) -> list[Candidate]:
+        return await ctx.generate(n=n, temperature=self.temperature, logprobs=self.top_k is not None,
+                                  top_logprobs=self.top_k, min_success=min_success)
+
+
+@dataclass(frozen=True)
+class StrategyRuns:
+    """n concurrent runs of another strategy; each run's answer is a candidate (without logprobs)."""
+
+    slug: str
+    params: dict[str, Any]
+
+    @property
+    def description(self) -> str:
+        return f"runs of {self.slug}"
+
+    async def draw(self, ctx: StrategyContext, n: int, min_success: int) -> list[Candidate]:
+        base_seed = ctx.sampling.seed
+
+        async def one(i: int) -> Candidate:
+            seed = base_seed + i * GENERATOR_SEED_STRIDE if base_seed is not None else None
+            result = await ctx.run_strategy(self.slug, self.params, seed=seed)
+            choice = result.choices[0]
+            return Candidate(text=choice.content, finish_reason=choice.finish_reason,
+                             message={"role": "assistant", "content": choice.content},
+                             completion_tokens=choice.completion_tokens, seed=seed, label=self.slug)
+
+        results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+        candidates = [r for r in results if isinstance(r, Candidate)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, Exception):
+                raise error
+        if errors and len(candidates) < min_success:
+            raise errors[0]
+        if errors:
+            ctx.note(f"{self.slug}_failures", [str(e) for e in errors])
+        return candidates
+
+
+# ---------------------------------------------------------------- the judge (model calls; scoring is pure)
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def judge_messages(messages: Sequence[dict[str, Any]], prompt_for_question: Any) -> list[dict[str, Any]]:
+    """The conversation up to the last user turn, whose text becomes the question inside the judge prompt."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        return [*messages, {"role": "user", "content": prompt_for_question("")}]
+    question = _text_of(messages[last_user])
+    return [*messages[:last_user], {"role": "user", "content": prompt_for_question(question)}]
+
+
+class Judge:
+    def __init__(self, ctx: StrategyContext) -> None:
+        self.ctx = ctx
+        self.calls = 0
+        self.logprobs = ctx.supports("logprobs")
+
+    async def ask(self, prompt_for_question: Any, positive: str, negative: str) -> float | None:
+        """P(positive) over positive/negative for one max_tokens=1, temperature-0 question."""
+        self.calls += 1
+        (candidate,) = await self.ctx.generate(
+            n=1, messages=judge_messages(self.ctx.messages, prompt_for_question), temperature=0.0, max_tokens=1,
+            logprobs=self.logprobs, top_logprobs=JUDGE_TOP_LOGPROBS if self.logprobs else None, label="judge",
+        )
+        first: TokenLogprob | None = candidate.logprobs[0] if candidate.logprobs else None
+        return judge_probability(first, candidate.text, positive, negative)
+
+    async def pointwise(self, answers: Sequence[str]) -> dict[str, float | None]:
+        async def verify(answer: str) -> float | None:
+            return await self.ask(lambda q: POINTWISE_PROMPT.format(question=q, answer=answer), "yes", "no")
+
+        results = await asyncio.gather(*(verify(a) for a in answers), return_exceptions=True)
+        _raise_first(results)
+        return dict(zip(answers, results))  # type: ignore[arg-type]
+
+    async def compare(self, a: str, b: str, swap: bool) -> float:
+        """P(a is the correct one), from A/B questions (averaged over both orders when `swap`)."""
+        orders = [(a, b), (b, a)] if swap else [(a, b)]
+        results = await asyncio.gather(*(
+            self.ask(lambda q, f=first, s=second: PAIRWISE_PROMPT.format(question=q, first=f, second=s), "a", "b")
+            for first, second in orders
+        ), return_exceptions=True)
+        _raise_first(results)
+        p_a = [p if first == a else 1.0 - p for (first, _), p in zip(orders, results) if p is not None]
+        return sum(p_a) / len(p_a) if p_a else 0.5  # type: ignore[arg-type]
+
+
+def _raise_first(results: Sequence[Any]) -> None:
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+# ---------------------------------------------------------------- the strategy
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+class BestOfN(Strategy):
+    slug = "bon"
+    description = "best-of-n: n candidates, one picked by vote, token confidence, weighted vote, judge or verifier"
+    Params = BestOfNParams
+
+    @classmethod
+    def requirements(cls, params: StrategyParams) -> dict[str, str]:
+        assert isinstance(params, BestOfNParams)
+        if params.needs_logprobs():
+            which = " and ".join(f"{k}={v}" for k, v in (("select", params.select), ("fallback", params.fallback))
+                                 if v in CONFIDENCE_SELECTORS)
+            return {"logprobs": f"{which} scores candidates by token logprobs; select=vote, judge or verifier "
+                                f"do without"}
+        return {}
+
+    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
+        assert isinstance(params, BestOfNParams)
+        has_logprobs = params.generator is None and ctx.supports("logprobs")
+        fallback = resolve_fallback(params.select, params.fallback, has_logprobs)
+        want_logprobs = params.generator is None and (params.select in CONFIDENCE_SELECTORS
+                                                      or fallback in CONFIDENCE_SELECTORS)
+        temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
+        source: CandidateSource = (
+            StrategyRuns(params.generator, params.generator_params) if params.generator is not None
+            else Samples(temperature, params.top_k if want_logprobs else None)
+        )
+        spec = ConfidenceSpec(params.confidence, params.window, params.top_k)
+        await ctx.progress(f"drawing {params.n} {source.description}; selecting by {_describe(params, fallback)}")
+        candidates = await source.draw(ctx, params.n, min(params.min_success, params.n))
+        pool = Pool.of(candidates, spec if want_logprobs else None)
+
+        selector, notes = params.select, []
+        if selector in CONFIDENCE_SELECTORS and not pool.has_confidence:
+            notes.append(f"the backend returned no logprobs; {selector} fell back to vote")
+            selector = "vote"
+        if fallback in CONFIDENCE_SELECTORS and not pool.has_confidence:
+            fallback = "vote"
+        for line in notes:
+            await ctx.progress(line)
+
+        details: dict[str, Any] = {
+            "selector": selector,
+            "fallback": fallback,
+            "temperature": temperature if params.generator is None else None,
+            "samples": len(candidates),
+            "source": "samples" if params.generator is None else params.generator,
+        }
+        if want_logprobs:
+            details["confidence"] = {"variant": params.confidence, "window": params.window, "top_k": params.top_k}
+        if notes:
+            details["notes"] = notes
+        per_candidate: list[dict[str, Any]] = [
+            {"answer": answer, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+             **({"confidence": conf} if conf is not None else {})}
+            for c, answer, conf in zip(candidates, pool.answers, pool.confidences)
+        ]
+
+        if selector == "verifier":
+            # Runs in the event loop: a pathological client regex holds it (CPython's re keeps the GIL, so a
+            # thread would not help). Checks are linear for ordinary patterns.
+            results = check_all([c.text for c in candidates], params.regex, params.json_schema)
+            for entry, result in zip(per_candidate, results):
+                entry["passed"] = result.passed
+                if not result.passed:
+                    entry["reason"] = result.reason
+            await self._candidate_lines(ctx, pool, per_candidate)
+            selection, over_all = select_verified(pool, [r.passed for r in results], fallback)
+            passed = sum(r.passed for r in results)
+            details["verifier"] = {"passed": passed, "fallback_over_all": over_all,
+                                   **({"regex": params.regex} if params.regex else {}),
+                                   **({"json_schema": True} if params.json_schema is not None else {})}
+            if over_all:
+                await ctx.progress(f"no candidate passes the check; {fallback} picks over all {len(candidates)}")
+        elif selector == "judge":
+            await self._candidate_lines(ctx, pool, per_candidate)
+            selection = await self._judge(ctx, params, pool, fallback, details)
+            if "scores" in details.get("judge", {}):
+                for entry in per_candidate:
+                    entry["p_yes"] = details["judge"]["scores"].get(entry["answer"])
+        else:
+            await self._candidate_lines(ctx, pool, per_candidate)
+            selection = select(pool, selector, fallback=fallback)
+
+        winner = candidates[selection.index]
+        if selection.tied:
+            how = "kept" if selector == "verifier" else "tied"
+            await ctx.progress(f"{how}: {', '.join(selection.tied)} → {selection.broken_by} picks")
+        await ctx.progress(_winner_line(selection, pool, selector, details))
+        details.update(
+            answer=selection.answer,
+            winner={"index": selection.index, "answer": selection.answer,
+                    "confidence": pool.confidences[selection.index]},
+            scores={a: (v if math.isfinite(v) else None) for a, v in selection.scores.items()},
+            tie={"answers": list(selection.tied), "broken_by": selection.broken_by} if selection.tied else None,
+            candidates=per_candidate,
+        )
+        return StrategyResult(
+            choices=[FinalChoice(winner.text, winner.finish_reason or "stop", winner.completion_tokens)],
+            details=details,
+        )
+
+    @staticmethod
+    async def _candidate_lines(ctx: StrategyContext, pool: Pool, per_candidate: list[dict[str, Any]]) -> None:
+        for i, entry in enumerate(per_candidate, start=1):
+            facts = []
+            if "confidence" in entry:
+                facts.append(f"confidence {_fmt(entry['confidence'])}")
+            if "passed" in entry:
+                facts.append("passes the check" if entry["passed"] else f"fails the check: {entry['reason']}")
+            await ctx.progress(f"sample {i}/{len(pool)} → {entry['answer']}" + (f" ({', '.join(facts)})" if facts
+                                                                                  else ""))
+
+    @staticmethod
+    async def _judge(ctx: StrategyContext, params: BestOfNParams, pool: Pool, fallback: str,
+                     details: dict[str, Any]) -> Selection:
+        distinct = pool.distinct_answers()
+        judge = Judge(ctx)
+        if len(distinct) == 1:
+            details["judge"] = {"mode": params.judge_mode, "calls": 0, "skipped": "one distinct answer"}
+            return select_by_answer_scores(pool, {distinct[0]: 1.0}, "judge")
+        if params.judge_mode == "pointwise":
+            await ctx.progress(f"judging {len(distinct)} distinct answers")
+            raw = await judge.pointwise(distinct)
+            for answer in distinct:
+                await ctx.progress(f"judge: {answer} → P(yes) {_fmt(raw[answer])}")
+            # An answer the judge said neither yes nor no to counts as undecided (0.5).
+            scores = {a: (p if p is not None else 0.5) for a, p in raw.items()}
+            details["judge"] = {"mode": "pointwise", "calls": judge.calls, "model": "same as the candidates",
+                                "logprobs": judge.logprobs, "scores": raw}
+            return select_by_answer_scores(pool, scores, "judge", fallback=fallback)
+        seeds = list(answer_scores(pool, fallback))  # best seed first, by the fallback's ranking
+        await ctx.progress(f"judging {len(distinct)} distinct answers in a knockout, seeded by {fallback}")
+
+        async def compare(a: str, b: str) -> float:
+            p = await judge.compare(a, b, params.judge_swap)
+            await ctx.progress(f"judge: {a} vs {b} → P({a}) {_fmt(p)}")
+            return p
+
+        champion, matches = await tournament(seeds, compare)
+        wins = {a: 0.0 for a in seeds}
+        for match in matches:
+            wins[match.winner] += 1
+        details["judge"] = {
+            "mode": "pairwise", "calls": judge.calls, "model": "same as the candidates", "logprobs": judge.logprobs,
+            "swap": params.judge_swap,
+            "seeds": seeds,
+            "matches": [{"round": m.round, "a": m.first, "b": m.second, "p_a": m.p_first, "winner": m.winner}
+                        for m in matches],
+        }
+        return Selection(representative(pool, champion), champion, "judge", wins)
+
+
+def _describe(params: BestOfNParams, fallback: str) -> str:
+    if params.select in CONFIDENCE_SELECTORS:
+        text = (f"{params.select} ({params.confidence} token confidence, window {params.window}, "
+                f"top-{params.top_k})")
+    elif params.select == "judge":
+        text = f"judge ({params.judge_mode})"
+    else:
+        text = params.select
+    return f"{text}, ties to {fallback}"
+
+
+def _winner_line(selection: Selection, pool: Pool, selector: str, details: dict[str, Any]) -> str:
+    answer, total = selection.answer, len(pool)
+    votes = sum(1 for a in pool.answers if a == answer)
+    if selector == "vote":
+        return f"winner: {answer}, {votes:g} of {total} votes"
+    if selector == "confidence":
+        return (f"winner: {answer} (sample {selection.index + 1}, confidence "
+                f"{_fmt(pool.confidences[selection.index])})")
+    if selector == "weighted":
+        weight = selection.scores.get(answer, 0.0)
+        return (f"winner: {answer}, weight {_fmt(weight)} of {_fmt(sum(selection.scores.values()))} "
+                f"({votes} of {total} votes)")
+    if selector == "judge":
+        judge = details.get("judge", {})
+        if judge.get("mode") == "pairwise" and "matches" in judge:
+            return f"winner: {answer}, won the knockout of {len(judge['seeds'])} answers"
+        if "scores" in judge:
+            return f"winner: {answer}, P(yes) {_fmt(judge['scores'].get(answer))}"
+        return f"winner: {answer}, the only answer ({votes} of {total})"
+    verifier = details.get("verifier", {})
+    return f"winner: {answer}, {verifier.get('passed', 0)} of {total} candidates pass the check"

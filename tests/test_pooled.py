@@ -1,0 +1,72 @@
+"""Pooled evaluation: strategies scored on one pool of samples per task behave as they do live."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from proxy import cli
+from proxy.fakebackend import FakeBackend, FakeReply
+
+from .helpers import ProxyServer
+
+TASKS = [
+    {"id": f"t{i}", "question": f"What is {i} plus {i}? Answer with just the number.", "answer": str(2 * i),
+     "check": "number"}
+    for i in range(1, 7)
+]
+
+
+def seeded_script(body: dict[str, Any]) -> FakeReply:
+    """Sample with seed s answers right when s % 3 != 0 for even tasks, only when s % 3 == 0 for odd ones."""
+    question = body["messages"][-1]["content"]
+    task = next(t for t in TASKS if t["question"] == question)
+    i = int(task["id"][1:])
+    seed = int(body.get("seed") or 0)
+    right = (seed % 3 != 0) if i % 2 == 0 else (seed % 3 == 0)
+    return FakeReply(texts=[f"The answer is {2 * i if right else 2 * i + 1}."], token_logprob=-0.05 if right else -0.9)
+
+
+def run(tasks: Path, out: Path, proxy: ProxyServer, *extra: str, status: int = 0) -> dict[str, Any]:
+    assert cli.main(["eval", str(tasks), "--proxy", proxy.url, "--out", str(out), "--seed", "10",
+                     "--no-progress", *extra]) == status
+    return json.loads((out / "results.json").read_text())
+
+
+def correct_by_task(document: dict[str, Any], model: str) -> dict[str, bool]:
+    return {r["id"]: r["correct"] for r in document["records"] if r["model"] == model}
+
+
+def test_pooled_scores_match_live_runs_with_the_same_seeds(proxy: ProxyServer, fake: FakeBackend,
+                                                            tmp_path: Path) -> None:
+    fake.script = seeded_script
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    models = ["sc:n=4-fake-model", "sc:n=8,adaptive=true-fake-model"]
+    live = run(tasks, tmp_path / "live", proxy, "--models", *models)
+    fake.reset(seeded_script)
+    pooled = run(tasks, tmp_path / "pooled", proxy, "--models", *models, "--pool", "8")
+    for model in models:
+        assert correct_by_task(pooled, model) == correct_by_task(live, model)
+    for model in models:
+        live_usage = [r["usage"] for r in live["records"] if r["model"] == model]
+        pooled_usage = [r["usage"] for r in pooled["records"] if r["model"] == model]
+        assert [u["completion_tokens"] for u in pooled_usage] == [u["completion_tokens"] for u in live_usage]
+        assert [u["prompt_tokens"] for u in pooled_usage] == [u["prompt_tokens"] for u in live_usage]
+    # One pool of 8 per task: every sample call is seeded, nothing else was drawn.
+    assert len(fake.chat_requests()) == 8 * len(TASKS)
+    summary = {row["model"]: row for row in pooled["summary"]}
+    assert "oracle@8 (some sample of 8 right)" in summary
+    assert summary["oracle@8 (some sample of 8 right)"]["correct"] == len(TASKS)
+
+
+def test_pool_too_small_for_a_strategy_is_that_tasks_error(proxy: ProxyServer, fake: FakeBackend,
+                                                           tmp_path: Path) -> None:
+    fake.script = seeded_script
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(TASKS[0]) + "\n")
+    document = run(tasks, tmp_path / "out", proxy, "--models", "sc:n=8-fake-model", "--pool", "4",
+                   status=1)  # every request failed
+    (record,) = [r for r in document["records"] if r["model"] == "sc:n=8-fake-model"]
+    assert record["error"] and "pool holds 4 samples" in record["error"]
