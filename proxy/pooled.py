@@ -113,11 +113,9 @@ class PoolContext(RunContext):
         finally:
             usage.completion_tokens += consumed  # a trace pruned mid-stream costs only what it generated
 
-    async def run_strategy(self, slug: str, params: dict[str, Any] | None = None) -> StrategyResult:
-        strategy = self._state.registry[slug]
-        checked = check_params(strategy, params or {}, self._state.settings)
-        node = self._state.trace.add(self._node, slug, "strategy")
-        return await strategy().run(PoolContext(self._state, self._pool, node), checked)
+    async def run_strategy(self, slug: str, params: dict[str, Any] | None = None, *,
+                           seed: int | None = None) -> StrategyResult:
+        raise StrategyError("nested strategies are not scored on a pool: their samples are not the pool's")
 
 
 def parse_strategy_string(model_string: str) -> tuple[type[Strategy], dict[str, str], str] | None:

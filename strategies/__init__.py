@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from .bon import BestOfN
+from .deepconf import DeepConf
 from .framework import Strategy
 from .sc import SelfConsistency
 
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
-    {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN)}
+    {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf)}
 )
