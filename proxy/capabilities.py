@@ -53,16 +53,12 @@ def kind_from_models_listing(payload: object) -> BackendKind | None:
     return None
 
 
-_N_LIMIT = re.compile(r"\bn\b[^0-9]{0,60}?(\d+)", re.IGNORECASE)
-
-
 def cap_from_n_error(message: str, requested: int) -> int | None:
-    """A 400 that complains about `n` lowers the cap: to the number it names, else to half the request."""
-    if not re.search(r"(\bn\b|n_probs|n_cmpl|n_choices|number of (choices|completions))", message, re.IGNORECASE):
+    """A 400 that complains about `n` lowers the cap: to the largest number it names below the request
+    ("Value must be between 1 <= value <= 8, but got 9" -> 8), else to half the request."""
+    if not re.search(r"(\bn\b|'n'|number of (choices|completions))", message, re.IGNORECASE):
         return None
-    match = _N_LIMIT.search(message)
-    if match:
-        limit = int(match.group(1))
-        if 1 <= limit < requested:
-            return limit
+    below = [int(x) for x in re.findall(r"\d+", message) if 1 <= int(x) < requested]
+    if below:
+        return max(below)
     return max(1, requested // 2) if requested > 1 else None
