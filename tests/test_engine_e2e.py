@@ -141,3 +141,30 @@ def test_seeded_self_consistency_is_reproducible(client: openai.OpenAI) -> None:
     (trace_a, first), (trace_b, second) = ask(), ask()
     assert first == second
     assert trace_a != trace_b
+
+
+@pytest.mark.parametrize("select", ["vote", "confidence", "weighted", "judge"])
+def test_best_of_n_selectors_on_the_engine(client: openai.OpenAI, select: str) -> None:
+    response = client.chat.completions.create(
+        model=f"bon:n=4,select={select}-smollm2", messages=QUESTION, max_tokens=16, seed=7
+    )
+    body = response.model_dump(exclude_unset=True)
+    validate_schema(body, "CreateChatCompletionResponse")
+    details = body["ttc"]["details"]
+    assert details["selector"] == select
+    assert len(details["candidates"]) == 4
+    assert body["usage"]["completion_tokens"] >= len(details["candidates"])
+    assert response.choices[0].message.content
+
+
+def test_deepconf_streams_traces_with_logprobs_from_the_engine(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="deepconf:n=6,warmup=3,window=4-smollm2", messages=QUESTION, max_tokens=24, seed=11
+    )
+    body = response.model_dump(exclude_unset=True)
+    validate_schema(body, "CreateChatCompletionResponse")
+    details = body["ttc"]["details"]
+    assert details["traces"] == 6
+    assert all(c["confidence"] is not None or c["pruned_at"] is not None for c in details["candidates"])
+    assert details["survivors"] + details["pruned"] <= 6
+    assert body["ttc"]["backend_calls"] == 6  # 3 warm-up samples (seeded: one call each) + 3 streamed traces
