@@ -65,8 +65,9 @@ class BestOfNParams(StrategyParams):
     temperature: float | None = Field(
         default=None, gt=0, le=2, description="sampling temperature when the request has none above 0 (default 0.8)")
     min_success: int = Field(default=1, ge=1, description="fail unless at least this many candidates succeed")
-    confidence: Literal["mean", "tail", "lowest_group"] = Field(
-        default="lowest_group", description="trace confidence: mean | tail (last window) | lowest_group (sliding)")
+    confidence: Literal["mean", "tail", "lowest_group", "logprob"] = Field(
+        default="lowest_group", description="trace confidence: DeepConf's mean | tail (last window) | lowest_group "
+                                            "(sliding), or logprob (exp of the mean sampled-token log-probability)")
     window: int = Field(default=16, ge=1, description="tokens per group/tail; a shorter trace is one group")
     top_k: int = Field(default=5, ge=2, le=20, description="top logprobs per token for token confidence")
     fallback: Literal["auto", "vote", "confidence", "weighted", "first"] = Field(

@@ -24,7 +24,7 @@ from typing import Literal
 from .answers import extract_answer
 from .framework import Candidate, TokenLogprob
 
-ConfidenceVariant = Literal["mean", "tail", "lowest_group"]
+ConfidenceVariant = Literal["mean", "tail", "lowest_group", "logprob"]
 PoolSelector = Literal["vote", "confidence", "weighted", "first"]
 POOL_SELECTORS: tuple[str, ...] = ("vote", "confidence", "weighted", "first")
 CONFIDENCE_SELECTORS = frozenset({"confidence", "weighted"})  # these need token logprobs
@@ -75,6 +75,15 @@ def trace_confidence(confidences: Sequence[float], variant: ConfidenceVariant = 
     raise ValueError(f"unknown confidence variant {variant!r}")
 
 
+def mean_token_probability(logprobs: Sequence[TokenLogprob]) -> float | None:
+    """exp(mean log-probability of the sampled tokens): how likely the model found its own trace, per token.
+
+    Not DeepConf's measure (that one looks at the alternatives). A probability, so it also works as a vote weight.
+    """
+    values = [e.logprob for e in logprobs if math.isfinite(e.logprob)]
+    return math.exp(sum(values) / len(values)) if values else None
+
+
 @dataclass(frozen=True)
 class ConfidenceSpec:
     variant: ConfidenceVariant = "lowest_group"
@@ -84,6 +93,8 @@ class ConfidenceSpec:
     def score(self, logprobs: Sequence[TokenLogprob] | None) -> float | None:
         if not logprobs:
             return None
+        if self.variant == "logprob":
+            return mean_token_probability(logprobs)
         return trace_confidence(token_confidences(logprobs, self.top_k), self.variant, self.window)
 
 

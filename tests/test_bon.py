@@ -640,3 +640,13 @@ def test_requirements_depend_on_params():
     assert "select=confidence" in BestOfN.requirements(BestOfNParams())["logprobs"]
     assert "fallback=weighted" in BestOfN.requirements(BestOfNParams(select="judge", fallback="weighted"))["logprobs"]
     assert BestOfN.requirements(BestOfNParams(select="judge")) == {}  # the auto fallback adapts to the backend
+
+
+def test_logprob_variant_scores_by_the_sampled_tokens_own_probability():
+    likely = (TokenLogprob("5", -0.1, (("5", -0.1), ("6", -0.2))), TokenLogprob("6", -0.1, (("6", -0.1), ("7", -0.3))))
+    unlikely = (TokenLogprob("5", -2.0, (("5", -2.0), ("6", -9.0))),)
+    spec = ConfidenceSpec("logprob")
+    assert spec.score(likely) == pytest.approx(math.exp(-0.1))
+    assert spec.score(unlikely) == pytest.approx(math.exp(-2.0))
+    # DeepConf's confidence prefers the peaked-but-unlikely trace; the logprob variant does not.
+    assert ConfidenceSpec("mean").score(unlikely) > ConfidenceSpec("mean").score(likely)
