@@ -28,3 +28,14 @@ test: install
 
 bench: install
 	$(VENV)/bin/ttc-proxy bench
+
+# The README's accuracy table: every strategy scored on one pool of 16 seeded samples per dev task (~25 min here).
+EVAL_MODELS := smollm2 sc:n=8-smollm2 sc:n=8,adaptive=true-smollm2 bon:n=8,select=vote-smollm2 \
+	bon:n=8,select=confidence-smollm2 bon:n=8,select=confidence,confidence=logprob-smollm2 \
+	bon:n=8,select=weighted-smollm2 bon:n=8,select=judge-smollm2 'bon:n=8,select=verifier,regex=^\s*\d+\s*$$-smollm2' \
+	deepconf:n=8,warmup=4-smollm2 sc:n=16-smollm2 sc:n=16,adaptive=true-smollm2 bon:n=16,select=confidence-smollm2 \
+	bon:n=16,select=confidence,confidence=logprob-smollm2 bon:n=16,select=weighted-smollm2 \
+	'bon:n=16,select=verifier,regex=^\s*\d+\s*$$-smollm2' deepconf:n=16,warmup=4-smollm2
+eval: install
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --out eval-results/arith-dev --models $(EVAL_MODELS)

@@ -54,11 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--log-level", default="info")
     serve_parser.set_defaults(handler=serve)
 
-    from . import bench
+    from . import bench, evaluation, strategy_bench
 
-    bench.add_parser(commands)
-    from . import evaluation
-    evaluation.add_parser(commands)
+    for command in (bench, evaluation, strategy_bench):
+        command.add_parser(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO)
