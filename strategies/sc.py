@@ -53,6 +53,13 @@ def majority_settled_probability(votes: Tally) -> float:
     return 1.0 - below_half
 
 
+def leader_is_decided(votes: Tally, remaining: int) -> bool:
+    """No outcome of the remaining samples can change the winner: stopping then saves tokens at no cost."""
+    ranked = votes.ranked()
+    runner_up = ranked[1][1] if len(ranked) > 1 else 0
+    return ranked[0][1] > runner_up + remaining
+
+
 class SelfConsistency(Strategy):
     slug = "sc"
     description = "self-consistency: samples, majority vote over extracted answers (adaptive: stop when settled)"
@@ -80,9 +87,13 @@ class SelfConsistency(Strategy):
                 await ctx.progress(f"sample {len(candidates)}/{params.n} → {answers[-1]}")
             if not params.adaptive:
                 break
-            settled = majority_settled_probability(tally(answers))
+            votes = tally(answers)
+            settled = majority_settled_probability(votes)
             if settled >= params.stop_confidence:
                 await ctx.progress(f"majority settled after {len(candidates)} samples (P={settled:.3f})")
+                break
+            if leader_is_decided(votes, params.n - len(candidates)):
+                await ctx.progress(f"the leader cannot be overtaken in the {params.n - len(candidates)} samples left")
                 break
             wave = min(params.wave, params.n - len(candidates))
         if len(candidates) < params.min_success:

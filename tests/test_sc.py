@@ -7,6 +7,9 @@ import pytest
 
 from proxy.fakebackend import FakeBackend, FakeReply
 
+from strategies.answers import tally
+from strategies.sc import leader_is_decided, majority_settled_probability
+
 from .conftest import fake_config
 from .helpers import ProxyServer, assert_openai_error, chat, sync_client, user
 
@@ -199,3 +202,33 @@ def test_strategy_gets_conversation_unflattened(client, fake):
     client.chat.completions.create(model="sc:n=2-fake-model", messages=turns)
     assert fake.chat_requests()[0].body["messages"] == turns
 
+
+
+# ---- adaptive self-consistency ----
+
+
+def test_beta_rule_settles_four_unanimous_votes_but_not_three():
+    assert majority_settled_probability(tally("aaaa")) == pytest.approx(1 - 1 / 32)
+    assert majority_settled_probability(tally("aaa")) == pytest.approx(1 - 1 / 16)
+    assert majority_settled_probability(tally("aaab")) < 0.95
+    assert majority_settled_probability(tally("aabb")) == pytest.approx(0.5)
+
+
+def test_leader_is_decided_only_when_the_rest_cannot_overtake():
+    assert leader_is_decided(tally("aaab"), remaining=1)
+    assert not leader_is_decided(tally("aaab"), remaining=2)
+
+
+def test_adaptive_stops_after_the_first_wave_when_unanimous(proxy, fake):
+    fake.script = lambda body: FakeReply(texts=["It is 42."])
+    body = chat(proxy, {"model": "sc:n=16,adaptive=true-fake-model", "messages": user(), "seed": 3}).json()
+    assert body["ttc"]["details"]["samples"] == 4
+    assert len(fake.chat_requests()) == 4
+    assert "settled after 4 samples" in body["choices"][0]["message"]["reasoning_content"]
+
+
+def test_adaptive_keeps_sampling_while_answers_disagree(proxy, fake):
+    fake.script = lambda body: FakeReply(texts=[f"It is {int(body['seed']) % 2}."])
+    body = chat(proxy, {"model": "sc:n=10,adaptive=true,wave=3-fake-model", "messages": user(), "seed": 0}).json()
+    assert body["ttc"]["details"]["samples"] == 10  # 4 + 3 + 3: never settled
+    assert sorted(r.body["seed"] for r in fake.chat_requests()) == list(range(10))
