@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .argtypes import positive_float, positive_int
+
 BENCH_MODEL = "fake-model"
 HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
@@ -815,32 +817,18 @@ def format_report(report: dict[str, Any]) -> str:
 # CLI
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "bench", help="measure what the proxy adds in pass-through (latency, TTFT, requests/s)",
         description="Runs a fake backend, the proxy (one uvicorn worker) and a raw HTTP load generator, each in "
                     "its own process on 127.0.0.1, and compares direct-to-backend with through-the-proxy.",
     )
-    parser.add_argument("--requests", type=_positive_int, default=2000,
+    parser.add_argument("--requests", type=positive_int, default=2000,
                         help="sequential requests per one-connection phase, after warm-up (default 2000)")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up requests per phase (default 200)")
-    parser.add_argument("--duration", type=_positive_float, default=5.0,
+    parser.add_argument("--duration", type=positive_float, default=5.0,
                         help="seconds of the concurrent phase (default 5)")
-    parser.add_argument("--concurrency", type=_positive_int, default=16,
+    parser.add_argument("--concurrency", type=positive_int, default=16,
                         help="connections in the concurrent phase (default 16)")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT),
                         help=f"where to write the JSON results (default {DEFAULT_OUTPUT})")

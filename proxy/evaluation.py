@@ -38,6 +38,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TextIO
 
+from .argtypes import positive_float, positive_int
+
 log = logging.getLogger("ttc_proxy.eval")
 
 DEFAULT_OUT = Path("eval-results")
@@ -752,20 +754,6 @@ def write_plot(path: Path, summaries: Sequence[Summary], title: str) -> bool:
 # CLI
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -798,18 +786,18 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--backend", metavar="URL", help="in-process proxy: an OpenAI-compatible engine's base URL")
     parser.add_argument("--api-key", help="the proxy's API key (default: the in-process config's first key, "
                                           "else 'unused')")
-    parser.add_argument("--max-tokens", type=_positive_int, default=48, help="max_tokens per request (default 48)")
+    parser.add_argument("--max-tokens", type=positive_int, default=48, help="max_tokens per request (default 48)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: not sent)")
     parser.add_argument("--seed", type=int, help="task i (0-based, file order) is sent with seed SEED+i, the same "
                                                  "for every model string (default: no seed)")
-    parser.add_argument("--limit", type=_positive_int, help="only the first N tasks")
-    parser.add_argument("--concurrency", type=_positive_int, default=4,
+    parser.add_argument("--limit", type=positive_int, help="only the first N tasks")
+    parser.add_argument("--concurrency", type=positive_int, default=4,
                         help="requests in flight at once (default 4); model strings run one after another")
-    parser.add_argument("--timeout", type=_positive_float, default=300.0,
+    parser.add_argument("--timeout", type=positive_float, default=300.0,
                         help="seconds per request before it counts as an error (default 300)")
     parser.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
                         help="a JSON object merged into every request body, e.g. '{\"top_k\": 20}'")
-    parser.add_argument("--pool", type=_positive_int, metavar="N",
+    parser.add_argument("--pool", type=positive_int, metavar="N",
                         help="score strategy model strings on one pool of N samples per task (seeded, with "
                              "logprobs), so every strategy sees the same samples; plain model strings run live")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT}/)")

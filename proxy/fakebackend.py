@@ -68,6 +68,7 @@ class FakeBackend:
         self.model = model
         self.script: Script = lambda request: FakeReply()
         self.requests: list[RecordedRequest] = []
+        self.get_paths: list[str] = []  # free discovery endpoints asked for (/v1/models, /props, ...)
         self.in_flight = 0
         self.max_in_flight_seen = 0
         self.port = 0
@@ -148,6 +149,8 @@ class FakeBackend:
 
     async def _handle(self, method: str, path: str, headers: dict[str, str], raw: bytes,
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if method == "GET":
+            self.get_paths.append(path)
         if method == "GET" and path.endswith("/models"):
             listing = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": self.owned_by}]}
             await self._send(writer, 200, json.dumps(listing).encode())
