@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -19,13 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from strategies import BUILTIN_STRATEGIES
 from strategies.framework import Strategy
 
-from .backends import Backend
+from .backends import Backend, BackendResponse, new_client_session
 from .config import ProxyConfig
 from .context import check_budget, check_params
 from .engine import LocalEngine
 from .errors import (
-    BackendTimeout,
-    BackendUnreachable,
     ClientDisconnected,
     InvalidRequest,
     NotFound,
@@ -103,30 +100,26 @@ def _rewrite_model(payload: bytes, model: str) -> bytes:
     return payload
 
 
-async def _relay_events(response: httpx.Response, client_model: str | None) -> AsyncIterator[bytes]:
+async def _relay_events(response: BackendResponse, client_model: str | None) -> AsyncIterator[bytes]:
     """The backend's SSE bytes as they arrive; with an alias, each event's `model` is put back to the client's.
 
-    A backend that breaks off or stalls mid-stream is a backend error (sent as an error event), not an internal one.
+    A backend that breaks off or stalls mid-stream raises BackendUnreachable or BackendTimeout from the response's
+    iterator: a backend error (sent as an error event), not an internal one.
     """
-    try:
-        if client_model is None:
-            async for chunk in response.aiter_raw():
-                yield chunk
-            return
-        buffer = b""
+    if client_model is None:
         async for chunk in response.aiter_raw():
-            buffer += chunk
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                if event.startswith(b"data: {"):
-                    event = b"data: " + _rewrite_model(event[6:], client_model)
-                yield event + b"\n\n"
-        if buffer:
-            yield buffer
-    except httpx.TimeoutException as exc:
-        raise BackendTimeout(f"the backend stalled mid-stream: {type(exc).__name__}") from exc
-    except httpx.HTTPError as exc:
-        raise BackendUnreachable(f"the backend broke off the stream: {exc!r}") from exc
+            yield chunk
+        return
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event.startswith(b"data: {"):
+                event = b"data: " + _rewrite_model(event[6:], client_model)
+            yield event + b"\n\n"
+    if buffer:
+        yield buffer
 
 
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] = BUILTIN_STRATEGIES) -> FastAPI:
@@ -135,8 +128,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] = BUI
         state = ProxyState(config, registry, TraceStore(config.server.trace_store_size),
                            api_keys=config.server.accepted_keys())
         engines: list[LocalEngine] = []
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30)
-        async with httpx.AsyncClient(limits=limits) as client:
+        async with new_client_session(limit=1024, keepalive=30) as client:
             try:
                 for backend_config in config.backends:
                     base_url = backend_config.base_url

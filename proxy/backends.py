@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from .capabilities import PRESETS, Capabilities, cap_from_n_error, kind_from_models_listing
 from .config import BackendConfig
@@ -17,38 +18,99 @@ from .errors import BackendTimeout, BackendUnreachable, error_from_backend
 from .scheduler import FairScheduler
 
 log = logging.getLogger("ttc_proxy.backends")
-httpx_log = logging.getLogger("httpx")
 
 DEFAULT_MAX_IN_FLIGHT = 64
 
 
-def _direct_transport(client: httpx.AsyncClient, base_url: str) -> httpx.AsyncBaseTransport | None:
-    """The client's transport for `base_url` (its proxy mount, if any), when sending on it directly is the same
-    as client.send: no auth, event hooks, query params or URL credentials to apply. Otherwise None."""
-    transport_for_url = getattr(client, "_transport_for_url", None)
-    if not isinstance(client, httpx.AsyncClient) or not callable(transport_for_url):
-        return None
-    url = httpx.URL(base_url)
-    if client.auth is not None or client.params or url.userinfo or any(client.event_hooks.values()):
-        return None
-    transport = transport_for_url(url)
-    return transport if isinstance(transport, httpx.AsyncBaseTransport) else None
+def new_client_session(limit: int = 1024, keepalive: float = 30.0,
+                       timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientSession:
+    """The one HTTP client the proxy shares across its backends (create it inside the running event loop).
+
+    No cookie jar: one backend's cookies must not ride along on other clients' requests."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=keepalive)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 timeout=timeout or aiohttp.ClientTimeout(total=None))
+
+
+class BackendResponse:
+    """A backend's response as the proxy reads it: status, headers and body (whole, raw chunks or lines).
+
+    A backend that breaks off or stalls while the body is read raises BackendUnreachable or BackendTimeout.
+    """
+
+    __slots__ = ("_response", "_backend", "status_code", "headers")
+
+    def __init__(self, response: aiohttp.ClientResponse, backend: str) -> None:
+        self._response = response
+        self._backend = backend
+        self.status_code = response.status
+        self.headers = response.headers
+
+    def _error(self, exc: Exception) -> Exception:
+        if isinstance(exc, TimeoutError):
+            return BackendTimeout(f"backend {self._backend} stalled mid-response: {type(exc).__name__}")
+        return BackendUnreachable(f"backend {self._backend} broke off the response: {exc!r}")
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has been read (the connection can be kept for the next call)."""
+        return self._response.content.at_eof()
+
+    async def aread(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._error(exc) from exc
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (decompressed, if the backend compressed them)."""
+        content = self._response.content
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._error(exc) from exc
+
+    async def aiter_lines(self) -> AsyncIterator[str]:
+        """The body's lines as text, without their line endings."""
+        buffer = b""
+        async for chunk in self.aiter_raw():
+            buffer += chunk
+            if b"\n" not in buffer:
+                continue
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                yield line.rstrip(b"\r").decode("utf-8", "replace")
+        if buffer:
+            yield buffer.rstrip(b"\r").decode("utf-8", "replace")
+
+    def close(self) -> None:
+        """Done with the response: the connection goes back to the pool if the body was read to its end, else
+        it is closed, so the backend sees the call aborted."""
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
 
 
 class Backend:
     def __init__(
-        self, config: BackendConfig, base_url: str, client: httpx.AsyncClient, api_key: str | None = None
+        self, config: BackendConfig, base_url: str, client: aiohttp.ClientSession, api_key: str | None = None
     ) -> None:
         self.name = config.name
         self.config = config
         self.base_url = base_url.rstrip("/")
         self.client = client
         self.capabilities: Capabilities = PRESETS[config.kind].with_overrides(config.capabilities)
-        self.timeout = httpx.Timeout(
+        # connect also bounds the wait for a free connection in the pool (as httpx's pool timeout did).
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
             connect=config.timeouts.connect,
-            read=config.timeouts.read,
-            write=config.timeouts.read,
-            pool=config.timeouts.connect,
+            sock_connect=config.timeouts.connect,
+            sock_read=config.timeouts.read,
         )
         self.scheduler = FairScheduler(config.max_in_flight or DEFAULT_MAX_IN_FLIGHT, config.max_queue)
         self.discovered_models: list[str] = []
@@ -56,17 +118,7 @@ class Backend:
         api_key = api_key or config.api_key()
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
-        # The hot path builds its requests and sends them on the client's transport for this URL itself: the
-        # same bytes on the wire as client.build_request + client.send, without their per-call merging of URLs,
-        # headers and cookie jars, auth and redirect steps (together about a third of the proxy's CPU per
-        # pass-through call). It steps aside to the client whenever the client's cookie jar is not empty or
-        # the client is closed, and is off when the client has anything per-call to add (see _direct_transport).
-        self._urls: dict[str, httpx.URL] = {}
-        self._extensions = {"timeout": self.timeout.as_dict()}
-        merged = httpx.Headers(client.headers)
-        merged.update(self._headers)
-        self._call_headers = merged.raw
-        self._transport = _direct_transport(client, self.base_url)
+        self._urls: dict[str, URL] = {}  # parsed once per path
 
     # ---- learning what the backend can do (free endpoints only) ----
 
@@ -98,9 +150,9 @@ class Backend:
 
     async def _get_json(self, url: str) -> Any:
         try:
-            response = await self.client.get(url, headers=self._headers, timeout=self.timeout)
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            async with self.client.get(url, headers=self._headers, timeout=self.timeout) as response:
+                return await response.json(content_type=None) if response.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             return None
 
     def lower_n_cap(self, message: str, requested: int) -> bool:
@@ -113,53 +165,29 @@ class Backend:
 
     # ---- calls ----
 
-    def _request(self, path: str, content: bytes, request_id: str | None) -> httpx.Request:
-        if self._transport is None or self.client.cookies:
-            headers = self._headers if request_id is None else {**self._headers, "x-request-id": request_id}
-            return self.client.build_request(
-                "POST", f"{self.base_url}{path}", content=content, headers=headers, timeout=self.timeout
-            )
+    def _url(self, path: str) -> URL:
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = httpx.URL(f"{self.base_url}{path}")
-        headers = self._call_headers if request_id is None else [
-            *self._call_headers, (b"x-request-id", request_id.encode("ascii"))]  # as httpx encodes header values
-        return httpx.Request("POST", url, content=content, headers=headers, extensions=self._extensions)
+            url = self._urls[path] = URL(f"{self.base_url}{path}")
+        return url
 
-    async def _send(self, request: httpx.Request) -> httpx.Response:
+    async def _send(self, path: str, content: bytes, request_id: str | None) -> BackendResponse:
+        headers = self._headers if request_id is None else {**self._headers, "x-request-id": request_id}
         try:
-            if self._transport is None or self.client.is_closed or self.client.cookies:
-                return await self.client.send(request, stream=True)
-            return await self._send_on_transport(self._transport, request)
-        except httpx.TimeoutException as exc:
+            response = await self.client.post(self._url(path), data=content, headers=headers, timeout=self.timeout)
+        except TimeoutError as exc:
             raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
+        return BackendResponse(response, self.name)
 
-    async def _send_on_transport(self, transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
-        """What client.send(request, stream=True) does for this client, less the steps it has no use for."""
-        try:
-            response = await transport.handle_async_request(request)
-        except httpx.RequestError as exc:
-            exc.request = request
-            raise
-        response.request = request
-        if "set-cookie" in response.headers:
-            self.client.cookies.extract_cookies(response)
-        if httpx_log.isEnabledFor(logging.INFO):
-            httpx_log.info('HTTP Request: %s %s "%s %d %s"', request.method, request.url, response.http_version,
-                           response.status_code, response.reason_phrase)
-        return response
-
-    async def _raise_for_status(self, response: httpx.Response, body: dict[str, Any] | None) -> None:
+    async def _raise_for_status(self, response: BackendResponse, body: dict[str, Any] | None) -> None:
         if response.status_code < 400:
             return
         try:
             raw = await response.aread()
-        except httpx.HTTPError:
+        except (BackendTimeout, BackendUnreachable):
             raw = b""
-        finally:
-            await response.aclose()
         try:
             payload = json.loads(raw)
         except ValueError:
@@ -181,25 +209,22 @@ class Backend:
         request_id: str | None = None,
         content: bytes | None = None,
         on_start: Callable[[], None] | None = None,
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[BackendResponse]:
         """A call whose response body is read by the caller; leaving the block early aborts the backend call.
 
         `on_start` runs when the call gets its scheduler slot, just before it is sent; raising there cancels it.
+        Reading the body raises BackendUnreachable or BackendTimeout if the backend breaks off or stalls.
         """
-        request = self._request(path, content if content is not None else json.dumps(body).encode(), request_id)
+        payload = content if content is not None else json.dumps(body).encode()
         async with self.scheduler.slot(owner, cost):
             if on_start is not None:
                 on_start()
-            response = await self._send(request)
+            response = await self._send(path, payload, request_id)
             try:
                 await self._raise_for_status(response, body)
                 yield response
-            except httpx.TimeoutException as exc:
-                raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
-            except httpx.HTTPError as exc:
-                raise BackendUnreachable(f"backend {self.name} failed mid-response: {exc!r}") from exc
             finally:
-                await response.aclose()
+                response.close()  # closes the connection unless the body was read to its end
 
     async def call(
         self,
@@ -211,7 +236,7 @@ class Backend:
         request_id: str | None = None,
         content: bytes | None = None,
         on_start: Callable[[], None] | None = None,
-    ) -> tuple[httpx.Response, bytes]:
+    ) -> tuple[BackendResponse, bytes]:
         """A whole non-streaming call: the response (status and headers) and its body bytes."""
         async with self.stream(path, body, owner=owner, cost=cost, request_id=request_id, content=content,
                                on_start=on_start) as response:
@@ -233,10 +258,9 @@ class Backend:
         if self.capabilities.kind != "llama_cpp":
             return None
         try:
-            response = await self.client.post(
-                f"{self.root_url}/tokenize", json={"content": text}, headers=self._headers, timeout=self.timeout
-            )
-            tokens = response.json().get("tokens") if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
+            async with self.client.post(f"{self.root_url}/tokenize", json={"content": text}, headers=self._headers,
+                                        timeout=self.timeout) as response:
+                tokens = (await response.json(content_type=None)).get("tokens") if response.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
             return None
         return len(tokens) if isinstance(tokens, list) else None

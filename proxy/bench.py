@@ -105,7 +105,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in ("uvicorn", "uvloop", "httptools", "httpx", "starlette",
+        "packages": {name: _version(name) for name in ("uvicorn", "uvloop", "httptools", "aiohttp", "starlette",
                                                         "fastapi", "pydantic")},
     }
 

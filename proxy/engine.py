@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from .config import EmbeddedEngine
 
@@ -84,18 +84,20 @@ class LocalEngine:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.engine.startup_timeout
-        async with httpx.AsyncClient() as client:
+        async with aiohttp.ClientSession() as client:
             while loop.time() < deadline:
                 if self.process.poll() is not None:
                     output = Path(self.log_file.name).read_text(errors="replace")[-2000:]
                     raise EngineUnavailable(f"llama-server exited with {self.process.returncode}: {output}")
                 try:
-                    response = await client.get(f"http://{self.engine.host}:{self.port}/health", timeout=1.0)
-                    if response.status_code == 200:
-                        log.info("embedded engine ready at %s", self.base_url)
-                        return
-                except httpx.HTTPError:
-                    pass
+                    async with client.get(f"http://{self.engine.host}:{self.port}/health",
+                                          timeout=aiohttp.ClientTimeout(total=1.0)) as response:
+                        healthy = response.status == 200
+                except (TimeoutError, aiohttp.ClientError):
+                    healthy = False
+                if healthy:
+                    log.info("embedded engine ready at %s", self.base_url)
+                    return
                 await asyncio.sleep(0.1)
         await self.stop()
         raise EngineUnavailable(f"llama-server did not become healthy within {self.engine.startup_timeout:g} s")

@@ -390,10 +390,11 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
 
     Also reports the pool's oracle at each strategy sample count: how often some sample of the first k is right.
     """
-    import httpx
+    import aiohttp
 
     from strategies.framework import Sampling
 
+    from .backends import new_client_session
     from .config import StrategySettings
     from .pooled import PooledScorer, parse_strategy_string
 
@@ -440,7 +441,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
             results[label][index] = Record(task.id, label, bool(right), (right or sample)[0].text, None, usage, k,
                                            0.0, seed=seed)
 
-    async with httpx.AsyncClient(timeout=settings.timeout) as client:
+    async with new_client_session(timeout=aiohttp.ClientTimeout(total=settings.timeout)) as client:
         scorer = PooledScorer(base_url, api_key, client, strategy_settings, sampling)
         gate = asyncio.Semaphore(settings.concurrency)
 

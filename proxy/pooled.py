@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from strategies import BUILTIN_STRATEGIES
 from strategies.framework import (
@@ -137,7 +137,7 @@ class PooledOutcome:
 class PooledScorer:
     """Draws pools and runs strategies on them, with live calls going through the proxy's pass-through."""
 
-    def __init__(self, proxy_base_url: str, api_key: str, client: httpx.AsyncClient,
+    def __init__(self, proxy_base_url: str, api_key: str, client: aiohttp.ClientSession,
                  settings: StrategySettings, sampling: Sampling) -> None:
         self.proxy_base_url = proxy_base_url
         self.api_key = api_key
@@ -150,7 +150,8 @@ class PooledScorer:
         """The proxy itself, as a backend with the abilities of the engine behind it (from its /health)."""
         if self._backend is None:
             root = self.proxy_base_url[: -len("/v1")]
-            health = (await self.client.get(f"{root}/health")).json()
+            async with self.client.get(f"{root}/health") as response:
+                health = await response.json(content_type=None)
             engine = next(iter(health["backends"].values()))
             config = BackendConfig(
                 name="proxy", kind=engine["kind"], base_url=self.proxy_base_url,

@@ -81,6 +81,13 @@ class FairScheduler:
         while self._waiting:
             owner, queue = next(iter(self._waiting.items()))
             waiter = queue[0]
+            if waiter.granted.done():
+                # Cancelled, and its task has not run yet to forget it: drop it here, grant nothing.
+                queue.popleft()
+                self._queued -= 1
+                if not queue:
+                    del self._waiting[owner]
+                continue
             if self.in_use + waiter.cost > self.capacity:
                 return
             queue.popleft()

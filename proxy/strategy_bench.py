@@ -15,22 +15,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from .evaluation import InProcessProxy, load_tasks
 
 
-async def _timed_post(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> float:
+async def _timed_post(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> float:
     started = time.perf_counter()
-    response = await client.post(url, json=body)
-    response.raise_for_status()
+    async with client.post(url, json=body) as response:
+        response.raise_for_status()
+        await response.read()
     return time.perf_counter() - started
 
 
 async def measure(proxy_url: str, engine_url: str, model: str, questions: list[str], n: int, strategy: str,
                   max_tokens: int, top_logprobs: int) -> list[tuple[float, float]]:
     pairs = []
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as client:
         for i, question in enumerate(questions):
             messages = [{"role": "user", "content": question}]
             direct = {"model": model, "messages": messages, "n": n, "temperature": 0.8, "max_tokens": max_tokens,

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.backends import Backend
+from proxy.backends import Backend, new_client_session
 from proxy.config import BackendConfig, ProxyConfig
 from proxy.context import RunContext, RunState
 from proxy.fakebackend import FakeBackend, FakeReply
@@ -54,7 +54,7 @@ def test_vllm_is_recognised_from_its_models_listing_and_gets_one_n_request(engin
 @pytest.mark.parametrize("engine", [VLLM], indirect=True)
 async def test_vllm_prefill_uses_continue_final_message(engine: FakeBackend) -> None:
     engine.script = lambda body: FakeReply(texts=["The answer is 42."])
-    async with httpx.AsyncClient() as client:
+    async with new_client_session() as client:
         backend = Backend(BackendConfig(name="vllm", kind="vllm", base_url=engine.base_url), engine.base_url, client)
         state = RunState(backend=backend, model="m", owner="t", request_id=None,
                          sampling=Sampling(None, None, 16, None, None), messages=user(),

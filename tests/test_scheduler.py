@@ -292,3 +292,27 @@ def test_pass_through_not_starved_behind_strategy(fake_backend, fake):
     # The strategy's 8 calls queue under one owner: the pass-through gets the next turn but one at worst.
     assert order.index("pass") <= 2, order
     assert waited < 0.5  # not 8 x 0.15 s
+
+
+async def test_a_slot_freed_in_the_tick_a_waiter_is_cancelled_is_not_lost():
+    # A client disconnect cancels a strategy's held call and its queued call together; if the held call gives
+    # its slot back before the queued call's task has run its cancellation, the slot must not go to it.
+    scheduler = FairScheduler(capacity=1, max_queue=10)
+    entered = asyncio.Event()
+
+    async def held() -> None:
+        async with scheduler.slot("a"):
+            entered.set()
+            await asyncio.sleep(10)
+
+    first = asyncio.create_task(held())
+    await entered.wait()
+    queued = asyncio.create_task(holder(scheduler, "a", asyncio.Event()))
+    await settle()
+    assert scheduler.queued == 1
+    first.cancel()  # the held call runs first and gives its slot back ...
+    queued.cancel()  # ... while the queued call's wait is already cancelled but its task has not run yet
+    await asyncio.gather(first, queued, return_exceptions=True)
+    assert scheduler.in_use == 0 and scheduler.queued == 0
+    async with scheduler.slot("b"):
+        assert scheduler.in_use == 1
