@@ -128,7 +128,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] = BUI
         state = ProxyState(config, registry, TraceStore(config.server.trace_store_size),
                            api_keys=config.server.accepted_keys())
         engines: list[LocalEngine] = []
-        async with new_client_session(limit=1024, keepalive=30) as client:
+        async with new_client_session(limit=1024) as client:
             try:
                 for backend_config in config.backends:
                     base_url = backend_config.base_url

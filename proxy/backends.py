@@ -20,9 +20,13 @@ from .scheduler import FairScheduler
 log = logging.getLogger("ttc_proxy.backends")
 
 DEFAULT_MAX_IN_FLIGHT = 64
+# Raised before any response byte when the server had closed a pooled keep-alive connection.
+_STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# Below the 5 s idle timeout of uvicorn and llama-server, so the pool rarely reuses a connection they closed.
+DEFAULT_KEEPALIVE_SECONDS = 4.0
 
 
-def new_client_session(limit: int = 1024, keepalive: float = 30.0,
+def new_client_session(limit: int = 1024, keepalive: float = DEFAULT_KEEPALIVE_SECONDS,
                        timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientSession:
     """The one HTTP client the proxy shares across its backends (create it inside the running event loop).
 
@@ -173,13 +177,23 @@ class Backend:
 
     async def _send(self, path: str, content: bytes, request_id: str | None) -> BackendResponse:
         headers = self._headers if request_id is None else {**self._headers, "x-request-id": request_id}
-        try:
-            response = await self.client.post(self._url(path), data=content, headers=headers, timeout=self.timeout)
-        except TimeoutError as exc:
-            raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
-        return BackendResponse(response, self.name)
+        for attempt in range(2):
+            try:
+                response = await self.client.post(self._url(path), data=content, headers=headers,
+                                                  timeout=self.timeout)
+            except TimeoutError as exc:
+                raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
+            except _STALE_CONNECTION as exc:
+                # A pooled keep-alive connection the server closed just as we reused it: the request never
+                # reached the engine (no response began), so sending it once more on a fresh one is safe.
+                if attempt == 0:
+                    log.debug("backend %s: stale pooled connection (%r); retrying once", self.name, exc)
+                    continue
+                raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
+            except aiohttp.ClientError as exc:
+                raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
+            return BackendResponse(response, self.name)
+        raise AssertionError("unreachable")
 
     async def _raise_for_status(self, response: BackendResponse, body: dict[str, Any] | None) -> None:
         if response.status_code < 400:

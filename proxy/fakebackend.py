@@ -25,6 +25,7 @@ class FakeReply:
     token_logprob: float | list[float] = -0.1
     finish_reason: str = "stop"
     raw_body: bytes | None = None  # send these bytes instead of JSON (for malformed-backend tests)
+    drop: bool = False  # close the connection without answering (a keep-alive connection closed under us)
     # Per-token logprobs by choice: (choice index, token index, token) -> [(token, logprob), ...], the sampled
     # token first, then its alternatives (truncated to the request's top_logprobs). Overrides token_logprob.
     logprobs_fn: Callable[[int, int, str], list[tuple[str, float]]] | None = None
@@ -200,6 +201,10 @@ class FakeBackend:
         reply = self.script(body)
         n = int(body.get("n") or 1)
         if not await self._wait_or_abort(reply.delay, reader, record):
+            return False
+        if reply.drop:
+            writer.transport.abort()
+            record.finished = True
             return False
         if reply.raw_body is not None:
             await self._send(writer, reply.status, reply.raw_body, "text/plain")

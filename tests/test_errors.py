@@ -254,3 +254,26 @@ def test_health(proxy):
     assert health["status"] == "ok"
     assert health["backends"]["fake"]["kind"] == "llama_cpp" and health["backends"]["fake"]["max_n"] == 4
     assert json.dumps(health)
+
+
+def test_a_pooled_connection_closed_under_a_request_is_retried_once(proxy, fake):
+    dropped = []
+
+    def script(body):
+        if not dropped:
+            dropped.append(True)
+            return FakeReply(drop=True)
+        return FakeReply(texts=["fine"])
+
+    fake.script = script
+    response = chat(proxy, {"model": "fake-model", "messages": user()})
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "fine"
+    assert len(fake.chat_requests()) == 2
+
+
+def test_a_backend_that_keeps_dropping_is_a_502_after_one_retry(proxy, fake):
+    fake.script = lambda body: FakeReply(drop=True)
+    response = chat(proxy, {"model": "fake-model", "messages": user()})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "backend_unreachable"
+    assert len(fake.chat_requests()) == 2
