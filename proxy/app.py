@@ -256,7 +256,8 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             request_id=request_id,
         )
         check_capabilities(strategy, backend, job.params)
-        run = StrategyRun(job, state.config.strategies, state.registry, state.traces)
+        run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
+                          backend_for=lambda model: state.backend_for(Route(None, model, None)))
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

@@ -24,7 +24,7 @@ from strategies.framework import (
 
 from .backends import Backend
 from .config import Budget, StrategySettings
-from .errors import BudgetExhausted, InvalidRequest, ProxyError, StrategyFailed
+from .errors import BudgetExhausted, InvalidRequest, NotFound, ProxyError, StrategyFailed
 from .traces import Trace
 
 ProgressSink = Callable[[str], Awaitable[None]]
@@ -58,6 +58,8 @@ class RunState:
     registry: Mapping[str, type[Strategy]]
     trace: Trace
     progress_sink: ProgressSink | None = None
+    # Resolves another model name to the backend serving it (None: only this run's backend is reachable).
+    backend_for: Callable[[str], Backend] | None = None
     usage: Usage = field(default_factory=Usage)
     progress_lines: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -455,6 +457,18 @@ class RunContext:
             state.usage.completion_tokens += completion_tokens
             state.trace.update(node, status=status, ms=_ms_since(started), prompt_tokens=prompt_tokens,
                                completion_tokens=completion_tokens, outputs=["".join(text_parts)[:TRACE_TEXT_LIMIT]])
+
+    def for_model(self, model: str) -> "RunContext":
+        if model == self._state.model:
+            return self
+        if self._state.backend_for is None:
+            raise InvalidRequest(f"model {model!r} cannot be reached from this run", param="model")
+        try:
+            backend = self._state.backend_for(model)
+        except NotFound as exc:
+            raise InvalidRequest(exc.message, param="ttc.params", code="model_not_found") from exc
+        # A shallow copy: usage, budget, trace and progress stay shared with this run.
+        return RunContext(dataclasses.replace(self._state, backend=backend, model=model), self._node, self._sampling)
 
     async def progress(self, line: str) -> None:
         self._state.progress_lines.append(line)

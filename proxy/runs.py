@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +99,8 @@ class StrategyRun:
     """One strategy execution for one client request."""
 
     def __init__(self, job: StrategyRequest, settings: StrategySettings,
-                 registry: Mapping[str, type[Strategy]], traces: TraceStore) -> None:
+                 registry: Mapping[str, type[Strategy]], traces: TraceStore,
+                 backend_for: Callable[[str], Backend] | None = None) -> None:
         self.job = job
         self.id = f"chatcmpl-ttc-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -116,6 +117,7 @@ class StrategyRun:
             settings=settings,
             registry=registry,
             trace=self.trace,
+            backend_for=backend_for,
         )
         self.trace.update(0, params=job.params.model_dump(), backend=job.backend.name, model=job.backend_model)
 

@@ -76,6 +76,8 @@ class BestOfNParams(StrategyParams):
     judge_mode: Literal["pointwise", "pairwise"] = Field(
         default="pointwise", description="judge: verify each answer (pointwise) or a knockout of A-vs-B calls")
     judge_swap: bool = Field(default=True, description="pairwise judge: ask each pair in both orders")
+    judge_model: str | None = Field(
+        default=None, description="judge: a model served by any configured backend (default: the sampled model)")
     regex: str | None = Field(default=None, description="verifier: a regex the candidate's text must match")
     json_schema: dict[str, Any] | None = Field(
         default=None, description="verifier: a JSON schema (subset) the candidate's JSON must satisfy")
@@ -389,7 +391,7 @@ class BestOfN(Strategy):
     async def _judge(ctx: StrategyContext, params: BestOfNParams, pool: Pool, fallback: str,
                      details: dict[str, Any]) -> Selection:
         distinct = pool.distinct_answers()
-        judge = Judge(ctx)
+        judge = Judge(ctx.for_model(params.judge_model) if params.judge_model else ctx)
         if len(distinct) == 1:
             details["judge"] = {"mode": params.judge_mode, "calls": 0, "skipped": "one distinct answer"}
             return select_by_answer_scores(pool, {distinct[0]: 1.0}, "judge")
@@ -400,7 +402,7 @@ class BestOfN(Strategy):
                 await ctx.progress(f"judge: {answer} → P(yes) {_fmt(raw[answer])}")
             # An answer the judge said neither yes nor no to counts as undecided (0.5).
             scores = {a: (p if p is not None else 0.5) for a, p in raw.items()}
-            details["judge"] = {"mode": "pointwise", "calls": judge.calls, "model": "same as the candidates",
+            details["judge"] = {"mode": "pointwise", "calls": judge.calls, "model": params.judge_model or "same as the candidates",
                                 "logprobs": judge.logprobs, "scores": raw}
             return select_by_answer_scores(pool, scores, "judge", fallback=fallback)
         seeds = list(answer_scores(pool, fallback))  # best seed first, by the fallback's ranking
@@ -416,7 +418,7 @@ class BestOfN(Strategy):
         for match in matches:
             wins[match.winner] += 1
         details["judge"] = {
-            "mode": "pairwise", "calls": judge.calls, "model": "same as the candidates", "logprobs": judge.logprobs,
+            "mode": "pairwise", "calls": judge.calls, "model": params.judge_model or "same as the candidates", "logprobs": judge.logprobs,
             "swap": params.judge_swap,
             "seeds": seeds,
             "matches": [{"round": m.round, "a": m.first, "b": m.second, "p_a": m.p_first, "winner": m.winner}

@@ -158,6 +158,11 @@ class StrategyContext(Protocol):
         """A readable progress line for the client (streamed as reasoning_content)."""
         ...
 
+    def for_model(self, model: str) -> "StrategyContext":
+        """This run (same budget, accounting, trace and progress) talking to another model, served by any
+        configured backend; e.g. a judge that is not the model being sampled."""
+        ...
+
     def note(self, key: str, value: Any) -> None:
         """Record a fact in the trace of this run."""
         ...

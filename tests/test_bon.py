@@ -26,6 +26,8 @@ from strategies.selection import (
     trace_confidence,
 )
 
+from proxy.config import ProxyConfig
+
 from .conftest import fake_config
 from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, sync_client, user
 
@@ -650,3 +652,31 @@ def test_logprob_variant_scores_by_the_sampled_tokens_own_probability():
     assert spec.score(unlikely) == pytest.approx(math.exp(-2.0))
     # DeepConf's confidence prefers the peaked-but-unlikely trace; the logprob variant does not.
     assert ConfidenceSpec("mean").score(unlikely) > ConfidenceSpec("mean").score(likely)
+
+
+def test_judge_model_on_another_backend(fake):
+    judge_engine = FakeBackend(slots=4, model="judge-model").start_in_thread()
+    try:
+        judge_engine.script = judge_script({"7": 0.2, "12": 0.95, "9": 0.4}, SAMPLES)
+        fake.script = judge_script({"7": 0.99, "12": 0.0, "9": 0.0}, SAMPLES)  # would pick 7 if asked
+        config = ProxyConfig.model_validate({"backends": [
+            backend_entry(fake, models=["fake-model"]),
+            {"name": "judge", "kind": "llama_cpp", "base_url": judge_engine.base_url, "models": ["judge-model"]},
+        ]})
+        with ProxyServer(config) as server, sync_client(server) as client:
+            completion = client.chat.completions.create(  # a value with '-' goes in the body, not the prefix
+                model="bon:n=6,select=judge-fake-model", messages=user(), seed=100,
+                extra_body={"ttc": {"params": {"judge_model": "judge-model"}}})
+            unknown = chat(server, {"model": "fake-model", "messages": user(), "seed": 100,
+                                    "ttc": {"strategy": "bon", "params": {"n": 6, "select": "judge",
+                                                                          "judge_model": "nowhere"}}})
+    finally:
+        judge_engine.stop_thread()
+    assert completion.choices[0].message.content == "I get 12."
+    assert completion.ttc["details"]["judge"]["model"] == "judge-model"
+    assert not any(is_judge(r.body) for r in fake.chat_requests())
+    judge_calls = judge_engine.chat_requests()
+    assert len(judge_calls) == 3 and all(r.body["model"] == "judge-model" for r in judge_calls)
+    # The judge's tokens are part of the request's usage.
+    assert completion.usage.completion_tokens >= 6 + 3
+    assert unknown.status_code == 400 and "nowhere" in unknown.json()["error"]["message"]
