@@ -257,7 +257,8 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         )
         check_capabilities(strategy, backend, job.params)
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
-                          backend_for=lambda model: state.backend_for(Route(None, model, None)))
+                          backend_for=lambda model: state.backend_for(Route(None, model, None)),
+                          verifiers=state.config.verifiers)
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

@@ -94,6 +94,14 @@ class Alias(StrictModel):
     backend: str | None = None
 
 
+class VerifierEndpoint(StrictModel):
+    """An HTTP check a strategy can ask about a candidate: POST {question, messages, candidate, answer} -> {"pass": bool}."""
+
+    url: str
+    timeout: float = Field(default=10.0, gt=0)
+    api_key_env: str | None = None
+
+
 class ServerSettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -114,6 +122,7 @@ class ProxyConfig(StrictModel):
     backends: list[BackendConfig] = Field(min_length=1)
     strategies: StrategySettings = Field(default_factory=StrategySettings)
     aliases: dict[str, Alias] = Field(default_factory=dict)
+    verifiers: dict[str, VerifierEndpoint] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_backend_names(self) -> "ProxyConfig":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from pydantic import ValidationError
 
 from strategies.framework import (
@@ -23,7 +25,7 @@ from strategies.framework import (
 )
 
 from .backends import Backend
-from .config import Budget, StrategySettings
+from .config import Budget, StrategySettings, VerifierEndpoint
 from .errors import BudgetExhausted, InvalidRequest, NotFound, ProxyError, StrategyFailed
 from .traces import Trace
 
@@ -60,6 +62,7 @@ class RunState:
     progress_sink: ProgressSink | None = None
     # Resolves another model name to the backend serving it (None: only this run's backend is reachable).
     backend_for: Callable[[str], Backend] | None = None
+    verifiers: Mapping[str, VerifierEndpoint] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     progress_lines: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -457,6 +460,33 @@ class RunContext:
             state.usage.completion_tokens += completion_tokens
             state.trace.update(node, status=status, ms=_ms_since(started), prompt_tokens=prompt_tokens,
                                completion_tokens=completion_tokens, outputs=["".join(text_parts)[:TRACE_TEXT_LIMIT]])
+
+    async def verify(self, verifier: str, candidate: str, answer: str) -> bool:
+        endpoint = self._state.verifiers.get(verifier)
+        if endpoint is None:
+            known = ", ".join(sorted(self._state.verifiers)) or "none configured"
+            raise InvalidRequest(f"unknown verifier {verifier!r}; configured verifiers: {known}",
+                                 param="ttc.params", code="unknown_verifier")
+        question = next((_message_text(m) for m in reversed(self._state.messages) if m.get("role") == "user"), "")
+        payload = {"question": question, "messages": self._state.messages, "candidate": candidate, "answer": answer}
+        headers = {}
+        key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        node = self._state.trace.add(self._node, "verify", "verifier", verifier=verifier, answer=answer)
+        try:
+            async with self._state.backend.client.post(
+                endpoint.url, json=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=endpoint.timeout)
+            ) as response:
+                body = await response.json(content_type=None) if response.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            self._state.trace.update(node, status="error", error=repr(exc))
+            raise StrategyFailed(f"verifier {verifier!r} failed: {exc!r}") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("pass"), bool):
+            self._state.trace.update(node, status="error")
+            raise StrategyFailed(f"verifier {verifier!r} must answer 200 with {{\"pass\": true|false}}")
+        self._state.trace.update(node, status="ok", passed=body["pass"])
+        return body["pass"]
 
     def for_model(self, model: str) -> "RunContext":
         if model == self._state.model:

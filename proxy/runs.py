@@ -20,7 +20,7 @@ from strategies.framework import (
 )
 
 from .backends import Backend
-from .config import Budget, StrategySettings
+from .config import Budget, StrategySettings, VerifierEndpoint
 from .context import RunContext, RunState
 from .errors import InvalidRequest, ProxyError, StrategyFailed
 from .protocol import ChatCompletionRequest
@@ -100,7 +100,8 @@ class StrategyRun:
 
     def __init__(self, job: StrategyRequest, settings: StrategySettings,
                  registry: Mapping[str, type[Strategy]], traces: TraceStore,
-                 backend_for: Callable[[str], Backend] | None = None) -> None:
+                 backend_for: Callable[[str], Backend] | None = None,
+                 verifiers: Mapping[str, VerifierEndpoint] | None = None) -> None:
         self.job = job
         self.id = f"chatcmpl-ttc-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -118,6 +119,7 @@ class StrategyRun:
             registry=registry,
             trace=self.trace,
             backend_for=backend_for,
+            verifiers=verifiers or {},
         )
         self.trace.update(0, params=job.params.model_dump(), backend=job.backend.name, model=job.backend_model)
 

@@ -79,6 +79,8 @@ class BestOfNParams(StrategyParams):
     judge_model: str | None = Field(
         default=None, description="judge: a model served by any configured backend (default: the sampled model)")
     regex: str | None = Field(default=None, description="verifier: a regex the candidate's text must match")
+    http_verifier: str | None = Field(
+        default=None, description="verifier: the name of an HTTP verifier in config.yaml's `verifiers`")
     json_schema: dict[str, Any] | None = Field(
         default=None, description="verifier: a JSON schema (subset) the candidate's JSON must satisfy")
     generator: str | None = Field(
@@ -119,8 +121,8 @@ class BestOfNParams(StrategyParams):
 
     @model_validator(mode="after")
     def _consistent(self) -> "BestOfNParams":
-        if self.select == "verifier" and self.regex is None and self.json_schema is None:
-            raise ValueError("select=verifier needs a check: regex and/or json_schema")
+        if self.select == "verifier" and self.regex is None and self.json_schema is None and not self.http_verifier:
+            raise ValueError("select=verifier needs a check: regex, json_schema and/or http_verifier")
         if self.generator is not None:
             needing = sorted({self.select, self.fallback} & CONFIDENCE_SELECTORS)
             if needing:
@@ -336,14 +338,19 @@ class BestOfN(Strategy):
             # Runs in the event loop: a pathological client regex holds it (CPython's re keeps the GIL, so a
             # thread would not help). Checks are linear for ordinary patterns.
             results = check_all([c.text for c in candidates], params.regex, params.json_schema)
+            verdicts = [r.passed for r in results]
             for entry, result in zip(per_candidate, results):
                 entry["passed"] = result.passed
                 if not result.passed:
                     entry["reason"] = result.reason
+            if params.http_verifier:
+                verdicts = await self._http_verdicts(ctx, params.http_verifier, candidates, pool, verdicts,
+                                                     per_candidate)
             await self._candidate_lines(ctx, pool, per_candidate)
-            selection, over_all = select_verified(pool, [r.passed for r in results], fallback)
-            passed = sum(r.passed for r in results)
+            selection, over_all = select_verified(pool, verdicts, fallback)
+            passed = sum(verdicts)
             details["verifier"] = {"passed": passed, "fallback_over_all": over_all,
+                                   **({"http_verifier": params.http_verifier} if params.http_verifier else {}),
                                    **({"regex": params.regex} if params.regex else {}),
                                    **({"json_schema": True} if params.json_schema is not None else {})}
             if over_all:
@@ -386,6 +393,23 @@ class BestOfN(Strategy):
                 facts.append("passes the check" if entry["passed"] else f"fails the check: {entry['reason']}")
             await ctx.progress(f"sample {i}/{len(pool)} → {entry['answer']}" + (f" ({', '.join(facts)})" if facts
                                                                                   else ""))
+
+    @staticmethod
+    async def _http_verdicts(ctx: StrategyContext, verifier: str, candidates: Sequence[Candidate], pool: Pool,
+                             verdicts: list[bool], per_candidate: list[dict[str, Any]]) -> list[bool]:
+        """The HTTP verifier's word on each distinct answer whose candidates passed the local checks (once each)."""
+        answers = list(dict.fromkeys(a for a, ok in zip(pool.answers, verdicts) if ok))
+        first = {a: pool.answers.index(a) for a in answers}
+        results = await asyncio.gather(*(ctx.verify(verifier, candidates[first[a]].text, a) for a in answers))
+        passed = dict(zip(answers, results))
+        out = []
+        for entry, answer, ok in zip(per_candidate, pool.answers, verdicts):
+            verdict = ok and passed.get(answer, False)
+            if ok and not verdict:
+                entry["reason"] = f"rejected by verifier {verifier!r}"
+            entry["passed"] = verdict
+            out.append(verdict)
+        return out
 
     @staticmethod
     async def _judge(ctx: StrategyContext, params: BestOfNParams, pool: Pool, fallback: str,

@@ -158,6 +158,10 @@ class StrategyContext(Protocol):
         """A readable progress line for the client (streamed as reasoning_content)."""
         ...
 
+    async def verify(self, verifier: str, candidate: str, answer: str) -> bool:
+        """Ask a verifier configured by name (outside the strategy: an HTTP check) whether a candidate is right."""
+        ...
+
     def for_model(self, model: str) -> "StrategyContext":
         """This run (same budget, accounting, trace and progress) talking to another model, served by any
         configured backend; e.g. a judge that is not the model being sampled."""

@@ -680,3 +680,70 @@ def test_judge_model_on_another_backend(fake):
     # The judge's tokens are part of the request's usage.
     assert completion.usage.completion_tokens >= 6 + 3
     assert unknown.status_code == 400 and "nowhere" in unknown.json()["error"]["message"]
+
+
+class HttpVerifier:
+    """A verifier service on loopback: passes answer "12" only, records what it was asked."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from aiohttp import web
+
+        self.asked: list[dict] = []
+        self.port = 0
+        ready = threading.Event()
+
+        async def check(request: web.Request) -> web.Response:
+            payload = await request.json()
+            self.asked.append(payload)
+            return web.json_response({"pass": payload["answer"] == "12"})
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/check", check)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        def run() -> None:
+            import asyncio
+
+            self.loop = asyncio.new_event_loop()
+            self.loop.run_until_complete(serve())
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_http_verifier_from_config_keeps_the_answers_it_passes(fake):
+    verifier = HttpVerifier()
+    try:
+        fake.script = lambda body: FakeReply(texts=[SAMPLES[body["seed"] - 100]])
+        config = ProxyConfig.model_validate({
+            "backends": [backend_entry(fake)],
+            "verifiers": {"arith": {"url": f"http://127.0.0.1:{verifier.port}/check"}},
+        })
+        with ProxyServer(config) as server, sync_client(server) as client:
+            completion = client.chat.completions.create(
+                model="bon:n=6,select=verifier,http_verifier=arith-fake-model", messages=user(), seed=100)
+            unknown = chat(server, {"model": "bon:n=2,select=verifier,http_verifier=nope-fake-model",
+                                    "messages": user(), "seed": 100})
+    finally:
+        verifier.stop()
+    assert completion.choices[0].message.content == "I get 12."
+    details = completion.ttc["details"]
+    assert details["verifier"]["passed"] == 1 and details["verifier"]["http_verifier"] == "arith"
+    assert sorted(a["answer"] for a in verifier.asked) == ["12", "7", "9"]  # each distinct answer once
+    assert verifier.asked[0]["question"] == "What is 6 times 7?"
+    assert unknown.status_code == 400 and "arith" in unknown.json()["error"]["message"]
