@@ -243,7 +243,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
         strategy = route.strategy.strategy
-        check_strategy_request(strategy, parsed, body, backend)
+        check_strategy_request(strategy, parsed, body)
         job = StrategyRequest(
             strategy=strategy,
             params=check_params(strategy, route.strategy.params, state.config.strategies),

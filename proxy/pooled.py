@@ -57,8 +57,13 @@ class PoolContext(RunContext):
         same_prompt = messages is None or list(messages) == self._state.messages
         return same_prompt and (temperature is None or temperature == self._pool.temperature)
 
+    def _start(self, seed: int | None) -> int:
+        """Where in the pool a call begins: the sample its seed names (seed i of the request is sample i)."""
+        return self._next if seed is None or self._state.sampling.seed is None else seed - self._state.sampling.seed
+
     def _take(self, n: int, seed: int | None, keep_logprobs: bool) -> list[Candidate]:
-        start = self._next if seed is None or self._state.sampling.seed is None else seed - self._state.sampling.seed
+        self._check_budget()  # as a live call would, before it is made
+        start = self._start(seed)
         if start < 0 or start + n > len(self._pool.candidates):
             raise StrategyError(f"the pool holds {len(self._pool.candidates)} samples; samples {start}..{start + n - 1} "
                                 f"were asked for (run the eval with a larger --pool)")
@@ -68,14 +73,9 @@ class PoolContext(RunContext):
         usage.calls += n  # a seeded live request makes one call per sample
         usage.prompt_tokens += round(self._pool.prompt_tokens_per_sample * n)
         usage.completion_tokens += sum(c.completion_tokens for c in taken)
-        self._check_budget_after_take()
         if keep_logprobs:
             return list(taken)
         return [Candidate(c.text, c.finish_reason, c.message, c.completion_tokens, None, c.seed, c.label) for c in taken]
-
-    def _check_budget_after_take(self) -> None:
-        if self._state.usage.total_tokens > self._state.budget.max_total_tokens:
-            self._check_budget()
 
     async def generate(self, *, n: int = 1, messages: Sequence[dict[str, Any]] | None = None,
                        temperature: float | None = None, max_tokens: int | None = None, logprobs: bool = False,
@@ -96,7 +96,8 @@ class PoolContext(RunContext):
                                               top_logprobs=top_logprobs, stop=stop, seed=seed, label=label):
                 yield event
             return
-        start = self._next if seed is None or self._state.sampling.seed is None else seed - self._state.sampling.seed
+        self._check_budget()
+        start = self._start(seed)
         if start < 0 or start >= len(self._pool.candidates):
             raise StrategyError(f"the pool holds {len(self._pool.candidates)} samples; sample {start} was asked for")
         self._next = max(self._next, start + 1)

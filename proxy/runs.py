@@ -49,8 +49,7 @@ class StrategyRequest:
     request_id: str
 
 
-def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequest, raw: Mapping[str, Any],
-                           backend: Backend) -> None:
+def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequest, raw: Mapping[str, Any]) -> None:
     for feature in _UNSUPPORTED_FEATURES:
         value = raw.get(feature)
         if value not in (None, False, [], 0):
@@ -66,12 +65,11 @@ def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequ
             param="n",
             code="unsupported_by_strategy",
         )
-    check_capabilities(strategy, backend)
 
 
-def check_capabilities(strategy: type[Strategy], backend: Backend, params: StrategyParams | None = None) -> None:
-    """The backend offers what the strategy needs: its static `requires`, or with `params` what those need."""
-    needed = strategy.requirements(params) if params is not None else {c: "" for c in strategy.requires}
+def check_capabilities(strategy: type[Strategy], backend: Backend, params: StrategyParams) -> None:
+    """The backend offers what the strategy needs with these parameters (checked before anything is sent)."""
+    needed = strategy.requirements(params)
     missing = [c for c in sorted(needed) if not backend.capabilities.supports(c)]
     if missing:
         why = "; ".join(f"{c}: {needed[c]}" for c in missing if needed[c])
@@ -79,7 +77,7 @@ def check_capabilities(strategy: type[Strategy], backend: Backend, params: Strat
             f"strategy {strategy.slug!r} needs {', '.join(missing)}{f' ({why})' if why else ''}, which backend "
             f"{backend.name!r} ({backend.capabilities.kind}) does not offer; set its capabilities in config.yaml "
             f"if it does",
-            param="ttc.params" if params is not None and set(missing) - strategy.requires else "model",
+            param="ttc.params" if set(missing) - strategy.requires else "model",
             code="backend_capability_missing",
         )
 

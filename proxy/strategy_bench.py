@@ -1,8 +1,9 @@
 """`ttc-proxy bench-strategy`: what a strategy adds in wall time over asking the engine for the same samples.
 
 For each task, the same n samples are asked for twice, alternating which goes first: once from the engine
-directly in one request (`n`, logprobs), once through the proxy as `bon:n=N,select=...`. The proxy starts its
-own embedded engine (or uses --backend), and the direct requests go to that same engine.
+directly in one request (`n`, logprobs), once through the proxy with a strategy prefix that draws n samples
+(default `bon:n=8,select=confidence`). The proxy starts its own embedded engine (or uses --backend), and the
+direct requests go to that same engine.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def bench_strategy_command(args: argparse.Namespace) -> int:
 
     config = resolve_config(args.config, args.backend)
     tasks = load_tasks(args.tasks, args.limit)
-    strategy = f"bon:n={args.n},select={args.select}"
+    strategy = args.strategy
     with InProcessProxy(config, args.log_level) as server:
         state = server.server.config.app.state.proxy  # the running app's backends: where the engine listens
         backend = next(iter(state.backends.values()))
@@ -69,7 +70,7 @@ def bench_strategy_command(args: argparse.Namespace) -> int:
         "median_ratio": round(statistics.median(ratios), 3),
         "total_ratio": round(sum(proxied) / sum(direct), 3),
     }
-    print(f"{strategy} through the proxy vs the same {args.n} samples from the engine in one request "
+    print(f"{strategy} through the proxy vs {args.n} samples from the engine in one request "
           f"({len(pairs)} tasks, max_tokens {args.max_tokens}, alternating order)")
     print(f"  direct  median {result['direct_median_s']:.3f} s")
     print(f"  proxied median {result['proxied_median_s']:.3f} s")
@@ -81,10 +82,11 @@ def bench_strategy_command(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: Any) -> None:
-    parser = commands.add_parser("bench-strategy", help="wall time of bon:n=N against the same N samples direct")
+    parser = commands.add_parser("bench-strategy", help="wall time of a strategy against the same N samples direct")
     parser.add_argument("tasks", help="JSONL task file (question or messages)")
-    parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--select", default="confidence", help="bon selector (default confidence)")
+    parser.add_argument("--strategy", default="bon:n=8,select=confidence",
+                        help="the strategy prefix through the proxy (default bon:n=8,select=confidence)")
+    parser.add_argument("--n", type=int, default=8, help="samples in the direct request: the strategy's sample count")
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--top-logprobs", type=int, default=5, help="as bon's confidence selector asks (default 5)")
