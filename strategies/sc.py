@@ -1,13 +1,16 @@
 """Self-consistency: sample answers, extract each one's final answer, return a sample of the majority.
 
-Adaptive mode samples in waves and stops as soon as the majority is settled (Adaptive-Consistency's Beta
-stopping rule), so easy questions cost few samples.
+Adaptive mode samples in waves and stops as soon as the majority is settled, so easy questions cost few
+samples. Two stopping rules: Adaptive-Consistency's Beta rule (is the leader the true majority?), and a
+predictive rule (would drawing all n samples change the winner?).
 """
 
 from __future__ import annotations
 
 from math import comb
+from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from .answers import Tally, extract_answer, tally
@@ -34,8 +37,14 @@ class SelfConsistencyParams(StrategyParams):
     adaptive: bool = Field(default=False, description="sample in waves; stop once the majority is settled")
     first_wave: int = Field(default=4, ge=1, description="adaptive: samples in the first wave")
     wave: int = Field(default=2, ge=1, description="adaptive: samples in each later wave")
-    stop_confidence: float = Field(
-        default=0.95, gt=0.5, lt=1, description="adaptive: stop when P(leader is the true majority) reaches this"
+    stop_rule: Literal["beta", "predictive"] = Field(
+        default="beta",
+        description="adaptive: 'beta' stops when P(leader is the true majority) reaches stop_confidence; "
+                    "'predictive' when P(all n samples would elect the same winner) does",
+    )
+    stop_confidence: float = Field(default=0.95, gt=0.5, lt=1, description="adaptive: stop when the rule's P reaches this")
+    new_answer_weight: float = Field(
+        default=1.0, gt=0, le=100, description="predictive: weight of a not-yet-seen answer in the Pólya urn"
     )
 
 
@@ -51,6 +60,39 @@ def majority_settled_probability(votes: Tally) -> float:
     trials = v1 + v2 + 1
     below_half = sum(comb(trials, j) for j in range(v1 + 1, trials + 1)) / 2**trials
     return 1.0 - below_half
+
+
+PREDICTIVE_SIMULATIONS = 2000
+
+
+def leader_keeps_probability(votes: Tally, total: int, new_answer_weight: float,
+                             simulations: int = PREDICTIVE_SIMULATIONS) -> float:
+    """P(the current leader still wins once `total` samples are in), by simulating the missing samples.
+
+    The missing samples come from a Pólya urn (a Chinese restaurant process): the next sample repeats an answer
+    with probability proportional to its votes, or is a new answer with weight `new_answer_weight`. Ties go to
+    the answer seen first, as in the final vote. The simulation uses a fixed seed, so a run is reproducible.
+    """
+    counts = [int(v) for v in votes.counts.values()]  # in first-seen order
+    missing = total - sum(counts)
+    if missing <= 0:
+        return 1.0
+    leader = list(votes.counts).index(votes.leader)
+    rng = np.random.default_rng(0)
+    table = np.zeros((simulations, len(counts) + missing))
+    table[:, :len(counts)] = counts
+    opened = np.full(simulations, len(counts))
+    rows = np.arange(simulations)
+    for drawn in range(missing):
+        point = rng.random(simulations) * (sum(counts) + drawn + new_answer_weight)
+        column = (np.cumsum(table, axis=1) <= point[:, None]).sum(axis=1)
+        is_new = column >= opened  # the point fell in the new-answer weight
+        table[rows, np.where(is_new, opened, column)] += 1
+        opened += is_new
+    leader_votes = table[:, leader]
+    seen_before = table[:, :leader].max(axis=1, initial=0)  # these win a tie against the leader
+    seen_after = table[:, leader + 1:].max(axis=1, initial=0)  # these lose it
+    return float(np.mean((leader_votes > seen_before) & (leader_votes >= seen_after)))
 
 
 def leader_is_decided(votes: Tally, remaining: int) -> bool:
@@ -88,7 +130,10 @@ class SelfConsistency(Strategy):
             if not params.adaptive:
                 break
             votes = tally(answers)
-            settled = majority_settled_probability(votes)
+            if params.stop_rule == "beta":
+                settled = majority_settled_probability(votes)
+            else:
+                settled = leader_keeps_probability(votes, params.n, params.new_answer_weight)
             if settled >= params.stop_confidence:
                 await ctx.progress(f"majority settled after {len(candidates)} samples (P={settled:.3f})")
                 break

@@ -8,7 +8,7 @@ import pytest
 from proxy.fakebackend import FakeBackend, FakeReply
 
 from strategies.answers import tally
-from strategies.sc import leader_is_decided, majority_settled_probability
+from strategies.sc import leader_is_decided, leader_keeps_probability, majority_settled_probability
 
 from .conftest import fake_config
 from .helpers import ProxyServer, assert_openai_error, chat, sync_client, user
@@ -232,3 +232,43 @@ def test_adaptive_keeps_sampling_while_answers_disagree(proxy, fake):
     body = chat(proxy, {"model": "sc:n=10,adaptive=true,wave=3-fake-model", "messages": user(), "seed": 0}).json()
     assert body["ttc"]["details"]["samples"] == 10  # 4 + 3 + 3: never settled
     assert sorted(r.body["seed"] for r in fake.chat_requests()) == list(range(10))
+
+
+def test_predictive_rule_gives_ties_to_the_answer_seen_first():
+    # Votes a, b and one sample to come: b wins only if that sample is b (weight 1 of 1 + 1 + 1 new-answer
+    # weight); a new answer ties a at one vote and loses the tie, so a keeps the lead with probability 2/3.
+    assert leader_keeps_probability(tally("ab"), total=3, new_answer_weight=1.0) == pytest.approx(2 / 3, abs=0.03)
+    # With no new-answer weight to speak of, the next sample is a or b with equal odds.
+    assert leader_keeps_probability(tally("ab"), total=3, new_answer_weight=1e-9) == pytest.approx(0.5, abs=0.03)
+
+
+def test_predictive_rule_grows_with_agreement_and_is_reproducible():
+    scattered = leader_keeps_probability(tally("abc"), total=8, new_answer_weight=1.0)
+    split = leader_keeps_probability(tally("ab"), total=8, new_answer_weight=1.0)
+    leaning = leader_keeps_probability(tally("aab"), total=8, new_answer_weight=1.0)
+    agreed = leader_keeps_probability(tally("aa"), total=8, new_answer_weight=1.0)
+    assert scattered < split < leaning < agreed < 1
+    assert leader_keeps_probability(tally("aaaa"), total=8, new_answer_weight=1.0) > 0.99
+    assert leader_keeps_probability(tally("aab"), total=3, new_answer_weight=1.0) == 1.0  # nothing left to draw
+    assert leader_keeps_probability(tally("aab"), total=8, new_answer_weight=1.0) == leaning
+
+
+PREDICTIVE = "sc:n=8,adaptive=true,stop_rule=predictive,first_wave=2,wave=1,stop_confidence=0.9-fake-model"
+
+
+def test_predictive_rule_stops_after_two_agreeing_samples(proxy, fake):
+    fake.script = lambda body: FakeReply(texts=["It is 42."])
+    body = chat(proxy, {"model": PREDICTIVE, "messages": user(), "seed": 3}).json()
+    assert body["ttc"]["details"]["samples"] == 2
+    assert len(fake.chat_requests()) == 2
+    assert body["ttc"]["details"]["settled_probability"] >= 0.9
+
+
+def test_predictive_rule_samples_one_at_a_time_while_answers_disagree(proxy, fake):
+    # Seeds 0..7 say 0, 1, 2, 2, 2, 2, ...: after 0, 1, 2 the leader is unsettled; 2 then pulls ahead.
+    fake.script = lambda body: FakeReply(texts=[f"It is {min(int(body['seed']), 2)}."])
+    body = chat(proxy, {"model": PREDICTIVE, "messages": user(), "seed": 0}).json()
+    samples = body["ttc"]["details"]["samples"]
+    assert 4 <= samples < 8
+    assert body["ttc"]["details"]["answer"] == "2"
+    assert sorted(r.body["seed"] for r in fake.chat_requests()) == list(range(samples))
