@@ -42,7 +42,9 @@ class SelfConsistencyParams(StrategyParams):
         description="adaptive: 'beta' stops when P(leader is the true majority) reaches stop_confidence; "
                     "'predictive' when P(all n samples would elect the same winner) does",
     )
-    stop_confidence: float = Field(default=0.95, gt=0.5, lt=1, description="adaptive: stop when the rule's P reaches this")
+    stop_confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="adaptive: stop when the stop rule's probability reaches this"
+    )
     new_answer_weight: float = Field(
         default=1.0, gt=0, le=100, description="predictive: weight of a not-yet-seen answer in the Pólya urn"
     )

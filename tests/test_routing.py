@@ -125,6 +125,8 @@ def test_mistyped_param_is_400(client, fake):
     assert error.status_code == 400 and "n" in error.body["message"]
     error = sdk_error(client, "sc:n=0-fake-model")
     assert error.status_code == 400
+    error = sdk_error(client, "sc:adaptive=true,stop_rule=soon-fake-model")
+    assert error.status_code == 400 and "stop_rule" in error.body["message"] and "predictive" in error.body["message"]
     assert fake.requests == []
 
 
