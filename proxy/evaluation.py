@@ -396,7 +396,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
 
     from .backends import new_client_session
     from .config import StrategySettings
-    from .pooled import PooledScorer, parse_strategy_string
+    from .pooled import Pool, PooledScorer, parse_strategy_string
 
     parsed = {m: parse_strategy_string(m) for m in models}
     plain = [m for m, p in parsed.items() if p is None]
@@ -410,13 +410,19 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
 
     async def one_task(index: int, task: Task, scorer: PooledScorer) -> None:
         seed = (settings.seed or 0) + index
-        pools: dict[str, Any] = {}
+        pools: dict[str, Pool | Exception] = {}  # a failed draw is every model string's error on this task
         for model, (strategy, params, base) in ((m, p) for m, p in parsed.items() if p is not None):
             started = time.perf_counter()
             try:
                 if base not in pools:
-                    pools[base] = await scorer.draw(base, task.messages, pool_size, seed)
-                outcome = await scorer.score(strategy, params, base, task.messages, pools[base], seed)
+                    try:
+                        pools[base] = await scorer.draw(base, task.messages, pool_size, seed)
+                    except Exception as exc:  # noqa: BLE001 - kept, so no later model string draws another pool
+                        pools[base] = exc
+                pool = pools[base]
+                if isinstance(pool, Exception):
+                    raise pool
+                outcome = await scorer.score(strategy, params, base, task.messages, pool, seed)
             except Exception as exc:  # noqa: BLE001 - a failed pool is that task's error, not the run's
                 record = Record(task.id, model, False, None, None, None, None,
                                 (time.perf_counter() - started) * 1000, error=f"{type(exc).__name__}: {exc}",
@@ -430,7 +436,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
             results[model][index] = record
             progress.advance(record)
         for label, k in oracles.items():
-            pool = next(iter(pools.values()), None)
+            pool = next((p for p in pools.values() if isinstance(p, Pool)), None)
             if pool is None:
                 continue
             sample = pool.candidates[:k]

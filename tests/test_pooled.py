@@ -70,3 +70,16 @@ def test_pool_too_small_for_a_strategy_is_that_tasks_error(proxy: ProxyServer, f
                    status=1)  # every request failed
     (record,) = [r for r in document["records"] if r["model"] == "sc:n=8-fake-model"]
     assert record["error"] and "pool holds 4 samples" in record["error"]
+
+
+def test_a_failed_pool_draw_is_every_model_strings_error_on_that_task(proxy: ProxyServer, fake: FakeBackend,
+                                                                     tmp_path: Path) -> None:
+    fake.script = lambda body: FakeReply(status=503, error="engine overloaded")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(TASKS[0]) + "\n")
+    models = ["sc:n=4-fake-model", "bon:n=4,select=vote-fake-model"]
+    document = run(tasks, tmp_path / "out", proxy, "--models", *models, "--pool", "4", status=1)
+    records = {r["model"]: r for r in document["records"]}
+    assert all(records[m]["error"] and not records[m]["correct"] for m in models)
+    assert records[models[0]]["error"] == records[models[1]]["error"]
+    assert len(fake.chat_requests()) == 4  # drawn once, not again for the second model string
