@@ -45,7 +45,8 @@ eval: install
 EVAL_SEED ?= 1
 PREDICTIVE := adaptive=true,stop_rule=predictive,first_wave=2,wave=1,stop_confidence
 EVAL_ADAPTIVE_MODELS := sc:n=8-smollm2 sc:n=8,adaptive=true-smollm2 sc:n=8,$(PREDICTIVE)=0.9-smollm2 \
-	sc:n=8,$(PREDICTIVE)=0.8-smollm2 sc:n=8,$(PREDICTIVE)=0.7-smollm2 sc:n=16-smollm2 sc:n=16,adaptive=true-smollm2 \
+	sc:n=8,$(PREDICTIVE)=0.8-smollm2 sc:n=8,$(PREDICTIVE)=0.7-smollm2 sc:n=8,$(PREDICTIVE)=0.65-smollm2 \
+	sc:n=8,$(PREDICTIVE)=0.6-smollm2 sc:n=16-smollm2 sc:n=16,adaptive=true-smollm2 \
 	sc:n=16,$(PREDICTIVE)=0.9-smollm2 sc:n=16,$(PREDICTIVE)=0.8-smollm2
 eval-adaptive: install
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed $(EVAL_SEED) --temperature 0 \
