@@ -89,8 +89,9 @@ def test_completions_pass_through(engine_proxy: ProxyServer) -> None:
 
 def test_self_consistency_async_sdk_counts_every_sample(engine_proxy: ProxyServer) -> None:
     async def ask() -> openai.types.chat.ChatCompletion:
-        client = openai.AsyncOpenAI(base_url=f"{engine_proxy.url}/v1", api_key="unused", max_retries=0)
-        return await client.chat.completions.create(model="sc:n=6-smollm2", messages=QUESTION, max_tokens=16)
+        # Closed inside the loop: a client left to the garbage collector closes its sockets on a dead loop.
+        async with openai.AsyncOpenAI(base_url=f"{engine_proxy.url}/v1", api_key="unused", max_retries=0) as client:
+            return await client.chat.completions.create(model="sc:n=6-smollm2", messages=QUESTION, max_tokens=16)
 
     response = asyncio.run(ask())
     body = response.model_dump(exclude_unset=True)
