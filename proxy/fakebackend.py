@@ -106,8 +106,21 @@ class FakeBackend:
         return self
 
     def stop_thread(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        """Close the listener, cancel open connections and close the loop, leaving no coroutine to the GC."""
+        if self._loop is None or self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        self._loop = None
+
+    async def _shutdown(self) -> None:
+        await self.stop()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def reset(self, script: Script | None = None) -> None:
         self.requests.clear()
