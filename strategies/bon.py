@@ -70,6 +70,9 @@ class BestOfNParams(StrategyParams):
                                             "(sliding), or logprob (exp of the mean sampled-token log-probability)")
     window: int = Field(default=16, ge=1, description="tokens per group/tail; a shorter trace is one group")
     top_k: int = Field(default=5, ge=2, le=20, description="top logprobs per token for token confidence")
+    count_truncated: bool = Field(
+        default=False, description="let replies cut off by max_tokens compete; by default they do only when no "
+                                   "candidate finished")
     fallback: Literal["auto", "vote", "confidence", "weighted", "first"] = Field(
         default="auto", description="breaks ties (and picks among verified candidates); auto: weighted when the "
                                     "backend has logprobs (vote for select=weighted), else vote")
@@ -306,7 +309,7 @@ class BestOfN(Strategy):
         spec = ConfidenceSpec(params.confidence, params.window, params.top_k)
         await ctx.progress(f"drawing {params.n} {source.description}; selecting by {_describe(params, fallback)}")
         candidates = await source.draw(ctx, params.n, min(params.min_success, params.n))
-        pool = Pool.of(candidates, spec if want_logprobs else None)
+        pool = Pool.of(candidates, spec if want_logprobs else None, count_truncated=params.count_truncated)
 
         selector, notes = params.select, []
         if selector in CONFIDENCE_SELECTORS and not pool.has_confidence:
@@ -328,10 +331,11 @@ class BestOfN(Strategy):
             details["confidence"] = {"variant": params.confidence, "window": params.window, "top_k": params.top_k}
         if notes:
             details["notes"] = notes
+        counted = set(pool.counted())
         per_candidate: list[dict[str, Any]] = [
             {"answer": answer, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
-             **({"confidence": conf} if conf is not None else {})}
-            for c, answer, conf in zip(candidates, pool.answers, pool.confidences)
+             "counted": i in counted, **({"confidence": conf} if conf is not None else {})}
+            for i, (c, answer, conf) in enumerate(zip(candidates, pool.answers, pool.confidences))
         ]
 
         if selector == "verifier":
@@ -386,7 +390,7 @@ class BestOfN(Strategy):
     @staticmethod
     async def _candidate_lines(ctx: StrategyContext, pool: Pool, per_candidate: list[dict[str, Any]]) -> None:
         for i, entry in enumerate(per_candidate, start=1):
-            facts = []
+            facts = [] if entry["counted"] else ["cut off by max_tokens: not counted"]
             if "confidence" in entry:
                 facts.append(f"confidence {_fmt(entry['confidence'])}")
             if "passed" in entry:
@@ -463,8 +467,9 @@ def _describe(params: BestOfNParams, fallback: str) -> str:
 
 
 def _winner_line(selection: Selection, pool: Pool, selector: str, details: dict[str, Any]) -> str:
-    answer, total = selection.answer, len(pool)
-    votes = sum(1 for a in pool.answers if a == answer)
+    counted = pool.counted()
+    answer, total = selection.answer, len(counted)
+    votes = sum(1 for i in counted if pool.answers[i] == answer)
     if selector == "vote":
         return f"winner: {answer}, {votes:g} of {total} votes"
     if selector == "confidence":

@@ -38,6 +38,9 @@ class DeepConfParams(StrategyParams):
     top_k: int = Field(default=5, ge=2, le=20, description="top logprobs per token for token confidence")
     temperature: float | None = Field(
         default=None, gt=0, le=2, description="sampling temperature when the request has none above 0 (default 0.8)")
+    count_truncated: bool = Field(
+        default=False, description="let traces cut off by max_tokens vote; by default they do only when no trace "
+                                   "finished")
 
     @model_validator(mode="after")
     def _warmup_below_n(self) -> "DeepConfParams":
@@ -98,7 +101,7 @@ class DeepConf(Strategy):
             if not isinstance(failure, Exception):
                 raise failure
         traces += [r for r in results if isinstance(r, Trace)]
-        return await self._vote(ctx, traces, threshold, temperature, len(failures))
+        return await self._vote(ctx, traces, threshold, temperature, len(failures), params.count_truncated)
 
     @staticmethod
     def _complete(text: str, finish_reason: str, tokens: int, logprobs: object, params: DeepConfParams) -> Trace:
@@ -135,8 +138,10 @@ class DeepConf(Strategy):
 
     @staticmethod
     async def _vote(ctx: StrategyContext, traces: list[Trace], threshold: float, temperature: float,
-                    failed: int) -> StrategyResult:
-        finished = [t for t in traces if t.pruned_at is None and t.confidence is not None]
+                    failed: int, count_truncated: bool) -> StrategyResult:
+        complete = [t for t in traces if t.pruned_at is None and t.confidence is not None]
+        # A trace cut off by max_tokens may not have reached its answer: it votes only when no trace finished.
+        finished = [t for t in complete if count_truncated or t.finish_reason != "length"] or complete
         # A trace shorter than the window is judged whole, at the end, by the same threshold.
         survivors = [t for t in finished if t.confidence >= threshold] or finished  # type: ignore[operator]
         if not survivors:

@@ -52,6 +52,11 @@ class Candidate:
     seed: int | None = None
     label: str = "sample"
 
+    @property
+    def truncated(self) -> bool:
+        """Cut off by max_tokens: the reply may not have reached its answer."""
+        return self.finish_reason == "length"
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -45,6 +45,9 @@ class SelfConsistencyParams(StrategyParams):
     stop_confidence: float = Field(
         default=0.95, gt=0.5, lt=1, description="adaptive: stop when the stop rule's probability reaches this"
     )
+    count_truncated: bool = Field(
+        default=False, description="let replies cut off by max_tokens vote; by default they do only when no "
+                                   "sample finished")
     new_answer_weight: float = Field(
         default=1.0, gt=0, le=100, description="predictive: weight of a not-yet-seen answer in the Pólya urn"
     )
@@ -117,6 +120,7 @@ class SelfConsistency(Strategy):
         await ctx.progress(f"{mode} {params.n} samples at temperature {temperature:g}")
         candidates: list[Candidate] = []
         answers: list[str] = []
+        voting: list[bool] = []  # False: cut off by max_tokens, so its "answer" is unfinished
         settled = 0.0
         wave = params.n if not params.adaptive else min(params.first_wave, params.n)
         while len(candidates) < params.n:
@@ -128,14 +132,22 @@ class SelfConsistency(Strategy):
             for candidate in drawn:
                 candidates.append(candidate)
                 answers.append(extract_answer(candidate.text))
-                await ctx.progress(f"sample {len(candidates)}/{params.n} → {answers[-1]}")
+                voting.append(params.count_truncated or not candidate.truncated)
+                cut_off = "" if voting[-1] else " (cut off by max_tokens: no vote)"
+                await ctx.progress(f"sample {len(candidates)}/{params.n} → {answers[-1]}{cut_off}")
             if not params.adaptive:
                 break
-            votes = tally(answers)
+            votes = tally(a for a, v in zip(answers, voting) if v)
+            if votes.total < 2 or votes.ranked()[0][1] < 2:
+                # One vote agrees with nothing: keep drawing (no rule may stop on it).
+                wave = min(params.wave, params.n - len(candidates))
+                continue
             if params.stop_rule == "beta":
                 settled = majority_settled_probability(votes)
             else:
-                settled = leader_keeps_probability(votes, params.n, params.new_answer_weight)
+                # The samples still to come vote unless cut off; assume they all vote (the cautious case).
+                voters = params.n - voting.count(False)
+                settled = leader_keeps_probability(votes, voters, params.new_answer_weight)
             if settled >= params.stop_confidence:
                 await ctx.progress(f"majority settled after {len(candidates)} samples (P={settled:.3f})")
                 break
@@ -145,15 +157,17 @@ class SelfConsistency(Strategy):
             wave = min(params.wave, params.n - len(candidates))
         if len(candidates) < params.min_success:
             raise StrategyError(f"only {len(candidates)} samples succeeded; at least {params.min_success} needed")
-        votes = tally(answers)
+        counted = [i for i, v in enumerate(voting) if v] or list(range(len(candidates)))
+        votes = tally(answers[i] for i in counted)
         leader, leader_votes = votes.ranked()[0]
-        winner = candidates[answers.index(leader)]
-        await ctx.progress(f"winner: {leader}, {leader_votes:g} of {len(candidates)} votes")
+        winner = candidates[next(i for i in counted if answers[i] == leader)]
+        await ctx.progress(f"winner: {leader}, {leader_votes:g} of {len(counted)} votes")
         details = {
             "temperature": temperature,
             "samples": len(candidates),
             "answer": leader,
             "votes": dict(votes.ranked()),
+            "not_counted": len(candidates) - len(counted),
         }
         if params.adaptive:
             details["settled_probability"] = round(settled, 4)

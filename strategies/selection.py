@@ -103,23 +103,33 @@ class ConfidenceSpec:
 
 @dataclass(frozen=True)
 class Pool:
-    """What selection needs of the candidates: each one's extracted answer and confidence (None: unknown)."""
+    """What selection needs of the candidates: each one's extracted answer and confidence (None: unknown), and
+    whether it finished.
+
+    A reply cut off by max_tokens has no final answer yet: the last number of an unfinished sentence is most often
+    an operand still being worked on. So unfinished candidates take part only when no candidate finished.
+    """
 
     answers: tuple[str, ...]
     confidences: tuple[float | None, ...] = ()
+    finished: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.confidences:
             object.__setattr__(self, "confidences", (None,) * len(self.answers))
-        if len(self.confidences) != len(self.answers):
-            raise ValueError("a pool needs one confidence (or None) per answer")
+        if not self.finished:
+            object.__setattr__(self, "finished", (True,) * len(self.answers))
+        if len(self.confidences) != len(self.answers) or len(self.finished) != len(self.answers):
+            raise ValueError("a pool needs one confidence (or None) and one finished flag per answer")
 
     @classmethod
     def of(cls, candidates: Sequence[Candidate], spec: ConfidenceSpec | None = ConfidenceSpec(),
-           extract: Callable[[str], str] = extract_answer) -> "Pool":
+           extract: Callable[[str], str] = extract_answer, count_truncated: bool = False) -> "Pool":
+        """`count_truncated`: treat replies cut off by max_tokens like finished ones."""
         return cls(
             tuple(extract(c.text) for c in candidates),
             tuple(spec.score(c.logprobs) if spec is not None else None for c in candidates),
+            tuple(count_truncated or not c.truncated for c in candidates),
         )
 
     def __len__(self) -> int:
@@ -128,6 +138,10 @@ class Pool:
     @property
     def has_confidence(self) -> bool:
         return any(c is not None for c in self.confidences)
+
+    def counted(self, among: Sequence[int] | None = None) -> list[int]:
+        """The candidates that take part: the finished ones among `among`, or all of them when none finished."""
+        return _indices(self, among)
 
     def distinct_answers(self, among: Sequence[int] | None = None) -> list[str]:
         """Distinct answers in order of first appearance."""
@@ -148,7 +162,7 @@ def _indices(pool: Pool, among: Sequence[int] | None) -> list[int]:
     indices = list(range(len(pool))) if among is None else list(among)
     if not indices:
         raise ValueError("cannot select from no candidates")
-    return indices
+    return [i for i in indices if pool.finished[i]] or indices
 
 
 def _close(a: float, b: float) -> bool:
@@ -246,6 +260,7 @@ def select_verified(pool: Pool, passed: Sequence[bool], fallback: str) -> tuple[
     if not kept:
         fallback = _usable(pool, fallback, range(len(pool)))
         return replace(select(pool, fallback), selector="verifier", broken_by=fallback), True
+    kept = _indices(pool, kept)
     counts: dict[str, float] = {}
     for i in kept:
         counts[pool.answers[i]] = counts.get(pool.answers[i], 0.0) + 1.0

@@ -80,6 +80,20 @@ def test_pool_of_candidates_and_rescoring_offline():
     assert Pool.of(cands, None).confidences == (None, None)
 
 
+def test_candidates_cut_off_by_max_tokens_compete_only_when_none_finished():
+    # Two replies were cut off while still quoting an operand (12); the one finished reply says 5.
+    pool = Pool(("12", "12", "5"), (9.0, 9.0, 1.0), (False, False, True))
+    assert pool.counted() == [2]
+    for selector in ("vote", "confidence", "weighted"):
+        assert select(pool, selector).answer == "5"
+    assert select_verified(pool, [True, True, True], "vote")[0].answer == "5"
+    assert select(Pool(("12", "12", "5"), (9.0, 9.0, 1.0), (False, False, False)), "vote").answer == "12"
+    cut = Candidate("So 12 + 12", "length", {"role": "assistant", "content": "So 12 + 12"}, 5)
+    done = candidate("It is 5.")
+    assert Pool.of([cut, done], None).finished == (False, True)
+    assert Pool.of([cut, done], None, count_truncated=True).finished == (True, True)
+
+
 def test_vote_majority_and_tie_breaks():
     pool = Pool(("1", "2", "2", "3"), (9.0, 1.0, 1.0, 8.0))
     chosen = select(pool, "vote")
@@ -335,6 +349,25 @@ def test_weighted_vote(client, fake):
     voted = client.chat.completions.create(model="bon:n=5,select=vote-fake-model", messages=user(), seed=1)
     assert voted.choices[0].message.content == "It is 7."
     assert voted.ttc["details"]["scores"] == {"7": 3, "12": 2}
+
+
+def test_candidates_cut_off_by_max_tokens_do_not_compete(client, fake):
+    # Seeds 1 and 2 are confident but cut off mid-sum (their last number is an operand); seed 3 finished.
+    def script(body: dict) -> FakeReply:
+        finished = body["seed"] == 3
+        return FakeReply(texts=["It is 5." if finished else "So 12 + 12"], finish_reason="stop" if finished else "length",
+                         logprobs_fn=lambda c, i, t: alternatives(t, 1.0 if finished else HIGH))
+
+    fake.script = script
+    completion = client.chat.completions.create(model="bon:n=3-fake-model", messages=user(), seed=1, max_tokens=4)
+    details = completion.ttc["details"]
+    assert details["answer"] == "5" and completion.choices[0].message.content == "It is 5."
+    assert [c["counted"] for c in details["candidates"]] == [False, False, True]
+    reasoning = completion.choices[0].message.model_extra["reasoning_content"]
+    assert "sample 1/3 → 12 (cut off by max_tokens: not counted" in reasoning
+    counted_all = client.chat.completions.create(model="bon:n=3,count_truncated=true-fake-model", messages=user(),
+                                                 seed=1, max_tokens=4)
+    assert counted_all.ttc["details"]["answer"] == "12"
 
 
 def test_prefix_params_vote(client, fake):

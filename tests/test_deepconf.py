@@ -65,6 +65,20 @@ def test_progress_reports_threshold_and_pruning(client: openai.OpenAI, fake: Fak
     assert "threshold" in reasoning and "stopped after 3 tokens" in reasoning and "winner: 7" in reasoning
 
 
+def test_traces_cut_off_by_max_tokens_do_not_vote(client: openai.OpenAI, fake: FakeBackend) -> None:
+    # Seeds 103..107 are confident but cut off mid-sum; 100..102 finished with 7. Counted, 12 would outweigh 7.
+    def script(body: dict[str, Any]) -> FakeReply:
+        cut = int(body["seed"]) >= 103
+        return FakeReply(texts=["So 12 + 12" if cut else "It is 7"], finish_reason="length" if cut else "stop",
+                         logprobs_fn=lambda c, i, t: [(t if a is None else a, lp) for a, lp in CONFIDENT])
+
+    fake.script = script
+    details = ask(client, "deepconf:n=8,warmup=4,window=3-fake-model")["ttc"]["details"]
+    assert details["answer"] == "7" and details["survivors"] == 3 and details["pruned"] == 0
+    assert ask(client, "deepconf:n=8,warmup=4,window=3,count_truncated=true-fake-model")["ttc"]["details"][
+        "answer"] == "12"
+
+
 def test_warmup_must_leave_room_for_online_traces(client: openai.OpenAI, fake: FakeBackend) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         ask(client, "deepconf:n=4,warmup=4-fake-model")

@@ -272,3 +272,46 @@ def test_predictive_rule_samples_one_at_a_time_while_answers_disagree(proxy, fak
     assert 4 <= samples < 8
     assert body["ttc"]["details"]["answer"] == "2"
     assert sorted(r.body["seed"] for r in fake.chat_requests()) == list(range(samples))
+
+
+def cut_off_unless(finished: set[int], finished_text: str = "It is 5.") -> object:
+    """Seeds in `finished` say `finished_text`; the others are cut off by max_tokens mid-sum, last number 12."""
+    def script(body: dict) -> FakeReply:
+        done = int(body["seed"]) in finished
+        return FakeReply(texts=[finished_text if done else "So 12 + 12"], finish_reason="stop" if done else "length")
+    return script
+
+
+def test_samples_cut_off_by_max_tokens_do_not_vote(client, fake):
+    # Four samples are cut off (their "answer" is an operand, 12); the two that finished say 5.
+    fake.script = cut_off_unless({102, 105})
+    completion = client.chat.completions.create(model="sc:n=6-fake-model", messages=user(), seed=100)
+    details = completion.ttc["details"]
+    assert details["answer"] == "5" and completion.choices[0].message.content == "It is 5."
+    assert details["votes"] == {"5": 2} and details["not_counted"] == 4
+    assert "sample 1/6 → 12 (cut off by max_tokens: no vote)" in completion.choices[0].message.model_extra[
+        "reasoning_content"]
+    counted_all = client.chat.completions.create(model="sc:n=6,count_truncated=true-fake-model", messages=user(),
+                                                 seed=100)
+    assert counted_all.ttc["details"]["answer"] == "12" and counted_all.ttc["details"]["not_counted"] == 0
+
+
+def test_when_no_sample_finished_every_sample_votes(client, fake):
+    fake.script = cut_off_unless(set())
+    completion = client.chat.completions.create(model="sc:n=3-fake-model", messages=user(), seed=100)
+    assert completion.ttc["details"]["votes"] == {"12": 3}
+
+
+def test_adaptive_stop_waits_for_two_finished_votes(proxy, fake):
+    # Seed 0 is cut off; seeds 1 and 2 agree: one vote settles nothing, two do.
+    fake.script = cut_off_unless({1, 2, 3, 4, 5, 6, 7}, "It is 42.")
+    body = chat(proxy, {"model": PREDICTIVE, "messages": user(), "seed": 0}).json()
+    assert body["ttc"]["details"]["samples"] == 3 and body["ttc"]["details"]["answer"] == "42"
+
+
+def test_a_single_finished_vote_never_settles(proxy, fake):
+    # Only seed 0 finishes. Its lone vote would pass a 0.7 bar (it wins every tie), but agrees with nothing.
+    fake.script = cut_off_unless({0}, "It is 42.")
+    model = PREDICTIVE.replace("stop_confidence=0.9", "stop_confidence=0.7")
+    body = chat(proxy, {"model": model, "messages": user(), "seed": 0}).json()
+    assert body["ttc"]["details"]["samples"] == 8 and body["ttc"]["details"]["answer"] == "42"
