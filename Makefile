@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The eval's plot needs matplotlib (the `plot` extra); only the eval targets install it.
+$(VENV)/.plot: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[engine,test,plot]'
+	touch $@
+
 run: install
 	$(VENV)/bin/ttc-proxy serve
 
@@ -40,14 +45,14 @@ EVAL_MODELS := smollm2 sc:n=8-smollm2 $(ADAPTIVE_N8) bon:n=8,select=vote-smollm2
 	sc:n=16,$(PREDICTIVE)=0.8-smollm2 bon:n=16,select=confidence-smollm2 \
 	bon:n=16,select=confidence,confidence=logprob-smollm2 bon:n=16,select=weighted-smollm2 \
 	'bon:n=16,select=verifier,regex=^\s*\d+\s*$$-smollm2' deepconf:n=16,warmup=4-smollm2
-eval: install
+eval: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out eval-results/arith-dev --models $(EVAL_MODELS)
 
 # Adaptive sc at n=8 against fixed sc on another pool: EVAL_SEED=1001, 2001, ... give independent pools of 8
 # samples per task (~8 min each here); seed 1's first 8 samples per task are `make eval`'s.
 EVAL_SEED ?= 1001
-eval-adaptive: install
+eval-adaptive: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 8 --seed $(EVAL_SEED) --temperature 0 \
 		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-adaptive-seed$(EVAL_SEED) \
 		--models sc:n=8-smollm2 $(ADAPTIVE_N8)

@@ -736,12 +736,17 @@ def write_plot(path: Path, summaries: Sequence[Summary], title: str) -> bool:
     except ImportError:
         return False
     points = [s for s in summaries if s.mean_total_tokens is not None and not math.isnan(s.accuracy.estimate)]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for s in points:
+    figure, axes = plt.subplots(figsize=(11, 5.5))
+    colours = plt.get_cmap("tab20").colors
+    # Model strings are long and points crowd: each point carries a number, the legend beside the plot its name.
+    for number, s in enumerate(points, start=1):
         y = s.accuracy.estimate * 100
         error = [[y - s.accuracy.low * 100], [s.accuracy.high * 100 - y]]
-        axes.errorbar([s.mean_total_tokens], [y], yerr=error, fmt="o", capsize=4, label=s.model)
-        axes.annotate(s.model, (s.mean_total_tokens, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axes.errorbar([s.mean_total_tokens], [y], yerr=error, fmt="o", capsize=3, alpha=0.8,
+                      color=colours[(number - 1) % len(colours)], label=f"{number}. {s.model}")
+        axes.annotate(str(number), (s.mean_total_tokens, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if points:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     tokens = [s.mean_total_tokens for s in points if s.mean_total_tokens]
     if tokens and max(tokens) / min(tokens) >= 10:
         axes.set_xscale("log")
@@ -751,8 +756,7 @@ def write_plot(path: Path, summaries: Sequence[Summary], title: str) -> bool:
     axes.margins(x=0.2)
     axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return True
 
