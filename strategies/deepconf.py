@@ -23,6 +23,7 @@ from .framework import (
     StrategyError,
     StrategyParams,
     StrategyResult,
+    is_truncated,
 )
 from .selection import token_confidence, trace_confidence
 
@@ -141,7 +142,7 @@ class DeepConf(Strategy):
                     failed: int, count_truncated: bool) -> StrategyResult:
         complete = [t for t in traces if t.pruned_at is None and t.confidence is not None]
         # A trace cut off by max_tokens may not have reached its answer: it votes only when no trace finished.
-        finished = [t for t in complete if count_truncated or t.finish_reason != "length"] or complete
+        finished = [t for t in complete if count_truncated or not is_truncated(t.finish_reason)] or complete
         # A trace shorter than the window is judged whole, at the end, by the same threshold.
         survivors = [t for t in finished if t.confidence >= threshold] or finished  # type: ignore[operator]
         if not survivors:

@@ -40,6 +40,11 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...] = ()
 
 
+def is_truncated(finish_reason: str | None) -> bool:
+    """Cut off by max_tokens: the reply may not have reached its answer."""
+    return finish_reason == "length"
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One full choice from the backend: message, finish reason and (when asked) token logprobs."""
@@ -54,8 +59,7 @@ class Candidate:
 
     @property
     def truncated(self) -> bool:
-        """Cut off by max_tokens: the reply may not have reached its answer."""
-        return self.finish_reason == "length"
+        return is_truncated(self.finish_reason)
 
 
 @dataclass(frozen=True)

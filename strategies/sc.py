@@ -24,6 +24,7 @@ from .framework import (
     StrategyParams,
     StrategyResult,
 )
+from .selection import Pool
 
 
 class SelfConsistencyParams(StrategyParams):
@@ -157,7 +158,7 @@ class SelfConsistency(Strategy):
             wave = min(params.wave, params.n - len(candidates))
         if len(candidates) < params.min_success:
             raise StrategyError(f"only {len(candidates)} samples succeeded; at least {params.min_success} needed")
-        counted = [i for i, v in enumerate(voting) if v] or list(range(len(candidates)))
+        counted = Pool(tuple(answers), finished=tuple(voting)).counted()
         votes = tally(answers[i] for i in counted)
         leader, leader_votes = votes.ranked()[0]
         winner = candidates[next(i for i in counted if answers[i] == leader)]
