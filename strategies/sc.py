@@ -136,7 +136,7 @@ class SelfConsistency(Strategy):
                 voting.append(params.count_truncated or not candidate.truncated)
                 cut_off = "" if voting[-1] else " (cut off by max_tokens: no vote)"
                 await ctx.progress(f"sample {len(candidates)}/{params.n} → {answers[-1]}{cut_off}")
-            if not params.adaptive:
+            if not params.adaptive or len(candidates) >= params.n:
                 break
             votes = tally(a for a, v in zip(answers, voting) if v)
             if votes.total < 2 or votes.ranked()[0][1] < 2:
