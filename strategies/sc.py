@@ -162,6 +162,7 @@ class SelfConsistency(Strategy):
         votes = tally(answers[i] for i in counted)
         leader, leader_votes = votes.ranked()[0]
         winner = candidates[next(i for i in counted if answers[i] == leader)]
+        counted_set = set(counted)
         await ctx.progress(f"winner: {leader}, {leader_votes:g} of {len(counted)} votes")
         details = {
             "temperature": temperature,
@@ -169,6 +170,11 @@ class SelfConsistency(Strategy):
             "answer": leader,
             "votes": dict(votes.ranked()),
             "not_counted": len(candidates) - len(counted),
+            "candidates": [
+                {"answer": answer, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+                 "counted": i in counted_set}
+                for i, (c, answer) in enumerate(zip(candidates, answers))
+            ],
         }
         if params.adaptive:
             details["settled_probability"] = round(settled, 4)

@@ -289,6 +289,9 @@ def test_samples_cut_off_by_max_tokens_do_not_vote(client, fake):
     details = completion.ttc["details"]
     assert details["answer"] == "5" and completion.choices[0].message.content == "It is 5."
     assert details["votes"] == {"5": 2} and details["not_counted"] == 4
+    assert [(c["answer"], c["finish_reason"], c["counted"]) for c in details["candidates"]] == [
+        ("12", "length", False), ("12", "length", False), ("5", "stop", True),
+        ("12", "length", False), ("12", "length", False), ("5", "stop", True)]
     assert "sample 1/6 → 12 (cut off by max_tokens: no vote)" in completion.choices[0].message.model_extra[
         "reasoning_content"]
     counted_all = client.chat.completions.create(model="sc:n=6,count_truncated=true-fake-model", messages=user(),
