@@ -139,7 +139,7 @@ class SelfConsistency(Strategy):
             if not params.adaptive or len(candidates) >= params.n:
                 break
             votes = tally(a for a, v in zip(answers, voting) if v)
-            if votes.total < 2 or votes.ranked()[0][1] < 2:
+            if not votes.counts or votes.ranked()[0][1] < 2:
                 # One vote agrees with nothing: keep drawing (no rule may stop on it).
                 wave = min(params.wave, params.n - len(candidates))
                 continue
