@@ -15,13 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from strategies import BUILTIN_STRATEGIES
 from strategies.framework import Strategy
 
 from .backends import Backend, BackendResponse, new_client_session
+from .backends.engine import LocalEngine
 from .config import ProxyConfig
-from .context import check_budget, check_params
-from .engine import LocalEngine
 from .errors import (
     ClientDisconnected,
     InvalidRequest,
@@ -30,8 +28,11 @@ from .errors import (
     Unauthorized,
 )
 from .protocol import ChatCompletionRequest, CompletionRequest, validate_request
+from .registry import load_registry
 from .routing import Route, resolve_route
-from .runs import StrategyRequest, StrategyRun, check_capabilities, check_strategy_request
+from .runs.run import StrategyRequest, StrategyRun, check_strategy_request
+from .runs.validation import check_budget, check_capabilities, check_spec
+from .runs.verifier import VerifierClient
 from .streaming import EventStreamResponse, until_disconnect
 from .traces import TraceStore
 
@@ -47,6 +48,7 @@ class ProxyState:
     traces: TraceStore
     backends: dict[str, Backend] = field(default_factory=dict)
     api_keys: frozenset[str] = frozenset()
+    verifiers: VerifierClient | None = None
 
     def backend_for(self, route: Route) -> Backend:
         if route.backend_name is not None:
@@ -122,13 +124,17 @@ async def _relay_events(response: BackendResponse, client_model: str | None) -> 
         yield buffer
 
 
-def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] = BUILTIN_STRATEGIES) -> FastAPI:
+def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None = None) -> FastAPI:
+    """The proxy as an ASGI app. `registry`: the strategies it serves (default: built-ins and installed plugins)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ProxyState(config, registry, TraceStore(config.server.trace_store_size),
+        strategies = registry if registry is not None else load_registry()[0]
+        state = ProxyState(config, strategies, TraceStore(config.server.trace_store_size),
                            api_keys=config.server.accepted_keys())
         engines: list[LocalEngine] = []
         async with new_client_session(limit=1024) as client:
+            state.verifiers = VerifierClient(config.verifiers, client)
             try:
                 for backend_config in config.backends:
                     base_url = backend_config.base_url
@@ -237,17 +243,21 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         parsed = validate_request(schema, body)
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
         backend = state.backend_for(route)
-        if route.strategy is None:
+        if route.spec is None:
             return await _pass_through(request, state, backend, path, body, route, request_id)
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
-        strategy = route.strategy.strategy
+        checked = check_spec(route.spec, state.registry, state.config.strategies)
+        strategy, params = checked[0]
         check_strategy_request(strategy, parsed, body)
+        for level, level_params in checked:
+            check_capabilities(level, backend, level_params)
         job = StrategyRequest(
+            spec=route.spec,
             strategy=strategy,
-            params=check_params(strategy, route.strategy.params, state.config.strategies),
-            budget=check_budget(route.strategy.budget, state.config.strategies.budget),
+            params=params,
+            budget=check_budget(route.budget, state.config.strategies.budget),
             request=parsed,
             raw_body=body,
             client_model=parsed.model,
@@ -255,10 +265,9 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             backend_model=route.model,
             request_id=request_id,
         )
-        check_capabilities(strategy, backend, job.params)
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
-                          backend_for=lambda model: state.backend_for(Route(None, model, None)),
-                          verifiers=state.config.verifiers)
+                          backend_for=lambda model: state.backend_for(Route(None, model)),
+                          verifiers=state.verifiers)
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

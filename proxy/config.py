@@ -25,6 +25,31 @@ class CapabilityOverrides(StrictModel):
     prefill: bool | None = None
     completions: bool | None = None
     usage_counts_one_choice: bool | None = None
+    tokenize: bool | None = None
+    render: bool | None = None
+    token_ids: bool | None = None
+    logit_bias: bool | None = None
+    # Engine fields (beyond the OpenAI standard) a strategy call may carry; unset: whatever the kind's preset says.
+    engine_fields: list[str] | None = None
+
+
+class ChatTemplate(StrictModel):
+    """How to render a conversation as a raw prompt where the engine cannot (no /apply-template): each message
+    is `message` formatted with {role} and {content}, after `bos`, followed by `generation_prompt`."""
+
+    bos: str = ""
+    message: str = Field(min_length=1)
+    generation_prompt: str = ""
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        def text(content: Any) -> str:
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content if isinstance(content, str) else ""
+
+        body = "".join(self.message.format(role=m.get("role", ""), content=text(m.get("content")))
+                       for m in messages)
+        return self.bos + body + (self.generation_prompt if add_generation_prompt else "")
 
 
 class Timeouts(StrictModel):
@@ -58,6 +83,7 @@ class BackendConfig(StrictModel):
     max_in_flight: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=1024, ge=0)
     embedded: EmbeddedEngine | None = None
+    chat_template: ChatTemplate | None = None  # for raw prompts, when the engine cannot render its own
 
     @model_validator(mode="after")
     def _needs_an_address(self) -> "BackendConfig":
@@ -91,6 +117,7 @@ class Alias(StrictModel):
     model: str
     strategy: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    over: dict[str, Any] | None = None  # the strategy it runs over: {strategy, params, over}, as in `ttc`
     backend: str | None = None
 
 
@@ -145,6 +172,22 @@ def load_config(path: str | Path) -> ProxyConfig:
         return ProxyConfig.model_validate(raw)
     except (OSError, yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def resolve_config(config_path: str | None, backend_url: str | None) -> ProxyConfig:
+    """--config FILE, else ./config.yaml if present; --backend URL replaces the backends with that one engine.
+    With neither: the embedded local engine."""
+    path = Path(config_path) if config_path else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is None and backend_url is None:
+        return ProxyConfig(backends=[BackendConfig(name="local", kind="llama_cpp", embedded=EmbeddedEngine())])
+    base = load_config(path) if path is not None else None
+    if backend_url is not None:
+        return config_for_backend_url(backend_url, base)
+    assert base is not None
+    return base
 
 
 def config_for_backend_url(url: str, base: ProxyConfig | None = None) -> ProxyConfig:

@@ -1,4 +1,5 @@
-"""Request models mirroring the OpenAI spec. Unknown fields are kept (engines have many vendor extras)."""
+"""Request and response models mirroring the OpenAI spec. Unknown request fields are kept (engines have many vendor
+extras); responses the proxy makes itself carry the `ttc` object as a vendor extra."""
 
 from __future__ import annotations
 
@@ -52,6 +53,80 @@ class CompletionRequest(OpenAIModel):
     n: int | None = Field(default=None, ge=1, le=128)
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+# ---------------------------------------------------------------- responses the proxy makes (strategy runs)
+
+
+class TopLogprob(OpenAIModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionTokensDetails(OpenAIModel):
+    reasoning_tokens: int = 0
+
+
+class UsageInfo(OpenAIModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+
+class ResponseMessage(OpenAIModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+    reasoning_content: str | None = None  # the strategy's progress, as llama-server and vLLM name thinking
+
+
+class Choice(OpenAIModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageInfo
+
+
+class Delta(OpenAIModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChunkChoice(OpenAIModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(OpenAIModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
 
 
 def validate_request(model: type[OpenAIModel], payload: Any) -> Any:

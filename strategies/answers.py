@@ -1,67 +1,96 @@
-"""Extracting a comparable final answer from a free-text reply, and voting over answers."""
+"""Reading a final answer out of a free-text reply: numbers, \\boxed{}, "the answer is", normalised text.
+
+One module for both uses: strategies vote and select on `extract_answer`, and the eval grades replies with
+`last_number`, `numbers_equal`, `boxed_content` and `normalise_text`, so a reply is read the same way by both.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
+# A number as people write it: thousands separators only in groups of three ("1,000"; "1,2,3" is three numbers),
+# an ASCII or Unicode minus glued to the digits, decimals, simple fractions ("3/4").
+NUMBER = re.compile(r"(?<![\d.])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d])|(?<![\d])[-−]?\.\d+")
 _BOXED = re.compile(r"\\boxed\s*\{")
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
-def _boxed_contents(text: str) -> str | None:
-    """The contents of the last \\boxed{...}, with nested braces balanced."""
-    matches = list(_BOXED.finditer(text))
-    if not matches:
+def parse_number(text: str) -> Fraction | None:
+    """'1,000' -> 1000, '56.0' -> 56, '−3' -> -3, '3/4' -> 3/4; None unless the whole (stripped) text is a
+    finite number."""
+    cleaned = text.strip().replace(",", "").replace("−", "-")
+    if not cleaned or not re.fullmatch(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?", cleaned):
         return None
-    start = matches[-1].end()
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-    return None
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def normalise_number(token: str) -> str:
-    """'1,000' -> '1000', '3.50' -> '3.5', '-0' -> '0', '6/3' kept as a fraction string."""
-    token = token.replace(",", "").strip()
-    if "/" in token:
-        return token
-    try:
-        value = float(token)
-    except ValueError:
-        return token
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+    """A number's canonical text: '1,000' -> '1000', '3.50' -> '3.5', '-0' -> '0', '6/3' -> '2', '1/2' -> '0.5',
+    '1/3' -> '1/3'. Text that is not a number comes back stripped."""
+    value = parse_number(token)
+    if value is None:
+        return token.strip()
+    if value.denominator == 1:
+        return str(value.numerator)
+    denominator = value.denominator
+    for factor in (2, 5):
+        while denominator % factor == 0:
+            denominator //= factor
+    if denominator != 1:  # not a finite decimal
+        return f"{value.numerator}/{value.denominator}"
+    digits = 0
+    while (value * 10**digits).denominator != 1:
+        digits += 1
+    return f"{float(value):.{digits}f}"
 
 
-def normalise_text(text: str) -> str:
-    text = text.strip().lower()
-    text = re.sub(r"[\s]+", " ", text)
-    return text.strip(" .!,;:\"'`*$")
+def numbers_equal(a: str, b: str) -> bool:
+    x, y = parse_number(a), parse_number(b)
+    return x is not None and y is not None and x == y
 
 
 def last_number(text: str) -> str | None:
-    numbers = _NUMBER.findall(text)
-    return normalise_number(numbers[-1]) if numbers else None
+    """The last number written in `text`, as written (thousands separators, minus signs kept)."""
+    found = NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def boxed_content(text: str) -> str | None:
+    """The content of the last complete \\boxed{...}, nested braces balanced (a truncated last box is skipped)."""
+    for match in reversed(list(_BOXED.finditer(text))):
+        depth = 1
+        for i in range(match.end(), len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[match.end():i]
+    return None
+
+
+def normalise_text(text: str) -> str:
+    """Lowercase, runs of whitespace collapsed, surrounding punctuation and markup dropped."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.strip(" .!?,;:\"'`*$。")
 
 
 def extract_answer(text: str) -> str:
-    """\\boxed{}, then '####', then 'the answer is', then the last number, else the normalised text."""
-    for found in (_boxed_contents(text), _last_group(_HASHES, text), _last_group(_ANSWER_IS, text)):
+    """\\boxed{}, then '####', then 'the answer is', then the last number, else the normalised text; a number is
+    given in canonical form (see normalise_number), so '1,000', '1000.0' and '1000' vote together."""
+    for found in (boxed_content(text), _last_group(_HASHES, text), _last_group(_ANSWER_IS, text)):
         if found is not None and found.strip():
             number = last_number(found)
-            return number if number is not None else normalise_text(found)
+            return normalise_number(number) if number is not None else normalise_text(found)
     number = last_number(text)
-    return number if number is not None else normalise_text(text)
+    return normalise_number(number) if number is not None else normalise_text(text)
 
 
 def _last_group(pattern: re.Pattern[str], text: str) -> str | None:

@@ -7,53 +7,43 @@ Selectors (the picking itself is in strategies.selection, pure and usable offlin
   judge       the model itself verifies each distinct answer (pointwise: P(yes); pairwise: a knockout)
   verifier    a user check (regex and/or JSON schema); the fallback picks among the candidates that pass
 
-Candidates come from `CandidateSource`s: plain samples (ctx.generate, n in one go), or `generator=<slug>`, which runs
-another registered strategy n times concurrently and takes each run's answer as a candidate.
+Candidates are plain samples (n in one go), or, composed over another strategy (`bon:n=4>cot`), the answers of n
+concurrent runs of it (framework.draw). Scores come from strategies.scoring.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .checks import check_all, check_schema
+from .formats import check_all, check_schema
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     Candidate,
-    FinalChoice,
     Strategy,
     StrategyContext,
     StrategyParams,
     StrategyResult,
-    TokenLogprob,
+    draw,
+    gather_all,
 )
+from .scoring import ConfidenceSpec, Judge
 from .selection import (
     CONFIDENCE_SELECTORS,
-    ConfidenceSpec,
     Pool,
     Selection,
     answer_scores,
-    judge_probability,
     representative,
     select,
     select_by_answer_scores,
     select_verified,
     tournament,
 )
-
-JUDGE_TOP_LOGPROBS = 20  # the context lowers it to the backend's maximum
-GENERATOR_SEED_STRIDE = 100_003  # generator run i gets seed + i * stride, so nested samples never share a seed
-
-POINTWISE_PROMPT = "Question: {question}\nProposed answer: {answer}\nIs the proposed answer correct? Answer yes or no."
-PAIRWISE_PROMPT = ("Question: {question}\nAnswer A: {first}\nAnswer B: {second}\n"
-                   "Which answer is correct, A or B? Answer A or B.")
 
 
 class BestOfNParams(StrategyParams):
@@ -86,9 +76,6 @@ class BestOfNParams(StrategyParams):
         default=None, description="verifier: the name of an HTTP verifier in config.yaml's `verifiers`")
     json_schema: dict[str, Any] | None = Field(
         default=None, description="verifier: a JSON schema (subset) the candidate's JSON must satisfy")
-    generator: str | None = Field(
-        default=None, description="take candidates from n runs of this registered strategy instead of samples")
-    generator_params: dict[str, Any] = Field(default_factory=dict, description="params for the generator")
 
     @field_validator("regex")
     @classmethod
@@ -112,31 +99,14 @@ class BestOfNParams(StrategyParams):
             check_schema(value)
         return value
 
-    @field_validator("generator_params", mode="before")
-    @classmethod
-    def _generator_params(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f"not valid JSON: {exc}") from exc
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> "BestOfNParams":
         if self.select == "verifier" and self.regex is None and self.json_schema is None and not self.http_verifier:
             raise ValueError("select=verifier needs a check: regex, json_schema and/or http_verifier")
-        if self.generator is not None:
-            needing = sorted({self.select, self.fallback} & CONFIDENCE_SELECTORS)
-            if needing:
-                raise ValueError(f"{', '.join(needing)} needs token logprobs, which generator candidates do not "
-                                 f"have; use select=vote, judge or verifier with fallback=auto, vote or first")
-        elif self.generator_params:
-            raise ValueError("generator_params given without a generator")
         return self
 
     def needs_logprobs(self) -> bool:
-        return self.generator is None and bool({self.select, self.fallback} & CONFIDENCE_SELECTORS)
+        return bool({self.select, self.fallback} & CONFIDENCE_SELECTORS)
 
 
 def resolve_fallback(select: str, fallback: str, has_logprobs: bool) -> str:
@@ -150,129 +120,6 @@ def resolve_fallback(select: str, fallback: str, has_logprobs: bool) -> str:
     return "first" if fallback == select else fallback
 
 
-# ---------------------------------------------------------------- candidate sources
-
-
-class CandidateSource(Protocol):
-    """Where bon's candidates come from."""
-
-    description: str
-
-    async def draw(self, ctx: StrategyContext, n: int, min_success: int) -> list[Candidate]: ...
-
-
-@dataclass(frozen=True)
-class Samples:
-    """n samples in one ctx.generate (the context splits them across requests as the backend needs)."""
-
-    temperature: float
-    top_k: int | None  # top logprobs per token; None: no logprobs
-
-    @property
-    def description(self) -> str:
-        return f"samples at temperature {self.temperature:g}"
-
-    async def draw(self, ctx: StrategyContext, n: int, min_success: int) -> list[Candidate]:
-        return await ctx.generate(n=n, temperature=self.temperature, logprobs=self.top_k is not None,
-                                  top_logprobs=self.top_k, min_success=min_success)
-
-
-@dataclass(frozen=True)
-class StrategyRuns:
-    """n concurrent runs of another strategy; each run's answer is a candidate (without logprobs)."""
-
-    slug: str
-    params: dict[str, Any]
-
-    @property
-    def description(self) -> str:
-        return f"runs of {self.slug}"
-
-    async def draw(self, ctx: StrategyContext, n: int, min_success: int) -> list[Candidate]:
-        base_seed = ctx.sampling.seed
-
-        async def one(i: int) -> Candidate:
-            seed = base_seed + i * GENERATOR_SEED_STRIDE if base_seed is not None else None
-            result = await ctx.run_strategy(self.slug, self.params, seed=seed)
-            choice = result.choices[0]
-            return Candidate(text=choice.content, finish_reason=choice.finish_reason,
-                             message={"role": "assistant", "content": choice.content},
-                             completion_tokens=choice.completion_tokens, seed=seed, label=self.slug)
-
-        results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
-        candidates = [r for r in results if isinstance(r, Candidate)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for error in errors:
-            if not isinstance(error, Exception):
-                raise error
-        if errors and len(candidates) < min_success:
-            raise errors[0]
-        if errors:
-            ctx.note(f"{self.slug}_failures", [str(e) for e in errors])
-        return candidates
-
-
-# ---------------------------------------------------------------- the judge (model calls; scoring is pure)
-
-
-def _text_of(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
-
-
-def judge_messages(messages: Sequence[dict[str, Any]], prompt_for_question: Any) -> list[dict[str, Any]]:
-    """The conversation up to the last user turn, whose text becomes the question inside the judge prompt."""
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    if last_user is None:
-        return [*messages, {"role": "user", "content": prompt_for_question("")}]
-    question = _text_of(messages[last_user])
-    return [*messages[:last_user], {"role": "user", "content": prompt_for_question(question)}]
-
-
-class Judge:
-    def __init__(self, ctx: StrategyContext) -> None:
-        self.ctx = ctx
-        self.calls = 0
-        self.logprobs = ctx.supports("logprobs")
-
-    async def ask(self, prompt_for_question: Any, positive: str, negative: str) -> float | None:
-        """P(positive) over positive/negative for one max_tokens=1, temperature-0 question."""
-        self.calls += 1
-        (candidate,) = await self.ctx.generate(
-            n=1, messages=judge_messages(self.ctx.messages, prompt_for_question), temperature=0.0, max_tokens=1,
-            logprobs=self.logprobs, top_logprobs=JUDGE_TOP_LOGPROBS if self.logprobs else None, label="judge",
-        )
-        first: TokenLogprob | None = candidate.logprobs[0] if candidate.logprobs else None
-        return judge_probability(first, candidate.text, positive, negative)
-
-    async def pointwise(self, answers: Sequence[str]) -> dict[str, float | None]:
-        async def verify(answer: str) -> float | None:
-            return await self.ask(lambda q: POINTWISE_PROMPT.format(question=q, answer=answer), "yes", "no")
-
-        results = await asyncio.gather(*(verify(a) for a in answers), return_exceptions=True)
-        _raise_first(results)
-        return dict(zip(answers, results))  # type: ignore[arg-type]
-
-    async def compare(self, a: str, b: str, swap: bool) -> float:
-        """P(a is the correct one), from A/B questions (averaged over both orders when `swap`)."""
-        orders = [(a, b), (b, a)] if swap else [(a, b)]
-        results = await asyncio.gather(*(
-            self.ask(lambda q, f=first, s=second: PAIRWISE_PROMPT.format(question=q, first=f, second=s), "a", "b")
-            for first, second in orders
-        ), return_exceptions=True)
-        _raise_first(results)
-        p_a = [p if first == a else 1.0 - p for (first, _), p in zip(orders, results) if p is not None]
-        return sum(p_a) / len(p_a) if p_a else 0.5  # type: ignore[arg-type]
-
-
-def _raise_first(results: Sequence[Any]) -> None:
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-
-
 # ---------------------------------------------------------------- the strategy
 
 
@@ -284,6 +131,12 @@ class BestOfN(Strategy):
     slug = "bon"
     description = "best-of-n: n candidates, one picked by vote, token confidence, weighted vote, judge or verifier"
     Params = BestOfNParams
+    composable = True
+
+    @classmethod
+    def fan_out(cls, params: StrategyParams) -> int:
+        assert isinstance(params, BestOfNParams)
+        return params.n
 
     @classmethod
     def requirements(cls, params: StrategyParams) -> dict[str, str]:
@@ -297,18 +150,16 @@ class BestOfN(Strategy):
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, BestOfNParams)
-        has_logprobs = params.generator is None and ctx.supports("logprobs")
+        has_logprobs = ctx.supports("logprobs")
         fallback = resolve_fallback(params.select, params.fallback, has_logprobs)
-        want_logprobs = params.generator is None and (params.select in CONFIDENCE_SELECTORS
-                                                      or fallback in CONFIDENCE_SELECTORS)
+        want_logprobs = params.select in CONFIDENCE_SELECTORS or fallback in CONFIDENCE_SELECTORS
         temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
-        source: CandidateSource = (
-            StrategyRuns(params.generator, params.generator_params) if params.generator is not None
-            else Samples(temperature, params.top_k if want_logprobs else None)
-        )
         spec = ConfidenceSpec(params.confidence, params.window, params.top_k)
-        await ctx.progress(f"drawing {params.n} {source.description}; selecting by {_describe(params, fallback)}")
-        candidates = await source.draw(ctx, params.n, min(params.min_success, params.n))
+        source = f"runs of {ctx.over.describe()}" if ctx.over else f"samples at temperature {temperature:g}"
+        await ctx.progress(f"drawing {params.n} {source}; selecting by {_describe(params, fallback)}")
+        candidates = await draw(ctx, params.n, temperature=temperature, logprobs=want_logprobs,
+                                top_logprobs=params.top_k if want_logprobs else None,
+                                min_success=min(params.min_success, params.n))
         pool = Pool.of(candidates, spec if want_logprobs else None, count_truncated=params.count_truncated)
 
         selector, notes = params.select, []
@@ -323,9 +174,9 @@ class BestOfN(Strategy):
         details: dict[str, Any] = {
             "selector": selector,
             "fallback": fallback,
-            "temperature": temperature if params.generator is None else None,
+            "temperature": temperature if ctx.over is None else None,
             "samples": len(candidates),
-            "source": "samples" if params.generator is None else params.generator,
+            "source": "samples" if ctx.over is None else ctx.over.describe(),
         }
         if want_logprobs:
             details["confidence"] = {"variant": params.confidence, "window": params.window, "top_k": params.top_k}
@@ -382,10 +233,7 @@ class BestOfN(Strategy):
             tie={"answers": list(selection.tied), "broken_by": selection.broken_by} if selection.tied else None,
             candidates=per_candidate,
         )
-        return StrategyResult(
-            choices=[FinalChoice(winner.text, winner.finish_reason or "stop", winner.completion_tokens)],
-            details=details,
-        )
+        return StrategyResult(choices=[winner], details=details)
 
     @staticmethod
     async def _candidate_lines(ctx: StrategyContext, pool: Pool, per_candidate: list[dict[str, Any]]) -> None:
@@ -404,7 +252,7 @@ class BestOfN(Strategy):
         """The HTTP verifier's word on each distinct answer whose candidates passed the local checks (once each)."""
         answers = list(dict.fromkeys(a for a, ok in zip(pool.answers, verdicts) if ok))
         first = {a: pool.answers.index(a) for a in answers}
-        results = await asyncio.gather(*(ctx.verify(verifier, candidates[first[a]].text, a) for a in answers))
+        results = await gather_all(ctx.verify(verifier, candidates[first[a]].text, a) for a in answers)
         passed = dict(zip(answers, results))
         out = []
         for entry, answer, ok in zip(per_candidate, pool.answers, verdicts):

@@ -8,24 +8,26 @@ Survivors are combined by a confidence-weighted vote.
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from .answers import extract_answer
 from .framework import (
-    FinalChoice,
+    BudgetExceeded,
+    Candidate,
     Strategy,
     StrategyContext,
     StrategyError,
     StrategyParams,
     StrategyResult,
-    is_truncated,
+    Token,
+    gather_successes,
 )
-from .selection import token_confidence, trace_confidence
+from .scoring import token_confidence, token_confidences, trace_confidence
+from .selection import Pool, select
 
 
 class DeepConfParams(StrategyParams):
@@ -50,15 +52,6 @@ class DeepConfParams(StrategyParams):
         return self
 
 
-@dataclass(frozen=True)
-class Trace:
-    text: str
-    finish_reason: str
-    tokens: int
-    confidence: float | None  # lowest-group confidence; None without logprobs
-    pruned_at: int | None = None  # token count when cancelled; None: ran to the end
-
-
 class DeepConf(Strategy):
     slug = "deepconf"
     description = "DeepConf online: warm-up sets a confidence threshold, weak traces are cancelled mid-stream, " \
@@ -66,66 +59,68 @@ class DeepConf(Strategy):
     Params = DeepConfParams
     requires = frozenset({"logprobs"})
 
+    @classmethod
+    def fan_out(cls, params: StrategyParams) -> int:
+        assert isinstance(params, DeepConfParams)
+        return params.n
+
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, DeepConfParams)
         temperature = ctx.sampling.sampling_temperature(params.temperature or 0.8)
-        seed = ctx.sampling.seed
         await ctx.progress(f"warm-up: {params.warmup} traces at temperature {temperature:g}")
         warm = await ctx.generate(n=params.warmup, temperature=temperature, logprobs=True,
-                                  top_logprobs=params.top_k, seed=seed, label="warmup")
-        traces = [self._complete(c.text, c.finish_reason or "stop", c.completion_tokens, c.logprobs or (), params)
-                  for c in warm]
-        scores = [t.confidence for t in traces if t.confidence is not None]
+                                  top_logprobs=params.top_k, label="warmup")
+        confidences = [self._confidence(c.tokens or (), params) for c in warm]
+        scores = [c for c in confidences if c is not None]
         if not scores:
             raise StrategyError("the backend returned no token logprobs for the warm-up traces")
         threshold = float(np.percentile(scores, 100 * (1 - params.keep)))
         await ctx.progress(f"threshold {threshold:.3f}: the {100 * (1 - params.keep):g}th percentile of warm-up "
                            f"lowest-group confidence")
-        for i, trace in enumerate(traces, start=1):
-            await ctx.progress(f"trace {i}/{params.n} → {extract_answer(trace.text)} "
-                               f"(confidence {trace.confidence:.3f})")
+        for i, (candidate, confidence) in enumerate(zip(warm, confidences), start=1):
+            await ctx.progress(f"trace {i}/{params.n} → {extract_answer(candidate.text)} "
+                               f"(confidence {_fmt(confidence)})")
 
-        async def online(index: int) -> Trace:
-            trace = await self._stream_trace(ctx, params, temperature, threshold,
-                                             seed + index if seed is not None else None)
-            if trace.pruned_at is not None:
-                await ctx.progress(f"trace {index + 1}/{params.n} stopped after {trace.pruned_at} tokens "
+        async def online(index: int) -> tuple[Candidate, float | None, int | None]:
+            trace = await self._stream_trace(ctx, params, temperature, threshold, index)
+            candidate, confidence, pruned_at = trace
+            if pruned_at is not None:
+                await ctx.progress(f"trace {index + 1}/{params.n} stopped after {pruned_at} tokens "
                                    f"(window confidence below {threshold:.3f})")
             else:
-                await ctx.progress(f"trace {index + 1}/{params.n} → {extract_answer(trace.text)} "
-                                   f"(confidence {trace.confidence:.3f})")
+                await ctx.progress(f"trace {index + 1}/{params.n} → {extract_answer(candidate.text)} "
+                                   f"(confidence {_fmt(confidence)})")
             return trace
 
-        results = await asyncio.gather(*(online(i) for i in range(params.warmup, params.n)), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, Exception):
-                raise failure
-        traces += [r for r in results if isinstance(r, Trace)]
-        return await self._vote(ctx, traces, threshold, temperature, len(failures), params.count_truncated)
+        streamed, errors = await gather_successes(
+            (lambda i=i: online(i) for i in range(params.warmup, params.n)), min_success=0, what="trace")
+        budget_stopped = any(isinstance(e, BudgetExceeded) for e in errors)
+        traces = [(c, conf, None) for c, conf in zip(warm, confidences)] + streamed
+        return await self._vote(ctx, traces, threshold, temperature, len(errors), params.count_truncated,
+                                budget_stopped)
 
     @staticmethod
-    def _complete(text: str, finish_reason: str, tokens: int, logprobs: object, params: DeepConfParams) -> Trace:
-        confidences = [c for c in (token_confidence(e, params.top_k) for e in logprobs) if c is not None]  # type: ignore[attr-defined]
-        return Trace(text, finish_reason, tokens, trace_confidence(confidences, "lowest_group", params.window))
+    def _confidence(tokens: tuple[Token, ...] | list[Token], params: DeepConfParams) -> float | None:
+        return trace_confidence(token_confidences(tokens, params.top_k), "lowest_group", params.window)
 
-    @staticmethod
-    async def _stream_trace(ctx: StrategyContext, params: DeepConfParams, temperature: float, threshold: float,
-                            seed: int | None) -> Trace:
+    async def _stream_trace(self, ctx: StrategyContext, params: DeepConfParams, temperature: float,
+                            threshold: float, index: int) -> tuple[Candidate, float | None, int | None]:
+        """(the trace, its lowest-group confidence, the token count where it was pruned or None)."""
         pieces: list[str] = []
+        tokens: list[Token] = []
         confidences: list[float] = []
         window_sum = 0.0
         finish_reason = "length"
-        async with aclosing(ctx.stream(temperature=temperature, top_logprobs=params.top_k, seed=seed,
+        async with aclosing(ctx.stream(temperature=temperature, top_logprobs=params.top_k, index=index,
                                        label="trace")) as events:
             async for event in events:
                 if event.finish_reason:
                     finish_reason = event.finish_reason
-                if event.logprob is None:
-                    pieces.append(event.text)
-                    continue
                 pieces.append(event.text)
-                confidence = token_confidence(event.logprob, params.top_k)
+                if event.token is None:
+                    continue
+                tokens.append(event.token)
+                confidence = token_confidence(event.token, params.top_k)
                 if confidence is None:
                     continue
                 confidences.append(confidence)
@@ -133,47 +128,49 @@ class DeepConf(Strategy):
                 if len(confidences) > params.window:
                     window_sum -= confidences[-params.window - 1]
                 if len(confidences) >= params.window and window_sum / params.window < threshold:
-                    return Trace("".join(pieces), "pruned", len(confidences), None, pruned_at=len(confidences))
-        return Trace("".join(pieces), finish_reason, len(confidences),
-                     trace_confidence(confidences, "lowest_group", params.window))
+                    pruned = Candidate("".join(pieces), "pruned", len(tokens), tuple(tokens), label="trace")
+                    return pruned, None, len(confidences)
+        candidate = Candidate("".join(pieces), finish_reason, len(tokens), tuple(tokens), label="trace")
+        return candidate, trace_confidence(confidences, "lowest_group", params.window), None
 
     @staticmethod
-    async def _vote(ctx: StrategyContext, traces: list[Trace], threshold: float, temperature: float,
-                    failed: int, count_truncated: bool) -> StrategyResult:
-        complete = [t for t in traces if t.pruned_at is None and t.confidence is not None]
-        # A trace cut off by max_tokens may not have reached its answer: it votes only when no trace finished.
-        finished = [t for t in complete if count_truncated or not is_truncated(t.finish_reason)] or complete
-        # A trace shorter than the window is judged whole, at the end, by the same threshold.
-        survivors = [t for t in finished if t.confidence >= threshold] or finished  # type: ignore[operator]
-        if not survivors:
+    async def _vote(ctx: StrategyContext, traces: list[tuple[Candidate, float | None, int | None]],
+                    threshold: float, temperature: float, failed: int, count_truncated: bool,
+                    budget_stopped: bool) -> StrategyResult:
+        complete = [i for i, (_, confidence, pruned_at) in enumerate(traces)
+                    if pruned_at is None and confidence is not None]
+        if not complete:
             raise StrategyError(f"no trace survived ({len(traces)} drawn, {failed} failed)")
-        weights: dict[str, float] = {}
-        best: dict[str, Trace] = {}
-        for trace in survivors:
-            answer = extract_answer(trace.text)
-            weights[answer] = weights.get(answer, 0.0) + float(trace.confidence or 0.0)
-            if answer not in best or (trace.confidence or 0) > (best[answer].confidence or 0):
-                best[answer] = trace
-        winner_answer = max(weights, key=lambda a: weights[a])
-        winner = best[winner_answer]
-        pruned = sum(1 for t in traces if t.pruned_at is not None)
-        await ctx.progress(f"winner: {winner_answer}, weight {weights[winner_answer]:.2f} of "
-                           f"{sum(weights.values()):.2f} ({len(survivors)} survivors, {pruned} stopped early)")
-        return StrategyResult(
-            choices=[FinalChoice(winner.text, winner.finish_reason, winner.tokens)],
-            details={
-                "temperature": temperature,
-                "threshold": round(threshold, 4),
-                "traces": len(traces),
-                "pruned": pruned,
-                "failed": failed,
-                "survivors": len(survivors),
-                "answer": winner_answer,
-                "weights": {a: round(w, 4) for a, w in sorted(weights.items(), key=lambda kv: -kv[1])},
-                "candidates": [
-                    {"answer": extract_answer(t.text), "confidence": t.confidence, "tokens": t.tokens,
-                     "pruned_at": t.pruned_at}
-                    for t in traces
-                ],
-            },
-        )
+        pool = Pool(tuple(extract_answer(c.text) for c, _, _ in traces),
+                    tuple(confidence for _, confidence, _ in traces),
+                    tuple(count_truncated or not c.truncated for c, _, _ in traces))
+        # A trace cut off by max_tokens may not have reached its answer: it votes only when no trace finished.
+        finished = pool.counted(complete)
+        # A trace shorter than the window is judged whole, at the end, by the same threshold.
+        survivors = [i for i in finished if (pool.confidences[i] or 0.0) >= threshold] or finished
+        selection = select(pool, "weighted", among=survivors, fallback="first")
+        winner = traces[selection.index][0]
+        pruned = sum(1 for _, _, pruned_at in traces if pruned_at is not None)
+        weight = selection.scores[selection.answer]
+        await ctx.progress(f"winner: {selection.answer}, weight {weight:.2f} of {sum(selection.scores.values()):.2f} "
+                           f"({len(survivors)} survivors, {pruned} stopped early)")
+        details: dict[str, Any] = {
+            "temperature": temperature,
+            "threshold": round(threshold, 4),
+            "traces": len(traces),
+            "pruned": pruned,
+            "failed": failed,
+            "survivors": len(survivors),
+            "answer": selection.answer,
+            "weights": {a: round(w, 4) for a, w in selection.scores.items()},
+            "candidates": [
+                {"answer": pool.answers[i], "confidence": confidence, "tokens": c.completion_tokens,
+                 "pruned_at": pruned_at}
+                for i, (c, confidence, pruned_at) in enumerate(traces)
+            ],
+        }
+        return StrategyResult(choices=[winner], details=details, budget_exhausted=budget_stopped)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

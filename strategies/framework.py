@@ -1,19 +1,32 @@
 """The strategy interface: what a strategy is, and the context through which it reaches a model.
 
-A strategy never sees HTTP. It asks its context for samples, logprobs and continuations, reports progress
-and returns a result; the proxy supplies the context, which owns budgets, accounting and the trace.
+A strategy never sees HTTP. It asks its context for samples, continuations, raw completions and tokens, spends
+the run's budget, records a trace tree, reports progress and returns candidates; the proxy supplies the context
+(proxy/runs/), which owns budgets, accounting, seeds and the trace.
+
+Everything here is engine-neutral: a strategy asks for what it needs (`requires`/`requirements`) and the proxy
+refuses a request with a 400 naming the missing capability before anything is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from .formats import parses_as
+
 DEFAULT_SAMPLING_TEMPERATURE = 0.8
+MAX_COMPOSITION_DEPTH = 3  # strategy runs nested in one request, the outermost included
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- errors
 
 
 class StrategyError(Exception):
@@ -22,6 +35,17 @@ class StrategyError(Exception):
 
 class StrategyInputError(StrategyError):
     """This request cannot be served by the strategy as asked (e.g. a parameter clash); reported as a 400."""
+
+
+class BudgetExceeded(StrategyError):
+    """The run's token, call or wall-time budget is spent: no more calls start.
+
+    A strategy catches it to return its best answer so far (the client then sees finish_reason "length" and
+    `ttc.budget_exhausted`); uncaught, the request fails with 429 `budget_exhausted`, marked not to be retried.
+    """
+
+
+# ---------------------------------------------------------------- parameters
 
 
 class StrategyParams(BaseModel):
@@ -34,10 +58,58 @@ class StrategyParams(BaseModel):
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    token: str
+class StrategySpec:
+    """A strategy by slug with its parameters, and the strategy it runs over (composition: `bon:n=4>cot`)."""
+
+    slug: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    over: StrategySpec | None = None
+
+    def chain(self) -> list[StrategySpec]:
+        """This spec and the ones it runs over, outermost first."""
+        specs: list[StrategySpec] = []
+        spec: StrategySpec | None = self
+        while spec is not None:
+            specs.append(spec)
+            spec = spec.over
+        return specs
+
+    def describe(self) -> str:
+        def one(s: StrategySpec) -> str:
+            params = ",".join(f"{k}={v}" for k, v in s.params.items())
+            return f"{s.slug}:{params}" if params else s.slug
+
+        return ">".join(one(s) for s in self.chain())
+
+
+# ---------------------------------------------------------------- tokens and candidates
+
+
+@dataclass(frozen=True)
+class TokenAlternative:
+    """One of the engine's top alternatives at a position (pre-sampling probabilities on llama.cpp)."""
+
+    text: str
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    id: int | None = None
+    bytes: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token: its id (None when the engine does not say), text, UTF-8 bytes, log-probability and
+    `offset`, the character offset in the reply text at which it starts, plus the top alternatives there.
+
+    Cut a reply at `text[:token.offset]` (or continue from the token ids up to it), never by joining token
+    texts: a token may hold part of a multi-byte character.
+    """
+
+    text: str
+    logprob: float
+    id: int | None = None
+    bytes: bytes | None = None
+    offset: int = 0
+    top: tuple[TokenAlternative, ...] = ()
 
 
 def is_truncated(finish_reason: str | None) -> bool:
@@ -47,19 +119,43 @@ def is_truncated(finish_reason: str | None) -> bool:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One full choice from the backend: message, finish reason and (when asked) token logprobs."""
+    """One reply: its content (`text`), reasoning text if the engine or strategy separated one, finish reason,
+    completion tokens and (when asked) its generated tokens with logprobs.
+
+    `tokens` are the tokens of the reply as generated; their offsets index `generated` (which is `text` unless a
+    strategy derived `text` from a longer reply, as `cot` takes its output section).
+
+    `budget_exhausted` marks an answer returned early because the budget ran out: its run stopped, the reply itself
+    may have finished, so it is not a max_tokens cut-off and a parent strategy does not drop it.
+    """
 
     text: str
-    finish_reason: str | None
-    message: dict[str, Any]
-    completion_tokens: int
-    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = "stop"
+    completion_tokens: int = 0
+    tokens: tuple[Token, ...] | None = None
+    reasoning: str = ""
     seed: int | None = None
     label: str = "sample"
+    budget_exhausted: bool = False
+    generated: str | None = None  # the text the tokens belong to, when it is not `text`
+    text_start: int = 0  # where `text` begins in `generated`
+    prompt_tokens: int = 0  # what the call that made it reported for its prompt (shared by n choices of one call)
 
     @property
     def truncated(self) -> bool:
-        return is_truncated(self.finish_reason)
+        return is_truncated(self.finish_reason) and not self.budget_exhausted
+
+    @property
+    def reply(self) -> str:
+        """The text the tokens belong to."""
+        return self.generated if self.generated is not None else self.text
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """The generated token ids, when the engine gave every one."""
+        if not self.tokens or any(t.id is None for t in self.tokens):
+            return None
+        return [t.id for t in self.tokens]  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -73,42 +169,90 @@ class Sampling:
     seed: int | None
     # Other sampling fields the engine understands (top_k, min_p, presence_penalty, ...): forwarded as they are.
     extra: dict[str, Any] = field(default_factory=dict)
+    # The request's response_format: every sample is asked for it (see strategies.formats.parses_as).
+    response_format: dict[str, Any] | None = None
+    # The request asked for logprobs (with this many alternatives): every sample carries its tokens.
+    logprobs: int | None = None
 
     def sampling_temperature(self, default: float = DEFAULT_SAMPLING_TEMPERATURE) -> float:
         """A sampling strategy draws at the request's temperature when it is above 0, else at its default."""
         return self.temperature if self.temperature is not None and self.temperature > 0 else default
 
 
+@dataclass
+class Usage:
+    """Tokens and backend calls spent (by a run, a span or one nested run)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    estimated: bool = False  # some completion tokens were counted by us, not reported by the engine
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
 @dataclass(frozen=True)
-class FinalChoice:
-    content: str
-    finish_reason: str = "stop"
-    completion_tokens: int = 0  # tokens of this answer; everything else the strategy spent is reasoning
+class BudgetView:
+    """What is left of the budget that binds this context (the tightest of its own and its parents')."""
+
+    tokens: int
+    calls: int
+    seconds: float
+
+    @property
+    def exhausted(self) -> bool:
+        return self.tokens <= 0 or self.calls <= 0 or self.seconds <= 0
 
 
 @dataclass
 class StrategyResult:
-    choices: list[FinalChoice]
-    details: dict[str, Any] = field(default_factory=dict)  # strategy-specific facts for the `ttc` object
+    """What a run returns: its answer(s) as candidates, strategy-specific facts for the `ttc` object, and
+    (filled in by the context for a nested run) what the run spent."""
+
+    choices: list[Candidate]
+    details: dict[str, Any] = field(default_factory=dict)
+    usage: Usage | None = None
+    budget_exhausted: bool = False
+
+    @property
+    def answer(self) -> Candidate:
+        return self.choices[0]
 
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One token (or text piece) of a streamed sample."""
+    """One piece of a streamed reply: a token (with its logprobs when the engine gave them) or reasoning text,
+    and the finish reason on the last event."""
 
     text: str
-    logprob: TokenLogprob | None = None
+    token: Token | None = None
     finish_reason: str | None = None
+    reasoning: str = ""
+
+
+# ---------------------------------------------------------------- the context
 
 
 class StrategyContext(Protocol):
-    """What the proxy gives a running strategy."""
+    """What the proxy gives a running strategy. Every call is checked against the budget before it starts."""
 
     @property
     def messages(self) -> list[dict[str, Any]]: ...
 
     @property
     def sampling(self) -> Sampling: ...
+
+    @property
+    def budget(self) -> BudgetView:
+        """What is left of this run's budget (a nested run's own budget, capped by its parents')."""
+        ...
+
+    @property
+    def over(self) -> StrategySpec | None:
+        """The strategy this one runs over (`bon:n=4>cot`), whose runs replace plain samples in `draw`."""
+        ...
 
     def supports(self, capability: str) -> bool: ...
 
@@ -123,20 +267,26 @@ class StrategyContext(Protocol):
         top_logprobs: int | None = None,
         stop: str | list[str] | None = None,
         seed: int | None = None,
+        index: int = 0,
         min_success: int = 1,
         label: str = "sample",
+        extra: Mapping[str, Any] | None = None,
     ) -> list[Candidate]:
         """n chat completions, drawn concurrently (split across requests as the backend needs).
 
-        Candidates that fail are dropped; fewer than `min_success` successes raises.
-        Unset arguments default to the request's own sampling parameters.
+        Candidates that fail are dropped; fewer than `min_success` successes raises (BudgetExceeded when the
+        budget stopped them). Unset arguments default to the request's own sampling parameters. Seeds: with a
+        request seed, sample `index + i` of a top-level context uses seed + index + i; inside a span or nested
+        run, a seed derived from (seed, span path, index + i); an explicit `seed` is used as seed + i.
+        `extra`: engine fields for this call (logit_bias, cache_prompt, ...).
         """
         ...
 
     async def continue_prefix(
         self,
-        prefix: str,
+        prefix: str | Sequence[int],
         *,
+        n: int = 1,
         messages: Sequence[dict[str, Any]] | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
@@ -144,49 +294,111 @@ class StrategyContext(Protocol):
         top_logprobs: int | None = None,
         stop: str | list[str] | None = None,
         seed: int | None = None,
+        index: int = 0,
+        min_success: int = 1,
         label: str = "continue",
-    ) -> Candidate:
-        """Continue a partial assistant reply; the candidate's text is the continuation only."""
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[Candidate]:
+        """n continuations of a partial assistant reply; each candidate's text is the continuation only.
+
+        A text prefix is continued by prefill (a trailing assistant message) where the engine can, else through
+        /v1/completions on the rendered conversation; token ids always go through /v1/completions, exactly.
+        """
         ...
 
     def stream(
         self,
         *,
         messages: Sequence[dict[str, Any]] | None = None,
+        prefix: str | Sequence[int] | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
         top_logprobs: int | None = None,
         stop: str | list[str] | None = None,
         seed: int | None = None,
+        index: int = 0,
         label: str = "stream",
+        extra: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        """One sample streamed token by token with logprobs; closing the iterator aborts the backend call."""
+        """One sample streamed token by token with logprobs (continuing `prefix` when given).
+
+        Closing the iterator early aborts the backend call and is recorded as a cut at the current offset.
+        """
+        ...
+
+    async def complete(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        n: int = 1,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        index: int = 0,
+        min_success: int = 1,
+        label: str = "complete",
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[Candidate]:
+        """Raw completions (/v1/completions) of a prompt given as text or token ids (see `render`)."""
+        ...
+
+    async def render(self, messages: Sequence[dict[str, Any]] | None = None, *,
+                     add_generation_prompt: bool = True) -> str:
+        """The conversation as the model sees it: the engine's chat template applied (or the configured one)."""
+        ...
+
+    async def tokenize(self, text: str) -> list[int]: ...
+
+    async def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    async def token_ids(self, tokens: Sequence[Token]) -> list[int]:
+        """The ids of these tokens: the engine's where it gave them, else from its tokenizer (a token text
+        re-tokenized may split differently from what was sampled; llama-server gives every id but those of
+        tokens it merged into one multi-byte character)."""
+        ...
+
+    def span(self, label: str, **attrs: Any) -> StrategyContext:
+        """A child context: its calls, notes and spans form a child node of this one in the trace, and its
+        samples derive their seeds from its path."""
         ...
 
     async def progress(self, line: str) -> None:
         """A readable progress line for the client (streamed as reasoning_content)."""
         ...
 
+    async def emit(self, text: str) -> None:
+        """Stream this text of the final answer now (appended to what was emitted before). The answer the run
+        returns must begin with everything emitted."""
+        ...
+
     async def verify(self, verifier: str, candidate: str, answer: str) -> bool:
         """Ask a verifier configured by name (outside the strategy: an HTTP check) whether a candidate is right."""
         ...
 
-    def for_model(self, model: str) -> "StrategyContext":
+    def for_model(self, model: str) -> StrategyContext:
         """This run (same budget, accounting, trace and progress) talking to another model, served by any
         configured backend; e.g. a judge that is not the model being sampled."""
         ...
 
     def note(self, key: str, value: Any) -> None:
-        """Record a fact in the trace of this run."""
+        """Record a fact in this context's trace node."""
         ...
 
-    async def run_strategy(self, slug: str, params: dict[str, Any] | None = None, *,
-                           seed: int | None = None) -> StrategyResult:
-        """Run another registered strategy on this request, inside this one's budget and trace.
-
-        `seed` replaces the request's seed for that run (so repeated runs of a seeded request can differ).
-        """
+    async def run_strategy(self, spec: StrategySpec | str, params: Mapping[str, Any] | None = None, *,
+                           messages: Sequence[dict[str, Any]] | None = None,
+                           budget: Mapping[str, float] | None = None,
+                           logprobs: int | None = None) -> StrategyResult:
+        """Run another registered strategy inside this one's budget and trace, on `messages` (default: this
+        run's), with an optional budget of its own (capped by what is left here). `logprobs`: its samples carry
+        their tokens with this many alternatives (for a parent that scores them). Returns its candidates with
+        their tokens and what it spent (`usage`). Depth and fan-out limits apply."""
         ...
+
+
+# ---------------------------------------------------------------- strategies
 
 
 class Strategy(ABC):
@@ -197,6 +409,7 @@ class Strategy(ABC):
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     requires: ClassVar[frozenset[str]] = frozenset()  # capability names, e.g. {"logprobs", "prefill"}
     multiple_choices: ClassVar[bool] = False  # may a client ask for n > 1?
+    composable: ClassVar[bool] = False  # may run over another strategy (`draw` then runs it)
 
     @classmethod
     def requirements(cls, params: StrategyParams) -> Mapping[str, str]:
@@ -206,5 +419,149 @@ class Strategy(ABC):
         """
         return {capability: "" for capability in cls.requires}
 
+    @classmethod
+    def fan_out(cls, params: StrategyParams) -> int:
+        """How many runs of the strategy it runs over this one may start (n, k, iterations x batch): the product
+        along a composition is bounded by `strategies.max_samples`."""
+        return 1
+
     @abstractmethod
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult: ...
+
+
+# ---------------------------------------------------------------- helpers every strategy shares
+
+
+async def gather_successes(
+    calls: Iterable[Callable[[], Awaitable[T]]],
+    *,
+    min_success: int,
+    what: str = "call",
+) -> tuple[list[T], list[Exception]]:
+    """Run calls concurrently; each one's failure is caught in its own task.
+
+    Returns (results in call order, errors). As soon as enough calls have failed that `min_success` cannot be
+    reached, the others are cancelled and the first error is raised (BudgetExceeded if the budget stopped any).
+    Cancellation from outside (a client leaving) cancels them all (asyncio.TaskGroup).
+    """
+    factories = list(calls)
+    results: list[T | None] = [None] * len(factories)
+    done: list[bool] = [False] * len(factories)
+    errors: list[Exception] = []
+
+    class _Unreachable(Exception):
+        pass
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await factories[i]()
+            done[i] = True
+        except Exception as exc:  # noqa: BLE001 - one call's failure is recorded; the group decides
+            errors.append(exc)
+            if len(factories) - len(errors) < min_success:
+                raise _Unreachable() from exc
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for i in range(len(factories)):
+                group.create_task(one(i))
+    except* _Unreachable:
+        raise _first_error(errors, what, len(factories) - len(errors), len(factories), min_success) from None
+    successes = [r for r, ok in zip(results, done) if ok]
+    if len(successes) < min_success:
+        raise _first_error(errors, what, len(successes), len(factories), min_success)
+    return successes, errors  # type: ignore[return-value]
+
+
+async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all concurrently; the first failure cancels the rest and is raised as itself (asyncio.TaskGroup)."""
+    tasks: list[asyncio.Task[T]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            for awaitable in awaitables:
+                tasks.append(group.create_task(_awaited(awaitable)))
+    except BaseExceptionGroup as group_error:
+        first = group_error.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [t.result() for t in tasks]
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _first_error(errors: Sequence[Exception], what: str, succeeded: int, asked: int, needed: int) -> Exception:
+    budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
+    if budget is not None:
+        return budget
+    if errors and succeeded == 0 and needed <= 1:
+        return errors[0]
+    first = f"; first error: {errors[0]}" if errors else ""
+    error = StrategyError(f"only {succeeded} of {asked} {what}s succeeded; at least {needed} needed{first}")
+    if errors and not isinstance(errors[0], StrategyError):
+        # Keep the original type reachable (e.g. a backend's 400), so the proxy can report it faithfully.
+        error.__cause__ = errors[0]
+    return error
+
+
+async def draw(
+    ctx: StrategyContext,
+    n: int,
+    *,
+    messages: Sequence[dict[str, Any]] | None = None,
+    temperature: float | None = None,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
+    index: int = 0,
+    min_success: int = 1,
+    label: str = "sample",
+) -> list[Candidate]:
+    """n candidate answers: plain samples (`ctx.generate`; `index` as there), or, when this strategy runs over
+    another (`ctx.over`), n concurrent runs of that one, each run's answer a candidate (with its tokens).
+
+    A run stopped by the budget still gives its best-so-far answer, flagged `budget_exhausted`. With a
+    request `response_format`, candidates that do not parse as it are dropped, unless none parses.
+    """
+    inner = ctx.over
+    if inner is None:
+        candidates = await ctx.generate(n=n, messages=messages, temperature=temperature, logprobs=logprobs,
+                                        top_logprobs=top_logprobs, index=index, min_success=min_success,
+                                        label=label)
+    else:
+        async def one() -> Candidate:
+            result = await ctx.run_strategy(inner, messages=messages,
+                                            logprobs=(top_logprobs or 1) if logprobs or top_logprobs else None)
+            answer = result.answer
+            return replace(answer, label=inner.slug,
+                           budget_exhausted=answer.budget_exhausted or result.budget_exhausted)
+
+        candidates, errors = await gather_successes((one for _ in range(n)), min_success=min_success,
+                                                    what=f"{inner.slug} run")
+        if errors:
+            ctx.note(f"{label}_failures", [str(e) for e in errors])
+    response_format = ctx.sampling.response_format
+    if response_format is not None:
+        parsing = [c for c in candidates if parses_as(c.text, response_format)]
+        if parsing and len(parsing) < len(candidates):
+            ctx.note(f"{label}_not_parsing", len(candidates) - len(parsing))
+        candidates = parsing or candidates
+    return candidates
+
+
+def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of the last user message (the question, for prompts that restate it)."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message)
+    return ""
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""

@@ -16,15 +16,16 @@ from pydantic import Field
 from .answers import Tally, extract_answer, tally
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
+    BudgetExceeded,
     Candidate,
-    FinalChoice,
     Strategy,
     StrategyContext,
     StrategyError,
     StrategyParams,
     StrategyResult,
+    draw,
 )
-from .selection import Pool
+from .selection import Pool, select
 
 
 class SelfConsistencyParams(StrategyParams):
@@ -112,24 +113,36 @@ class SelfConsistency(Strategy):
     slug = "sc"
     description = "self-consistency: samples, majority vote over extracted answers (adaptive: stop when settled)"
     Params = SelfConsistencyParams
+    composable = True
+
+    @classmethod
+    def fan_out(cls, params: StrategyParams) -> int:
+        assert isinstance(params, SelfConsistencyParams)
+        return params.n
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, SelfConsistencyParams)
         # The request's temperature when above 0; else the `temperature` param; else 0.8 (as the param says).
         temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         mode = "adaptive, at most" if params.adaptive else "drawing"
-        await ctx.progress(f"{mode} {params.n} samples at temperature {temperature:g}")
+        source = f"runs of {ctx.over.describe()}" if ctx.over else f"samples at temperature {temperature:g}"
+        await ctx.progress(f"{mode} {params.n} {source}")
         candidates: list[Candidate] = []
         answers: list[str] = []
         voting: list[bool] = []  # False: cut off by max_tokens, so its "answer" is unfinished
         settled = 0.0
+        stopped_by_budget = False
         wave = params.n if not params.adaptive else min(params.first_wave, params.n)
         while len(candidates) < params.n:
-            seed = ctx.sampling.seed + len(candidates) if ctx.sampling.seed is not None else None
-            drawn = await ctx.generate(
-                n=wave, temperature=temperature, seed=seed,
-                min_success=min(params.min_success, wave) if not candidates else 1,
-            )
+            try:
+                drawn = await draw(ctx, wave, temperature=temperature, index=len(candidates),
+                                   min_success=min(params.min_success, wave) if not candidates else 1)
+            except BudgetExceeded:
+                if not candidates:
+                    raise
+                stopped_by_budget = True
+                await ctx.progress(f"the budget ran out after {len(candidates)} samples; voting over those")
+                break
             for candidate in drawn:
                 candidates.append(candidate)
                 answers.append(extract_answer(candidate.text))
@@ -156,29 +169,26 @@ class SelfConsistency(Strategy):
                 await ctx.progress(f"the leader cannot be overtaken in the {params.n - len(candidates)} samples left")
                 break
             wave = min(params.wave, params.n - len(candidates))
-        if len(candidates) < params.min_success:
+        if len(candidates) < params.min_success and not stopped_by_budget:
             raise StrategyError(f"only {len(candidates)} samples succeeded; at least {params.min_success} needed")
-        counted = Pool(tuple(answers), finished=tuple(voting)).counted()
-        votes = tally(answers[i] for i in counted)
-        leader, leader_votes = votes.ranked()[0]
-        winner = candidates[next(i for i in counted if answers[i] == leader)]
-        counted_set = set(counted)
-        await ctx.progress(f"winner: {leader}, {leader_votes:g} of {len(counted)} votes")
+        pool = Pool(tuple(answers), finished=tuple(voting))
+        selection = select(pool, "vote", fallback="first")  # a tie goes to the answer seen first
+        counted = set(pool.counted())
+        winner = candidates[selection.index]
+        await ctx.progress(f"winner: {selection.answer}, {selection.scores[selection.answer]:g} of {len(counted)} "
+                           f"votes")
         details = {
-            "temperature": temperature,
+            "temperature": temperature if ctx.over is None else None,
             "samples": len(candidates),
-            "answer": leader,
-            "votes": dict(votes.ranked()),
+            "answer": selection.answer,
+            "votes": selection.scores,
             "not_counted": len(candidates) - len(counted),
             "candidates": [
                 {"answer": answer, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
-                 "counted": i in counted_set}
+                 "counted": i in counted}
                 for i, (c, answer) in enumerate(zip(candidates, answers))
             ],
         }
         if params.adaptive:
             details["settled_probability"] = round(settled, 4)
-        return StrategyResult(
-            choices=[FinalChoice(winner.text, winner.finish_reason or "stop", winner.completion_tokens)],
-            details=details,
-        )
+        return StrategyResult(choices=[winner], details=details, budget_exhausted=stopped_by_budget)

@@ -1,12 +1,13 @@
 """Choosing one candidate out of a pool: pure functions, no model calls, no HTTP.
 
-The `bon` strategy uses them on the samples it drew; an offline evaluator can build one `Pool` from stored samples
-and score every selector on it (`select(pool, "vote")`, `select(pool, "weighted")`, ...), or rebuild the pool with
-other confidence settings (`Pool.of(candidates, ConfidenceSpec("tail", 32))`) without drawing again.
+`bon`, `sc` and `deepconf` use them on the candidates they drew; an offline evaluator can build one `Pool` from
+stored samples and score every selector on it (`select(pool, "vote")`, `select(pool, "weighted")`, ...), or
+rebuild the pool with other confidence settings (`Pool.of(candidates, ConfidenceSpec("tail", 32))`) without
+drawing again. Scores themselves come from strategies.scoring.
 
-The model-dependent selectors are split the same way: the judge's answer scores come from `judge_probability`
-(pure, over the first token's logprobs) and `select_by_answer_scores`; the pairwise `tournament` takes the
-comparison as a callable, so stored comparisons can be replayed.
+The model-dependent selectors are split the same way: the judge's answer scores come from
+`scoring.judge_probability` (pure, over the first token's logprobs) and `select_by_answer_scores`; the pairwise
+`tournament` takes the comparison as a callable, so stored comparisons can be replayed.
 
 Ties are always between *answers*: several candidates with the same best score but one answer are no tie. A tie
 goes to the fallback selector, run over the tied answers' candidates only; a fallback's own ties (or no fallback)
@@ -15,87 +16,18 @@ go to the answer that appears first.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .answers import extract_answer
-from .framework import Candidate, TokenLogprob
+from .framework import Candidate, gather_all
+from .scoring import ConfidenceSpec
 
-ConfidenceVariant = Literal["mean", "tail", "lowest_group", "logprob"]
 PoolSelector = Literal["vote", "confidence", "weighted", "first"]
 POOL_SELECTORS: tuple[str, ...] = ("vote", "confidence", "weighted", "first")
 CONFIDENCE_SELECTORS = frozenset({"confidence", "weighted"})  # these need token logprobs
-
-
-# ---------------------------------------------------------------- DeepConf token confidence
-
-
-def token_confidence(entry: TokenLogprob, top_k: int) -> float | None:
-    """C = -(mean log-probability of the token's top-k alternatives): high when the distribution is peaked.
-
-    Needs k >= 2 to mean "confidence" (with k = 1 it is the top token's surprise). Without alternatives the
-    sampled token stands in for them. Non-finite values (some engines send -inf) are skipped.
-    """
-    alternatives = entry.top[:top_k] if entry.top else ((entry.token, entry.logprob),)
-    values = [lp for _, lp in alternatives if math.isfinite(lp)]
-    if not values:
-        return None
-    return -sum(values) / len(values)
-
-
-def token_confidences(logprobs: Sequence[TokenLogprob], top_k: int) -> list[float]:
-    return [c for c in (token_confidence(e, top_k) for e in logprobs) if c is not None]
-
-
-def trace_confidence(confidences: Sequence[float], variant: ConfidenceVariant = "lowest_group",
-                     window: int = 16) -> float | None:
-    """A trace's score from its token confidences.
-
-    mean: over all tokens. tail: over the last `window` tokens. lowest_group: the lowest mean of any `window`
-    consecutive tokens (sliding). A trace shorter than the window is one group, so for short answers all three
-    are the plain mean.
-    """
-    if not confidences:
-        return None
-    size = max(1, min(window, len(confidences)))
-    if variant == "mean":
-        return sum(confidences) / len(confidences)
-    if variant == "tail":
-        return sum(confidences[-size:]) / size
-    if variant == "lowest_group":
-        running = sum(confidences[:size])
-        lowest = running
-        for i in range(size, len(confidences)):
-            running += confidences[i] - confidences[i - size]
-            lowest = min(lowest, running)
-        return lowest / size
-    raise ValueError(f"unknown confidence variant {variant!r}")
-
-
-def mean_token_probability(logprobs: Sequence[TokenLogprob]) -> float | None:
-    """exp(mean log-probability of the sampled tokens): how likely the model found its own trace, per token.
-
-    Not DeepConf's measure (that one looks at the alternatives). A probability, so it also works as a vote weight.
-    """
-    values = [e.logprob for e in logprobs if math.isfinite(e.logprob)]
-    return math.exp(sum(values) / len(values)) if values else None
-
-
-@dataclass(frozen=True)
-class ConfidenceSpec:
-    variant: ConfidenceVariant = "lowest_group"
-    window: int = 16
-    top_k: int = 5
-
-    def score(self, logprobs: Sequence[TokenLogprob] | None) -> float | None:
-        if not logprobs:
-            return None
-        if self.variant == "logprob":
-            return mean_token_probability(logprobs)
-        return trace_confidence(token_confidences(logprobs, self.top_k), self.variant, self.window)
 
 
 # ---------------------------------------------------------------- the pool
@@ -128,7 +60,7 @@ class Pool:
         """`count_truncated`: treat replies cut off by max_tokens like finished ones."""
         return cls(
             tuple(extract(c.text) for c in candidates),
-            tuple(spec.score(c.logprobs) if spec is not None else None for c in candidates),
+            tuple(spec.score(c.tokens) if spec is not None else None for c in candidates),
             tuple(count_truncated or not c.truncated for c in candidates),
         )
 
@@ -272,39 +204,6 @@ def select_verified(pool: Pool, passed: Sequence[bool], fallback: str) -> tuple[
     return Selection(decided.index, decided.answer, "verifier", _ranked(counts), tuple(counts), fallback), False
 
 
-# ---------------------------------------------------------------- judge scoring
-
-
-def _label(token: str) -> str:
-    return token.replace("Ġ", " ").replace("▁", " ").strip().strip("*_`\"'()[].,:;!").lower()
-
-
-def judge_probability(first_token: TokenLogprob | None, text: str, positive: str = "yes",
-                      negative: str = "no") -> float | None:
-    """P(positive) normalised over positive/negative from the first token's top logprobs, summing case and
-    space variants (" Yes", "yes", "YES", ...). Without usable logprobs: 1 or 0 from the sampled text, and None
-    when the text says neither."""
-    if first_token is not None:
-        mass = {positive: 0.0, negative: 0.0}
-        seen: set[str] = set()
-        for token, logprob in ((first_token.token, first_token.logprob), *first_token.top):
-            if token in seen or not math.isfinite(logprob):
-                continue
-            seen.add(token)
-            label = _label(token)
-            if label in mass:
-                mass[label] += math.exp(logprob)
-        total = mass[positive] + mass[negative]
-        if total > 0:
-            return mass[positive] / total
-    words = _label(text.split()[0]) if text.split() else ""
-    if words == positive:
-        return 1.0
-    if words == negative:
-        return 0.0
-    return None
-
-
 # ---------------------------------------------------------------- pairwise tournament
 
 
@@ -335,7 +234,7 @@ async def tournament(entrants: Sequence[str], compare: Compare) -> tuple[str, li
         advancing = [remaining[0]] if len(remaining) % 2 else []
         field_ = remaining[len(advancing):]
         pairs = [(field_[i], field_[-1 - i]) for i in range(len(field_) // 2)]
-        results = await asyncio.gather(*(compare(a, b) for a, b in pairs))
+        results = await gather_all(compare(a, b) for a, b in pairs)
         for (a, b), p in zip(pairs, results):
             winner = a if p >= 0.5 else b
             matches.append(Match(round_number, a, b, p, winner))

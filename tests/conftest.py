@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.config import BackendConfig, ProxyConfig
-from proxy.fakebackend import FakeBackend
+from tools.fakebackend import FakeBackend
 
 from .helpers import ProxyServer
 

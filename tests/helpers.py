@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 
 from proxy.app import create_app
 from proxy.config import ProxyConfig
-from proxy.engine import free_port
+from proxy.backends.engine import free_port
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi.yaml"
 
@@ -93,7 +93,7 @@ from collections.abc import Callable, Mapping  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from proxy.fakebackend import FakeBackend  # noqa: E402
+from tools.fakebackend import FakeBackend  # noqa: E402
 
 
 def backend_entry(fake: FakeBackend, **fields: Any) -> dict[str, Any]:
@@ -166,3 +166,13 @@ def assert_openai_error(response: httpx.Response, status: int, *, param: str | N
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+from strategies.framework import Token, TokenAlternative  # noqa: E402
+
+
+def tok(text: str, logprob: float, top: tuple[tuple[str, float], ...] = (), offset: int = 0,
+        token_id: int | None = None) -> Token:
+    """A Token with (text, logprob) alternatives, for pure tests."""
+    return Token(text=text, logprob=logprob, id=token_id, bytes=text.encode(), offset=offset,
+                 top=tuple(TokenAlternative(t, lp) for t, lp in top))

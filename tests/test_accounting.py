@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools.fakebackend import FakeBackend, FakeReply
 
 from .conftest import fake_config
 from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, sync_client, user

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.fakebackend import FakeBackend
+from tools.fakebackend import FakeBackend
 
 from .conftest import fake_config
 from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, sync_client, user

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import bench
+from tools import bench
 from proxy.backends import Backend, new_client_session
-from proxy.cli import main
+from tools.cli import main
 from proxy.config import config_for_backend_url
 from proxy.errors import BackendUnreachable
 

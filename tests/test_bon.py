@@ -9,33 +9,31 @@ import time
 import openai
 import pytest
 
-from proxy.fakebackend import FakeBackend, FakeReply, _tokens
-from strategies.bon import BestOfNParams, judge_messages, resolve_fallback
-from strategies.checks import check_all, check_schema, extract_json, schema_errors
-from strategies.framework import Candidate, TokenLogprob
+from tools.fakebackend import FakeBackend, FakeReply, _tokens
+from strategies.bon import BestOfNParams, resolve_fallback
+from strategies.formats import check_all, check_schema, extract_json, schema_errors
+from strategies.framework import Candidate, Token
+from strategies.scoring import ConfidenceSpec, judge_messages, judge_probability, token_confidence, trace_confidence
 from strategies.selection import (
-    ConfidenceSpec,
     Pool,
     answer_scores,
-    judge_probability,
     select,
     select_by_answer_scores,
     select_verified,
-    token_confidence,
     tournament,
-    trace_confidence,
 )
 
 from proxy.config import ProxyConfig
+from proxy.runs.sampling import derive_seed
 
 from .conftest import fake_config
-from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, sync_client, user
+from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, sync_client, tok, user
 
 # ================================================================ pure functions
 
 
-def entry(top: list[float], token: str = "t") -> TokenLogprob:
-    return TokenLogprob(token, top[0], tuple((f"{token}{i}", lp) for i, lp in enumerate(top)))
+def entry(top: list[float], token: str = "t") -> Token:
+    return tok(token, top[0], tuple((f"{token}{i}", lp) for i, lp in enumerate(top)))
 
 
 def test_token_confidence_is_high_for_a_peaked_distribution():
@@ -45,7 +43,7 @@ def test_token_confidence_is_high_for_a_peaked_distribution():
     assert token_confidence(peaked, 5) > token_confidence(flat, 5)
     assert token_confidence(peaked, 2) == pytest.approx(3.005)  # only the top-k count
     # Without alternatives the sampled token stands in; -inf values are skipped.
-    assert token_confidence(TokenLogprob("x", -0.5), 5) == 0.5
+    assert token_confidence(tok("x", -0.5), 5) == 0.5
     assert token_confidence(entry([-1.0, -math.inf]), 5) == 1.0
 
 
@@ -67,7 +65,7 @@ def candidate(text: str, levels: list[float] | None = None) -> Candidate:
     logprobs = None
     if levels is not None:
         logprobs = tuple(entry([-0.01] + [-level - j for j in range(19)]) for level in levels)
-    return Candidate(text, "stop", {"role": "assistant", "content": text}, len(_tokens(text)), logprobs)
+    return Candidate(text, "stop", len(_tokens(text)), logprobs)
 
 
 def test_pool_of_candidates_and_rescoring_offline():
@@ -88,7 +86,7 @@ def test_candidates_cut_off_by_max_tokens_compete_only_when_none_finished():
         assert select(pool, selector).answer == "5"
     assert select_verified(pool, [True, True, True], "vote")[0].answer == "5"
     assert select(Pool(("12", "12", "5"), (9.0, 9.0, 1.0), (False, False, False)), "vote").answer == "12"
-    cut = Candidate("So 12 + 12", "length", {"role": "assistant", "content": "So 12 + 12"}, 5)
+    cut = Candidate("So 12 + 12", "length", 5)
     done = candidate("It is 5.")
     assert Pool.of([cut, done], None).finished == (False, True)
     assert Pool.of([cut, done], None, count_truncated=True).finished == (True, True)
@@ -169,13 +167,13 @@ def test_select_verified():
 
 
 def test_judge_probability():
-    first = TokenLogprob("Yes", math.log(0.5), (("Yes", math.log(0.5)), (" yes", math.log(0.1)),
+    first = tok("Yes", math.log(0.5), (("Yes", math.log(0.5)), (" yes", math.log(0.1)),
                                                 ("No", math.log(0.2)), (" NO", math.log(0.1)), ("Maybe", -1.0)))
     assert judge_probability(first, "Yes") == pytest.approx(0.6 / 0.9)
-    ab = TokenLogprob("B", math.log(0.75), (("B", math.log(0.75)), ("A", math.log(0.25))))
+    ab = tok("B", math.log(0.75), (("B", math.log(0.75)), ("A", math.log(0.25))))
     assert judge_probability(ab, "B", "a", "b") == pytest.approx(0.25)
     # No yes/no among the logprobs, or none at all: the sampled text decides.
-    assert judge_probability(TokenLogprob("Sure", -0.1, (("Sure", -0.1),)), "Sure") is None
+    assert judge_probability(tok("Sure", -0.1, (("Sure", -0.1),)), "Sure") is None
     assert judge_probability(None, "Yes.") == 1.0
     assert judge_probability(None, " no") == 0.0
     assert judge_probability(None, "") is None
@@ -261,7 +259,7 @@ def test_params():
     assert BestOfNParams.model_validate({"json_schema": '{"type": "object"}', "select": "verifier"}).json_schema == \
         {"type": "object"}
     for bad in ({"select": "verifier"}, {"regex": "("}, {"json_schema": {"$ref": "#"}}, {"top_k": 1},
-                {"generator": "sc", "select": "confidence"}, {"generator_params": {"n": 2}}):
+                {"generator": "sc"}):
         with pytest.raises(ValueError):
             BestOfNParams.model_validate(bad)
 
@@ -575,7 +573,7 @@ def test_bad_select_is_a_400_listing_the_valid_ones(proxy, fake):
     {"select": "verifier", "json_schema": {"$ref": "#/defs/x"}},
     {"select": "verifier", "regex": "(unclosed"},
     {"top_k": 1},
-    {"generator": "sc", "select": "weighted"},
+    {"generator": "sc"},
 ])
 def test_bad_params_are_400(proxy, fake, params):
     response = chat(proxy, {"model": "fake-model", "messages": user(), "ttc": {"strategy": "bon", "params": params}})
@@ -590,10 +588,10 @@ def test_confidence_without_logprobs_is_a_400_before_any_call(fake_backend, fake
             response = chat(server, {"model": "bon-fake-model", "messages": user(), "stream": stream})
             error = assert_openai_error(response, 400, param="ttc.params", code="backend_capability_missing")
             assert "logprobs" in error["message"] and "select=confidence" in error["message"]
-        # A nested run (bon generating with bon) is checked the same way when it starts, before any call.
-        nested = {"n": 2, "select": "vote", "generator": "bon", "generator_params": {"n": 2}}
+        # A composition (bon over bon) is checked level by level, before any call.
         response = chat(server, {"model": "fake-model", "messages": user(),
-                                 "ttc": {"strategy": "bon", "params": nested}})
+                                 "ttc": {"strategy": "bon", "params": {"n": 2, "select": "vote"},
+                                         "over": {"strategy": "bon", "params": {"n": 2}}}})
         assert_openai_error(response, 400, code="backend_capability_missing")
         assert fake.requests == []
         # Selectors that need no logprobs work there (with vote as the tie-breaker).
@@ -604,32 +602,32 @@ def test_confidence_without_logprobs_is_a_400_before_any_call(fake_backend, fake
     assert all("logprobs" not in r.body for r in fake.chat_requests())
 
 
-def test_generator_runs_another_strategy_n_times(client, fake):
-    # Each sc run (n=3) sees its own seeds: run i samples seeds 5 + i*stride + (0, 1, 2).
+def test_bon_over_sc_runs_it_n_times_with_derived_seeds(client, fake):
+    # Each sc run (n=3) samples with seeds derived from (seed, its path, i): siblings differ, reruns repeat.
+    seeds = {derive_seed(5, (f"sc#{run}",), k): (run, k) for run in range(3) for k in range(3)}
+
     def script(body: dict) -> FakeReply:
-        run, offset = divmod(body["seed"] - 5, 100_003)
-        return FakeReply(texts=[["The answer is 4.", "It is 4", "9"][offset] if run != 1 else "So 8 it is"])
+        run, k = seeds[body["seed"]]
+        return FakeReply(texts=[["The answer is 4.", "It is 4", "9"][k] if run != 1 else "So 8 it is"])
 
     fake.script = script
     completion = client.chat.completions.create(
-        model="fake-model", messages=user(), seed=5,
-        extra_body={"ttc": {"strategy": "bon", "params": {"n": 3, "select": "vote", "generator": "sc",
-                                                          "generator_params": {"n": 3}}}},
-    )
+        model="bon:n=3,select=vote>sc:n=3-fake-model", messages=user(), seed=5)
     details = completion.ttc["details"]
-    assert details["source"] == "sc" and details["samples"] == 3
+    assert details["source"] == "sc:n=3" and details["samples"] == 3 and completion.ttc["over"] == "sc:n=3"
     assert [c["answer"] for c in details["candidates"]] == ["4", "8", "4"]
     assert details["answer"] == "4" and completion.choices[0].message.content == "The answer is 4."
-    assert sorted(r.body["seed"] for r in fake.chat_requests()) == sorted(
-        5 + run * 100_003 + k for run in range(3) for k in range(3))
+    assert sorted(r.body["seed"] for r in fake.chat_requests()) == sorted(seeds)
     assert completion.usage.completion_tokens == 2 * (4 + 3 + 1) + 3 * 4
     assert completion.ttc["backend_calls"] == 9
+    again = client.chat.completions.create(model="bon:n=3,select=vote>sc:n=3-fake-model", messages=user(), seed=5)
+    assert again.choices[0].message.content == completion.choices[0].message.content
 
 
-def test_generator_must_exist(proxy, fake):
+def test_composition_must_name_strategies(proxy, fake):
     response = chat(proxy, {"model": "fake-model", "messages": user(),
-                            "ttc": {"strategy": "bon", "params": {"select": "vote", "generator": "nope"}}})
-    error = assert_openai_error(response, 400)
+                            "ttc": {"strategy": "bon", "params": {"select": "vote"}, "over": {"strategy": "nope"}}})
+    error = assert_openai_error(response, 400, code="unknown_strategy")
     assert "nope" in error["message"] and fake.requests == []
 
 
@@ -678,8 +676,8 @@ def test_requirements_depend_on_params():
 
 
 def test_logprob_variant_scores_by_the_sampled_tokens_own_probability():
-    likely = (TokenLogprob("5", -0.1, (("5", -0.1), ("6", -0.2))), TokenLogprob("6", -0.1, (("6", -0.1), ("7", -0.3))))
-    unlikely = (TokenLogprob("5", -2.0, (("5", -2.0), ("6", -9.0))),)
+    likely = (tok("5", -0.1, (("5", -0.1), ("6", -0.2))), tok("6", -0.1, (("6", -0.1), ("7", -0.3))))
+    unlikely = (tok("5", -2.0, (("5", -2.0), ("6", -9.0))),)
     spec = ConfidenceSpec("logprob")
     assert spec.score(likely) == pytest.approx(math.exp(-0.1))
     assert spec.score(unlikely) == pytest.approx(math.exp(-2.0))

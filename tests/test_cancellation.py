@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools.fakebackend import FakeBackend, FakeReply
 
 from .helpers import async_client, chat, raw_request, user, wait_until
 

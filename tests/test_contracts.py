@@ -14,8 +14,9 @@ import pytest
 
 from proxy.backends import Backend, new_client_session
 from proxy.config import BackendConfig, ProxyConfig
-from proxy.context import RunContext, RunState
-from proxy.fakebackend import FakeBackend, FakeReply
+from proxy.runs.context import RunContext, RunState, Scope
+from tools.fakebackend import FakeBackend, FakeReply
+from proxy.runs.accounting import BudgetScope
 from proxy.traces import Trace
 from strategies import BUILTIN_STRATEGIES
 from strategies.framework import Sampling
@@ -53,20 +54,23 @@ def test_vllm_is_recognised_from_its_models_listing_and_gets_one_n_request(engin
 
 @pytest.mark.parametrize("engine", [VLLM], indirect=True)
 async def test_vllm_prefill_uses_continue_final_message(engine: FakeBackend) -> None:
-    engine.script = lambda body: FakeReply(texts=["The answer is 42."])
+    engine.script = lambda body: FakeReply(texts=[" 42."])  # vLLM answers with the continuation only
+    settings = ProxyConfig.model_validate({"backends": [{"name": "x", "base_url": "http://x"}]}).strategies
     async with new_client_session() as client:
         backend = Backend(BackendConfig(name="vllm", kind="vllm", base_url=engine.base_url), engine.base_url, client)
-        state = RunState(backend=backend, model="m", owner="t", request_id=None,
-                         sampling=Sampling(None, None, 16, None, None), messages=user(),
-                         budget=ProxyConfig.model_validate({"backends": [{"name": "x", "base_url": "http://x"}]})
-                         .strategies.budget, settings=ProxyConfig.model_validate(
-                             {"backends": [{"name": "x", "base_url": "http://x"}]}).strategies,
-                         registry=BUILTIN_STRATEGIES, trace=Trace("t"))
-        candidate = await RunContext(state).continue_prefix("The answer is")
-    (call,) = engine.chat_requests()
+        state = RunState(owner="t", request_id=None, settings=settings, registry=BUILTIN_STRATEGIES,
+                         trace=Trace("t"))
+        scope = Scope(backend=backend, model="m", messages=user(), sampling=Sampling(None, None, 16, None, None),
+                      budget=BudgetScope(settings.budget))
+        context = RunContext(state, scope)
+        (candidate,) = await context.continue_prefix("The answer is")
+        await context.continue_prefix("The answer is", n=2)
+    probe, call, *_ = engine.chat_requests()
+    assert probe.body["max_tokens"] == 1  # the one-time echo probe
     assert call.body["messages"][-1] == {"role": "assistant", "content": "The answer is"}
     assert call.body["continue_final_message"] is True and call.body["add_generation_prompt"] is False
-    assert candidate.text == " 42."  # the engine echoed the prefix; the continuation alone is returned
+    assert candidate.text == " 42."  # no echo: the continuation is the reply
+    assert len(engine.chat_requests()) == 3  # the probe ran once; the second continuation drew n=2 in one call
 
 
 OPENAI = {"owned_by": "openai", "slots": 128, "usage_counts_one_choice": False, "model": "gpt-4o-mini"}

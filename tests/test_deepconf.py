@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools.fakebackend import FakeBackend, FakeReply
 
 from .helpers import user
 

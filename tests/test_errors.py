@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools.fakebackend import FakeBackend, FakeReply
 
 from .conftest import fake_config
 from .helpers import (

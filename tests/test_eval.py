@@ -12,23 +12,13 @@ from typing import Any
 
 import pytest
 
-from proxy import cli
-from proxy.evaluation import (
-    EvalError,
-    Progress,
-    Record,
-    boxed_content,
-    check_boxed,
-    check_exact,
-    check_number,
-    check_regex,
-    load_tasks,
-    paired_difference,
-    percentile,
-    summarise,
-    wilson_interval,
-)
-from proxy.fakebackend import FakeBackend, FakeReply
+from strategies.answers import boxed_content
+from tools import cli
+from tools.eval.checks import check_boxed, check_exact, check_number, check_regex
+from tools.eval.runner import Progress, Record
+from tools.eval.stats import paired_difference, percentile, summarise, wilson_interval
+from tools.eval.tasks import EvalError, load_tasks
+from tools.fakebackend import FakeBackend, FakeReply
 
 from .helpers import ProxyServer, closed_port
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from proxy import cli
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools import cli
+from tools.fakebackend import FakeBackend, FakeReply
 
 from .helpers import ProxyServer
 

@@ -13,10 +13,10 @@ import uvicorn
 from proxy.app import create_app
 from proxy.config import ProxyConfig
 from proxy.errors import InvalidRequest
-from proxy.fakebackend import FakeBackend
+from tools.fakebackend import FakeBackend
 from proxy.routing import resolve_route, split_model_name
 from strategies import BUILTIN_STRATEGIES
-from strategies.framework import FinalChoice, Strategy, StrategyParams, StrategyResult
+from strategies.framework import Strategy, StrategyParams, StrategyResult, StrategySpec
 from strategies.sc import SelfConsistency
 
 from .conftest import fake_config
@@ -31,7 +31,7 @@ class FirstSample(Strategy):
 
     async def run(self, ctx, params: StrategyParams) -> StrategyResult:
         (candidate,) = await ctx.generate(n=1)
-        return StrategyResult([FinalChoice(candidate.text, "stop", candidate.completion_tokens)])
+        return StrategyResult([candidate])
 
 
 REGISTRY = MappingProxyType({"sc": SelfConsistency, "first": FirstSample})
@@ -206,15 +206,38 @@ def test_resolve_route_units():
     config = ProxyConfig.model_validate({"backends": [{"name": "b", "base_url": "http://127.0.0.1:9"}],
                                          "aliases": ALIASES})
     route = resolve_route("sc:n=4-m", None, config, REGISTRY)
-    assert route.model == "m" and route.strategy.strategy is SelfConsistency and route.strategy.params == {"n": "4"}
+    assert route.model == "m" and route.spec == StrategySpec("sc", {"n": "4"})
     route = resolve_route("m", {"strategy": "first", "budget": {"max_calls": 2}}, config, REGISTRY)
-    assert route.strategy.strategy is FirstSample and route.strategy.budget == {"max_calls": 2}
-    assert resolve_route("gpt-4o-mini", None, config, REGISTRY).strategy is None
-    assert resolve_route("smart", None, config, REGISTRY).strategy.params == {"n": 3}
-    assert split_model_name("first-m", REGISTRY) == ("first", {}, "m")
-    assert split_model_name("plain-model-name", REGISTRY) == (None, {}, "plain-model-name")
+    assert route.spec == StrategySpec("first") and route.budget == {"max_calls": 2}
+    assert resolve_route("gpt-4o-mini", None, config, REGISTRY).spec is None
+    assert resolve_route("smart", None, config, REGISTRY).spec.params == {"n": 3}
+    assert split_model_name("first-m", REGISTRY) == (StrategySpec("first"), "m")
+    assert split_model_name("plain-model-name", REGISTRY) == (None, "plain-model-name")
     with pytest.raises(InvalidRequest, match="conflicting|selects strategy"):
         resolve_route("smart", {"strategy": "first"}, config, REGISTRY)
+
+
+def test_composition_in_the_model_name_and_in_ttc():
+    config = ProxyConfig.model_validate({"backends": [{"name": "b", "base_url": "http://127.0.0.1:9"}]})
+    nested = StrategySpec("sc", {"n": "4"}, StrategySpec("sc", {"n": "2"}, StrategySpec("first")))
+    assert split_model_name("sc:n=4>sc:n=2>first-m-x", REGISTRY) == (nested, "m-x")
+    assert nested.describe() == "sc:n=4>sc:n=2>first" and len(nested.chain()) == 3
+    route = resolve_route("m", {"strategy": "sc", "params": {"n": 4},
+                                "over": {"strategy": "first"}}, config, REGISTRY)
+    assert route.spec == StrategySpec("sc", {"n": 4}, StrategySpec("first"))
+    # The ttc object's params merge over the model name's, level by level.
+    route = resolve_route("sc:n=4>sc:n=2-m", {"params": {"min_success": 2},
+                                              "over": {"strategy": "sc", "params": {"n": 3}}}, config, REGISTRY)
+    assert route.spec == StrategySpec("sc", {"n": "4", "min_success": 2}, StrategySpec("sc", {"n": 3}))
+    for bad, code in (("sc>nope-m", "unknown_strategy"), ("nope>sc-m", "unknown_strategy"),
+                      ("sc>first", "invalid_model")):
+        with pytest.raises(InvalidRequest) as caught:
+            resolve_route(bad, None, config, REGISTRY)
+        assert caught.value.code == code, bad
+    with pytest.raises(InvalidRequest, match="names 'first'"):
+        resolve_route("sc>sc-m", {"over": {"strategy": "first"}}, config, REGISTRY)
+    with pytest.raises(InvalidRequest, match="unknown keys"):
+        resolve_route("sc-m", {"over": {"strategy": "first", "n": 2}}, config, REGISTRY)
 
 
 # ---- aliases ----

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools.fakebackend import FakeBackend, FakeReply
 
 from strategies.answers import tally
 from strategies.sc import leader_is_decided, leader_keeps_probability, majority_settled_probability
@@ -183,10 +183,8 @@ def test_client_n_above_one_is_refused(client, fake):
 
 @pytest.mark.parametrize("feature", [
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
-    {"response_format": {"type": "json_object"}},
-    {"logprobs": True},
-    {"top_logprobs": 2},
     {"tool_choice": "auto"},
+    {"functions": [{"name": "f", "parameters": {"type": "object"}}]},
 ])
 def test_unsupported_features_are_refused(proxy, fake, feature):
     (name,) = feature

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from proxy.errors import Overloaded
-from proxy.fakebackend import FakeReply
-from proxy.scheduler import FairScheduler
+from tools.fakebackend import FakeReply
+from proxy.backends.scheduler import FairScheduler
 
 from .conftest import fake_config
 from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, user, wait_until

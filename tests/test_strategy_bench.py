@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proxy import cli
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools import cli
+from tools.fakebackend import FakeBackend, FakeReply
 
 
 def test_bench_strategy_times_both_ways_on_the_same_engine(fake: FakeBackend, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.fakebackend import FakeBackend, FakeReply
+from tools.fakebackend import FakeBackend, FakeReply
 
 from .conftest import fake_config
 from .helpers import ProxyServer, chat, sse_payloads, sync_client, user, validate_schema

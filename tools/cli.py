@@ -1,35 +1,18 @@
-"""The `ttc-proxy` command: serve, bench, eval."""
+"""The `ttc-proxy` command: serve (the proxy), and the tools: eval, bench, bench-strategy."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from .config import ConfigError, ProxyConfig, config_for_backend_url, load_config
-
-DEFAULT_CONFIG = Path("config.yaml")
-
-
-def resolve_config(config_path: str | None, backend_url: str | None) -> ProxyConfig:
-    """--config FILE, else ./config.yaml if present; --backend URL replaces the backends with that one engine."""
-    path = Path(config_path) if config_path else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    if path is None and backend_url is None:
-        from .config import BackendConfig, EmbeddedEngine
-
-        return ProxyConfig(backends=[BackendConfig(name="local", kind="llama_cpp", embedded=EmbeddedEngine())])
-    base = load_config(path) if path is not None else None
-    if backend_url is not None:
-        return config_for_backend_url(backend_url, base)
-    assert base is not None
-    return base
+from proxy.config import ConfigError, resolve_config
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from proxy.app import create_app
 
     try:
         config = resolve_config(args.config, args.backend)
@@ -54,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--log-level", default="info")
     serve_parser.set_defaults(handler=serve)
 
-    from . import bench, evaluation, strategy_bench
+    from . import bench, strategy_bench
+    from . import eval as evaluation
 
     for command in (bench, evaluation, strategy_bench):
         command.add_parser(commands)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from .errors import Overloaded
+from ..errors import Overloaded
 
 
 @dataclass(eq=False)

@@ -2,7 +2,7 @@
 
 Three processes, so that none shares an event loop (or the GIL) with another:
 
-* the backend: proxy.fakebackend.FakeBackend on raw asyncio (uvloop when installed), answering at once;
+* the backend: tools.fakebackend.FakeBackend on raw asyncio (uvloop when installed), answering at once;
 * the proxy: create_app(config_for_backend_url(backend)) under one uvicorn worker (uvloop + httptools);
 * the load generator: a minimal raw-asyncio HTTP/1.1 keep-alive client (an asyncio.Protocol that writes
   request bytes and parses status line, headers, content-length bodies and chunked server-sent events).
@@ -184,8 +184,8 @@ def proxy_main(argv: Sequence[str]) -> None:
     _exit_with_parent(parent_pid)
     import uvicorn
 
-    from .app import create_app
-    from .config import config_for_backend_url
+    from proxy.app import create_app
+    from proxy.config import config_for_backend_url
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -524,7 +524,7 @@ def _child_env() -> dict[str, str]:
 
 
 def _python_c(entry: str) -> list[str]:
-    return [sys.executable, "-c", f"import sys; from proxy.bench import {entry}; {entry}(sys.argv[1:])"]
+    return [sys.executable, "-c", f"import sys; from tools.bench import {entry}; {entry}(sys.argv[1:])"]
 
 
 class _Child:
@@ -603,7 +603,7 @@ def _wait_healthy(port: int, path: str, child: _Child, timeout: float = 60.0) ->
 def _run_loadgen(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     spec = {**spec, "parent_pid": os.getpid()}
     stderr = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", "from proxy.bench import loadgen_main; loadgen_main()"],
+    proc = subprocess.Popen([sys.executable, "-c", "from tools.bench import loadgen_main; loadgen_main()"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=_child_env())
     try:
         out, _ = proc.communicate(json.dumps(spec).encode(), timeout=timeout)
@@ -723,7 +723,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
         "setup": {
             "model": BENCH_MODEL,
             "request_body": json.loads(request_body(False)),
-            "backend": "proxy.fakebackend.FakeBackend, own process, " + ("uvloop" if _has("uvloop") else "asyncio"),
+            "backend": "tools.fakebackend.FakeBackend, own process, " + ("uvloop" if _has("uvloop") else "asyncio"),
             "proxy": f"create_app(config_for_backend_url(...)), uvicorn, 1 worker, loop={loop}, http={http}, "
                      "access log off",
             "client": "raw asyncio HTTP/1.1 keep-alive, own process",

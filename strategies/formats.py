@@ -1,5 +1,5 @@
-"""User-supplied checks on a candidate's text: a regular expression, and a JSON schema (a small subset of JSON
-Schema, validated here so the proxy needs no `jsonschema` at runtime). Pure functions, usable offline.
+"""What a reply must look like: a regular expression, a JSON schema (a small subset of JSON Schema, validated here
+so the proxy needs no `jsonschema` at runtime), an OpenAI `response_format`. Pure functions, usable offline.
 
 Supported keywords: type, enum, const, properties, required, additionalProperties, items, minItems, maxItems,
 uniqueItems, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf,
@@ -245,3 +245,26 @@ def check_all(texts: Sequence[str], regex: str | None = None,
               json_schema: Mapping[str, Any] | bool | None = None) -> list[CheckResult]:
     compiled = re.compile(regex) if regex is not None else None
     return [run_checks(t, compiled, json_schema) for t in texts]
+
+
+def parses_as(text: str, response_format: Mapping[str, Any]) -> bool:
+    """Whether a reply satisfies an OpenAI `response_format`: `json_object` — the reply is a JSON object;
+    `json_schema` — it is JSON and, where the schema stays within the subset above, satisfies it (a schema beyond
+    the subset is checked for JSON only); `text` or anything else — always."""
+    kind = response_format.get("type")
+    if kind not in ("json_object", "json_schema"):
+        return True
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    if kind == "json_object":
+        return isinstance(value, dict)
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if schema is None:
+        return True
+    try:
+        check_schema(schema)
+    except ValueError:
+        return True
+    return not schema_errors(value, schema)

@@ -18,7 +18,10 @@ from typing import Any
 
 import aiohttp
 
-from .evaluation import InProcessProxy, load_tasks
+from proxy.config import resolve_config
+
+from .eval.runner import InProcessProxy
+from .eval.tasks import load_tasks
 
 
 async def _timed_post(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> float:
@@ -48,8 +51,6 @@ async def measure(proxy_url: str, engine_url: str, model: str, questions: list[s
 
 
 def bench_strategy_command(args: argparse.Namespace) -> int:
-    from .cli import resolve_config
-
     config = resolve_config(args.config, args.backend)
     tasks = load_tasks(args.tasks, args.limit)
     strategy = args.strategy

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .config import EmbeddedEngine
+from ..config import EmbeddedEngine
 
 log = logging.getLogger("ttc_proxy.engine")
 

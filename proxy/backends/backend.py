@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
+from ..config import BackendConfig
+from ..errors import BackendError, BackendTimeout, BackendUnreachable, error_from_backend
 from .capabilities import PRESETS, Capabilities, cap_from_n_error, kind_from_models_listing
-from .config import BackendConfig
-from .errors import BackendTimeout, BackendUnreachable, error_from_backend
 from .scheduler import FairScheduler
 
 log = logging.getLogger("ttc_proxy.backends")
@@ -24,6 +25,9 @@ DEFAULT_MAX_IN_FLIGHT = 64
 _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the 5 s idle timeout of uvicorn and llama-server, so the pool rarely reuses a connection they closed.
 DEFAULT_KEEPALIVE_SECONDS = 4.0
+# A prefill no reply of one token can contain: whether the engine echoes it shows in its answer (see
+# Backend.prefill_echoes).
+_ECHO_PROBE = "Echo probe 7Q3:"
 
 
 def new_client_session(limit: int = 1024, keepalive: float = DEFAULT_KEEPALIVE_SECONDS,
@@ -108,7 +112,7 @@ class Backend:
         self.config = config
         self.base_url = base_url.rstrip("/")
         self.client = client
-        self.capabilities: Capabilities = PRESETS[config.kind].with_overrides(config.capabilities)
+        self.capabilities: Capabilities = self._preset(config.kind)
         # connect also bounds the wait for a free connection in the pool (as httpx's pool timeout did).
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -123,6 +127,14 @@ class Backend:
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._urls: dict[str, URL] = {}  # parsed once per path
+        self._prefill_echo: bool | None = None  # learned on first use (prefill_echoes)
+        self._echo_lock = asyncio.Lock()
+
+    def _preset(self, kind: Any) -> Capabilities:
+        capabilities = PRESETS[kind]
+        if self.config.chat_template is not None:
+            capabilities = dataclasses.replace(capabilities, render=True)
+        return capabilities.with_overrides(self.config.capabilities)
 
     # ---- learning what the backend can do (free endpoints only) ----
 
@@ -141,7 +153,7 @@ class Backend:
             detected = kind_from_models_listing(listing)
             if detected is not None:
                 kind = detected
-                self.capabilities = PRESETS[detected].with_overrides(self.config.capabilities)
+                self.capabilities = self._preset(detected)
                 log.info("backend %s looks like %s", self.name, detected)
         if kind == "llama_cpp":
             props = await self._get_json(f"{self.root_url}/props")
@@ -267,14 +279,86 @@ class Backend:
             raise BackendUnreachable(f"backend {self.name} sent JSON that is not an object")
         return payload
 
-    async def count_tokens(self, text: str) -> int | None:
-        """llama-server's /tokenize, for counting tokens the engine's usage leaves out."""
-        if self.capabilities.kind != "llama_cpp":
-            return None
+    # ---- engine endpoints beside the OpenAI API (tokenizer, chat template) ----
+
+    async def _engine_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A small POST to an engine endpoint (no generation, so no scheduler slot); errors as ProxyErrors."""
         try:
-            async with self.client.post(f"{self.root_url}/tokenize", json={"content": text}, headers=self._headers,
+            async with self.client.post(f"{self.root_url}{path}", json=body, headers=self._headers,
                                         timeout=self.timeout) as response:
-                tokens = (await response.json(content_type=None)).get("tokens") if response.status == 200 else None
-        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
-            return None
-        return len(tokens) if isinstance(tokens, list) else None
+                raw = await response.read()
+                status = response.status
+        except TimeoutError as exc:
+            raise BackendTimeout(f"backend {self.name} timed out on {path}") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        if status >= 400:
+            raise error_from_backend(status, payload, raw.decode("utf-8", "replace")[:2000])
+        if not isinstance(payload, dict):
+            raise BackendUnreachable(f"backend {self.name} answered {path} with something that is not a JSON object")
+        return payload
+
+    async def tokenize(self, model: str, text: str) -> list[int]:
+        """The engine's token ids for `text`, special-token text parsed, no BOS added."""
+        if self.capabilities.kind == "vllm":
+            payload = await self._engine_json("/tokenize", {"model": model, "prompt": text,
+                                                            "add_special_tokens": False})
+        else:
+            payload = await self._engine_json("/tokenize", {"content": text, "add_special": False,
+                                                            "parse_special": True})
+        tokens = payload.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise BackendUnreachable(f"backend {self.name}: /tokenize did not answer with a list of token ids")
+        return tokens
+
+    async def detokenize(self, model: str, ids: Sequence[int]) -> str:
+        body: dict[str, Any] = {"tokens": list(ids)}
+        if self.capabilities.kind == "vllm":
+            body["model"] = model
+        payload = await self._engine_json("/detokenize", body)
+        text = payload.get("content", payload.get("prompt"))
+        if not isinstance(text, str):
+            raise BackendUnreachable(f"backend {self.name}: /detokenize did not answer with text")
+        return text
+
+    async def render(self, model: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The conversation as the model's raw prompt: the configured template, else the engine's own."""
+        if self.config.chat_template is not None:
+            return self.config.chat_template.render(list(messages), add_generation_prompt)
+        if self.capabilities.kind == "vllm":
+            payload = await self._engine_json("/tokenize", {"model": model, "messages": list(messages),
+                                                            "add_generation_prompt": add_generation_prompt})
+            return await self.detokenize(model, payload.get("tokens") or [])
+        if self.capabilities.kind == "llama_cpp":
+            payload = await self._engine_json("/apply-template", {"messages": list(messages),
+                                                                  "add_generation_prompt": add_generation_prompt})
+            prompt = payload.get("prompt")
+            if isinstance(prompt, str):
+                return prompt
+        raise BackendError(f"backend {self.name} ({self.capabilities.kind}) cannot render a chat template; "
+                           f"configure backends[].chat_template", status_code=400)
+
+    async def prefill_echoes(self, model: str, owner: str) -> bool:
+        """Whether the engine repeats a trailing assistant message at the start of its reply (llama-server does,
+        vLLM does not). Asked once, with a one-token probe, and remembered."""
+        if self._prefill_echo is not None:
+            return self._prefill_echo
+        async with self._echo_lock:
+            if self._prefill_echo is None:
+                body: dict[str, Any] = {
+                    "model": model, "max_tokens": 1, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Continue."},
+                                 {"role": "assistant", "content": _ECHO_PROBE}],
+                }
+                if self.capabilities.kind == "vllm":
+                    body.update(continue_final_message=True, add_generation_prompt=False)
+                payload = await self.call_json("/chat/completions", body, owner=owner)
+                choices = payload.get("choices") or [{}]
+                content = (choices[0].get("message") or {}).get("content") or ""
+                self._prefill_echo = content.startswith(_ECHO_PROBE)
+                log.info("backend %s %s a prefill", self.name, "echoes" if self._prefill_echo else "does not echo")
+        return self._prefill_echo

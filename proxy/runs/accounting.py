@@ -1,0 +1,96 @@
+"""What a run spends, and the budgets that bound it.
+
+A run has one budget scope; a nested run given a budget of its own (`run_strategy(..., budget=...)`) opens a child
+scope. Spending is charged to a scope and all its ancestors; a call may start only if no scope in the chain is
+spent. The scope whose limit stopped a call, and every scope between it and the caller, remember that they ran out
+(so a run reports `budget_exhausted` exactly when its own budget, or one around it, stopped something).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from strategies.framework import BudgetExceeded, BudgetView, Usage
+
+from ..config import Budget
+
+
+@dataclass
+class BudgetScope:
+    limits: Budget
+    parent: BudgetScope | None = None
+    usage: Usage = field(default_factory=Usage)
+    started: float = field(default_factory=time.monotonic)
+    exhausted: bool = False
+
+    def chain(self) -> Iterator[BudgetScope]:
+        scope: BudgetScope | None = self
+        while scope is not None:
+            yield scope
+            scope = scope.parent
+
+    @property
+    def deadline(self) -> float:
+        """The earliest wall-time limit in the chain (time.monotonic)."""
+        return min(s.started + s.limits.max_seconds for s in self.chain())
+
+    def child(self, asked: Mapping[str, float] | None) -> BudgetScope:
+        """A scope for a nested run: its own limits, never above what is left here."""
+        view = self.view()
+        limits = Budget(
+            max_total_tokens=max(1, min(int((asked or {}).get("max_total_tokens", view.tokens)), view.tokens)),
+            max_calls=max(1, min(int((asked or {}).get("max_calls", view.calls)), view.calls)),
+            max_seconds=max(0.001, min(float((asked or {}).get("max_seconds", view.seconds)), view.seconds)),
+        )
+        return BudgetScope(limits, parent=self)
+
+    def view(self) -> BudgetView:
+        now = time.monotonic()
+        return BudgetView(
+            tokens=min(s.limits.max_total_tokens - s.usage.total_tokens for s in self.chain()),
+            calls=min(s.limits.max_calls - s.usage.calls for s in self.chain()),
+            seconds=max(0.0, self.deadline - now),
+        )
+
+    def check(self) -> None:
+        """Raise BudgetExceeded (marking the scopes that ran out) unless another call may start."""
+        passed: list[BudgetScope] = []
+        now = time.monotonic()
+        for scope in self.chain():
+            passed.append(scope)
+            reason = scope._spent(now)
+            if reason is not None:
+                for stopped in passed:
+                    stopped.exhausted = True
+                raise BudgetExceeded(reason)
+
+    def expire(self) -> BudgetExceeded:
+        """The wall-time limit cut a call short: mark the scopes whose deadline passed."""
+        self.exhausted = True
+        now = time.monotonic()
+        for scope in self.chain():
+            if scope._spent(now) is not None:
+                scope.exhausted = True
+        return BudgetExceeded(f"wall-time budget of {self._tightest_seconds():g} s is spent")
+
+    def _tightest_seconds(self) -> float:
+        return min(self.chain(), key=lambda s: s.started + s.limits.max_seconds).limits.max_seconds
+
+    def _spent(self, now: float) -> str | None:
+        if self.usage.calls >= self.limits.max_calls:
+            return f"call budget of {self.limits.max_calls} backend calls is spent"
+        if self.usage.total_tokens >= self.limits.max_total_tokens:
+            return f"token budget of {self.limits.max_total_tokens} tokens is spent"
+        if now >= self.started + self.limits.max_seconds:
+            return f"wall-time budget of {self.limits.max_seconds:g} s is spent"
+        return None
+
+    def charge(self, *, calls: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
+               estimated: bool = False) -> None:
+        for scope in self.chain():
+            scope.usage.calls += calls
+            scope.usage.prompt_tokens += prompt_tokens
+            scope.usage.completion_tokens += completion_tokens
+            scope.usage.estimated |= estimated

@@ -1,0 +1,236 @@
+"""Backend calls as data: the request bodies a strategy's calls send, seeds, and parsing replies into candidates
+and tokens (ids, bytes, character offsets) whatever the engine's logprob format."""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from strategies.framework import Candidate, Sampling, Token, TokenAlternative, message_text
+
+SEED_SPACE = 2**31 - 1
+
+
+def derive_seed(seed: int, path: Sequence[str], index: int) -> int:
+    """A child sample's seed from the request seed, its span path and its index: siblings differ, reruns
+    repeat. Top-level samples keep seed + i (`sample_seed`)."""
+    digest = hashlib.blake2b(f"{seed}/{'/'.join(path)}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SEED_SPACE
+
+
+def sample_seed(seed: int | None, path: Sequence[str], index: int) -> int | None:
+    if seed is None:
+        return None
+    return seed + index if not path else derive_seed(seed, path, index)
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """One call's sampling choices; None means: the request's own."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stop: str | list[str] | None = None
+    extra: Mapping[str, Any] | None = None
+
+
+def sampling_fields(sampling: Sampling, options: CallOptions, max_top_logprobs: int) -> dict[str, Any]:
+    """The body fields every call shares (chat or raw completion): request extras, then this call's choices."""
+    body: dict[str, Any] = {**sampling.extra, **(options.extra or {})}
+    temperature = options.temperature if options.temperature is not None else sampling.temperature
+    if temperature is not None:
+        body["temperature"] = temperature
+    if sampling.top_p is not None:
+        body["top_p"] = sampling.top_p
+    body["max_tokens"] = options.max_tokens if options.max_tokens is not None else sampling.max_tokens
+    stop = options.stop if options.stop is not None else sampling.stop
+    if stop is not None:
+        body["stop"] = stop
+    return body
+
+
+def chat_body(model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampling, options: CallOptions,
+              max_top_logprobs: int) -> dict[str, Any]:
+    body = sampling_fields(sampling, options, max_top_logprobs)
+    body["model"] = model
+    body["messages"] = list(messages)
+    if sampling.response_format is not None:
+        body["response_format"] = sampling.response_format
+    top = max(options.top_logprobs or 0, sampling.logprobs or 0)
+    if options.logprobs or top or sampling.logprobs is not None:
+        body["logprobs"] = True
+        if top:
+            body["top_logprobs"] = min(top, max_top_logprobs)
+    return body
+
+
+def completion_body(model: str, prompt: str | Sequence[int], sampling: Sampling, options: CallOptions,
+                    max_top_logprobs: int) -> dict[str, Any]:
+    body = sampling_fields(sampling, options, max_top_logprobs)
+    body["model"] = model
+    body["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
+    top = max(options.top_logprobs or 0, sampling.logprobs or 0)
+    if options.logprobs or top or sampling.logprobs is not None:
+        # The completions API asks for logprobs by count: the sampled token plus that many alternatives.
+        body["logprobs"] = min(max(1, top), max_top_logprobs)
+    return body
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def _token_id(entry: Mapping[str, Any]) -> int | None:
+    value = entry.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    token = entry.get("token")
+    if isinstance(token, str) and token.startswith("token_id:"):  # vLLM's return_tokens_as_token_ids
+        try:
+            return int(token[9:])
+        except ValueError:
+            return None
+    return None
+
+
+def _token_bytes(entry: Mapping[str, Any]) -> bytes | None:
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw)
+    return None
+
+
+def _token_text(entry: Mapping[str, Any], raw: bytes | None) -> str:
+    token = entry.get("token")
+    if isinstance(token, str) and not token.startswith("token_id:"):
+        return token
+    return raw.decode("utf-8", "replace") if raw is not None else ""
+
+
+def _logprob(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return -math.inf
+    return number if not math.isnan(number) else -math.inf
+
+
+class TokenReader:
+    """Turns an engine's logprob entries into Tokens with character offsets, as they arrive (streams too).
+
+    Offsets count the characters decoded from the bytes before a token. An engine that names no bytes gets them
+    from the token text. On engines that merge the tokens of a split multi-byte character into one entry with the
+    last token's id (llama-server does), such an entry's id is dropped (None): see RunContext.token_ids.
+    """
+
+    def __init__(self, merges_split_characters: bool) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._offset = 0
+        self._merges = merges_split_characters
+
+    def read(self, entry: Mapping[str, Any]) -> tuple[Token, str]:
+        """The token, and the characters it completes in the reply (what a stream appends)."""
+        raw = _token_bytes(entry)
+        text = _token_text(entry, raw)
+        if raw is None:
+            raw = text.encode("utf-8")
+        token_id = _token_id(entry)
+        if self._merges and token_id is not None and any(b >= 0x80 for b in raw):
+            token_id = None
+        offset = self._offset
+        piece = self._decoder.decode(raw)
+        self._offset += len(piece)
+        top = tuple(
+            TokenAlternative(text=_token_text(alt, _token_bytes(alt)), logprob=_logprob(alt.get("logprob")),
+                             id=_token_id(alt), bytes=_token_bytes(alt))
+            for alt in entry.get("top_logprobs") or () if isinstance(alt, dict)
+        )
+        return Token(text=text, logprob=_logprob(entry.get("logprob")), id=token_id, bytes=raw, offset=offset,
+                     top=top), piece
+
+
+def logprob_entries(choice: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A choice's logprob entries in the chat shape ({token, logprob, bytes?, id?, top_logprobs: [...]}),
+    converting the legacy completions shape ({tokens, token_logprobs, top_logprobs: [{token: logprob}]})."""
+    block = choice.get("logprobs")
+    if not isinstance(block, dict):
+        return None
+    content = block.get("content")
+    if isinstance(content, list):
+        return [e for e in content if isinstance(e, dict)]
+    tokens = block.get("tokens")
+    if isinstance(tokens, list):
+        values = block.get("token_logprobs") or []
+        tops = block.get("top_logprobs") or []
+        entries = []
+        for i, token in enumerate(tokens):
+            top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+            entries.append({"token": token, "logprob": values[i] if i < len(values) else None,
+                            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()]})
+        return entries
+    return None
+
+
+def read_tokens(entries: Sequence[Mapping[str, Any]] | None, merges_split_characters: bool) -> tuple[Token, ...] | None:
+    if entries is None:
+        return None
+    reader = TokenReader(merges_split_characters)
+    return tuple(reader.read(e)[0] for e in entries)
+
+
+# ---------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class ParsedChoice:
+    text: str
+    reasoning: str
+    finish_reason: str | None
+    entries: list[dict[str, Any]] | None
+
+
+def parse_choices(payload: Mapping[str, Any], chat: bool) -> list[ParsedChoice]:
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return []
+    parsed = []
+    for choice in sorted((c for c in choices if isinstance(c, dict)), key=lambda c: c.get("index", 0)):
+        if chat:
+            message = choice.get("message") or {}
+            text = message_text(message)
+            reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+        else:
+            text, reasoning = str(choice.get("text") or ""), ""
+        parsed.append(ParsedChoice(text, reasoning if isinstance(reasoning, str) else "",
+                                   choice.get("finish_reason"), logprob_entries(choice)))
+    return parsed
+
+
+def completion_counts(parsed: Sequence[ParsedChoice], reported: int, counts_one_choice: bool) -> list[int] | None:
+    """Completion tokens per choice: the engine's usage for one choice, logprob entries for several, an even
+    split where usage covers all; None when only the tokenizer can tell (the caller estimates)."""
+    if len(parsed) == 1:
+        return [reported]
+    if all(p.entries is not None for p in parsed) and counts_one_choice:
+        return [len(p.entries or ()) for p in parsed]
+    if counts_one_choice:
+        return None
+    counts = [reported // len(parsed)] * len(parsed)
+    counts[0] += reported - sum(counts)
+    return counts
+
+
+def make_candidate(choice: ParsedChoice, completion_tokens: int, seed: int | None, label: str,
+                   merges_split_characters: bool, keep_tokens: bool, echoed: str = "",
+                   prompt_tokens: int = 0) -> Candidate:
+    text = choice.text
+    if echoed and text.startswith(echoed):
+        text = text[len(echoed):]
+    tokens = read_tokens(choice.entries, merges_split_characters) if keep_tokens else None
+    return Candidate(text=text, finish_reason=choice.finish_reason, completion_tokens=completion_tokens,
+                     tokens=tokens, reasoning=choice.reasoning, seed=seed, label=label, prompt_tokens=prompt_tokens)

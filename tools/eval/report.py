@@ -1,0 +1,129 @@
+"""An eval's results as a table on stdout, results.json (every request), summary.csv and a plot of accuracy against
+tokens."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .runner import Record
+from .stats import ACCURACY_METHOD, DIFF_METHOD, Summary
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _pct(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value * 100:+.1f}" if signed else f"{value * 100:.1f}"
+
+
+def render_table(summaries: Sequence[Summary], baseline: str) -> str:
+    headers = ["model", "tasks", "accuracy %", "95% CI", "Δ vs baseline (pp)", "95% CI", "prompt tok",
+               "compl tok", "calls", "p50 ms", "p95 ms", "errors"]
+    rows = []
+    for s in summaries:
+        diff = s.diff_vs_baseline
+        rows.append([
+            s.model, str(s.tasks), _pct(s.accuracy.estimate), f"[{_pct(s.accuracy.low)}, {_pct(s.accuracy.high)}]",
+            "(baseline)" if diff is None else _pct(diff.estimate, signed=True),
+            "" if diff is None else f"[{_pct(diff.low, True)}, {_pct(diff.high, True)}]",
+            _num(s.mean_prompt_tokens), _num(s.mean_completion_tokens), _num(s.mean_backend_calls, 2),
+            _num(s.latency_p50_ms, 0), _num(s.latency_p95_ms, 0), str(s.errors),
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [
+        ACCURACY_METHOD,
+        f"Δ vs baseline {baseline}: {DIFF_METHOD}, in percentage points",
+        "tokens (from `usage`) and calls (`ttc.backend_calls`, 1 for pass-through) are means per answered task; "
+        "latency percentiles over answered requests",
+        "",
+        fmt(headers),
+        fmt(["-" * w for w in widths]),
+        *(fmt(r) for r in rows),
+    ]
+    return "\n".join(lines)
+
+
+def _clean(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, 6)
+
+
+def summary_row(s: Summary, baseline: str) -> dict[str, Any]:
+    diff = s.diff_vs_baseline
+    return {
+        "model": s.model, "tasks": s.tasks, "answered": s.answered, "errors": s.errors, "correct": s.correct,
+        "accuracy": _clean(s.accuracy.estimate), "accuracy_low": _clean(s.accuracy.low),
+        "accuracy_high": _clean(s.accuracy.high), "baseline": baseline,
+        "diff_vs_baseline": None if diff is None else _clean(diff.estimate),
+        "diff_low": None if diff is None else _clean(diff.low),
+        "diff_high": None if diff is None else _clean(diff.high),
+        "mean_prompt_tokens": _clean(s.mean_prompt_tokens), "mean_completion_tokens": _clean(s.mean_completion_tokens),
+        "mean_total_tokens": _clean(s.mean_total_tokens), "mean_backend_calls": _clean(s.mean_backend_calls),
+        "latency_p50_ms": _clean(s.latency_p50_ms), "latency_p95_ms": _clean(s.latency_p95_ms),
+    }
+
+
+def write_json(path: Path, meta: Mapping[str, Any], summaries: Sequence[Summary], baseline: str,
+               results: Mapping[str, Sequence[Record]]) -> None:
+    document = {
+        "meta": dict(meta),
+        "summary": [summary_row(s, baseline) for s in summaries],
+        "records": [asdict(r) for records in results.values() for r in records],
+    }
+    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_csv(path: Path, summaries: Sequence[Summary], baseline: str) -> None:
+    rows = [summary_row(s, baseline) for s in summaries]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
+def write_plot(path: Path, summaries: Sequence[Summary], title: str) -> bool:
+    """Accuracy (Wilson bars) against mean total tokens per task; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = [s for s in summaries if s.mean_total_tokens is not None and not math.isnan(s.accuracy.estimate)]
+    figure, axes = plt.subplots(figsize=(11, 5.5))
+    colours = plt.get_cmap("tab20").colors
+    # Model strings are long and points crowd: each point carries a number, the legend beside the plot its name.
+    for number, s in enumerate(points, start=1):
+        y = s.accuracy.estimate * 100
+        error = [[y - s.accuracy.low * 100], [s.accuracy.high * 100 - y]]
+        axes.errorbar([s.mean_total_tokens], [y], yerr=error, fmt="o", capsize=3, alpha=0.8,
+                      color=colours[(number - 1) % len(colours)], label=f"{number}. {s.model}")
+        axes.annotate(str(number), (s.mean_total_tokens, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if points:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    tokens = [s.mean_total_tokens for s in points if s.mean_total_tokens]
+    if tokens and max(tokens) / min(tokens) >= 10:
+        axes.set_xscale("log")
+    axes.set_xlabel("mean total tokens per task (prompt + completion)")
+    axes.set_ylabel("accuracy % (95% Wilson interval)")
+    axes.set_ylim(0, 100)
+    axes.margins(x=0.2)
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return True
+

@@ -1,0 +1,91 @@
+"""Task files: JSON Lines, one object a line:
+    {"id": "t1", "question": "What is 6 times 7?", "answer": "42", "check": "number"}
+`messages` (an OpenAI chat message list) may replace `question`; `check` is one of tools.eval.checks.CHECKS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from strategies.answers import parse_number
+
+from .checks import CHECKS, Verdict, check_reply
+
+
+class EvalError(Exception):
+    """The evaluation cannot run: a bad task file or option, or a proxy that did not start."""
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    messages: list[dict[str, Any]]
+    answer: str
+    check: str
+
+    def grade(self, reply: str) -> Verdict:
+        return check_reply(self.check, reply, self.answer)
+
+
+def parse_task(raw: Any, where: str) -> Task:
+    if not isinstance(raw, dict):
+        raise EvalError(f"{where}: a task must be a JSON object")
+    task_id = raw.get("id")
+    if not isinstance(task_id, (str, int)) or isinstance(task_id, bool) or str(task_id) == "":
+        raise EvalError(f"{where}: `id` must be a non-empty string or integer")
+    if "question" in raw and "messages" in raw:
+        raise EvalError(f"{where}: give `question` or `messages`, not both")
+    if isinstance(raw.get("question"), str):
+        messages: list[dict[str, Any]] = [{"role": "user", "content": raw["question"]}]
+    elif isinstance(raw.get("messages"), list) and raw["messages"] and all(isinstance(m, dict) for m in raw["messages"]):
+        messages = raw["messages"]
+    else:
+        raise EvalError(f"{where}: needs `question` (a string) or `messages` (a non-empty list of objects)")
+    answer = raw.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise EvalError(f"{where}: `answer` must be a string or a number")
+    check = raw.get("check")
+    if check not in CHECKS:
+        raise EvalError(f"{where}: `check` must be one of {', '.join(CHECKS)}, got {check!r}")
+    answer_text = str(answer)
+    if check == "number" and parse_number(answer_text) is None:
+        raise EvalError(f"{where}: check `number` needs a numeric answer, got {answer_text!r}")
+    if check == "regex":
+        try:
+            re.compile(answer_text)
+        except re.error as exc:
+            raise EvalError(f"{where}: `answer` is not a valid regular expression: {exc}") from exc
+    return Task(str(task_id), messages, answer_text, check)
+
+
+def load_tasks(path: str | Path, limit: int | None = None) -> list[Task]:
+    """The tasks of a JSON Lines file (blank lines skipped), the first `limit` of them when given."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EvalError(f"cannot read the task file: {exc}") from exc
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        if limit is not None and len(tasks) >= limit:
+            break
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            raw = json.loads(line)
+        except ValueError as exc:
+            raise EvalError(f"{where}: not valid JSON: {exc}") from exc
+        task = parse_task(raw, where)
+        if task.id in seen:
+            raise EvalError(f"{where}: duplicate task id {task.id!r}")
+        seen.add(task.id)
+        tasks.append(task)
+    if not tasks:
+        raise EvalError(f"{path}: no tasks")
+    return tasks
+
