@@ -8,13 +8,19 @@ from collections import OrderedDict
 from typing import Any
 
 
+_RESERVED = frozenset({"id", "parent", "label", "kind"})
+
+
 class Trace:
     def __init__(self, root_label: str) -> None:
         self.id = f"trace-{uuid.uuid4().hex[:16]}"
         self.started = time.time()
         self.nodes: list[dict[str, Any]] = [{"id": 0, "parent": None, "label": root_label, "kind": "run"}]
 
-    def add(self, parent: int, label: str, kind: str, **attrs: Any) -> int:
+    def add(self, parent: int, label: str, kind: str, /, **attrs: Any) -> int:
+        reserved = _RESERVED & set(attrs)
+        if reserved:
+            raise ValueError(f"trace attributes {sorted(reserved)} are reserved for the tree itself")
         node_id = len(self.nodes)
         self.nodes.append({"id": node_id, "parent": parent, "label": label, "kind": kind, **attrs})
         return node_id

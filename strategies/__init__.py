@@ -1,4 +1,5 @@
-"""Built-in strategies, by slug. Each is a plugin on strategies.framework.Strategy."""
+"""Built-in strategies, by slug. Each is a plugin on strategies.framework.Strategy; third-party ones register through
+the `ttc_proxy.strategies` entry-point group (proxy/registry.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from .bon import BestOfN
+from .cot import ChainOfThought
 from .deepconf import DeepConf
+from .deepthink import DeepThink
 from .framework import Strategy
+from .mcts import Mcts
 from .sc import SelfConsistency
+from .think import BudgetForcing
 
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
-    {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf)}
+    {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
+                                              ChainOfThought)}
 )

@@ -158,6 +158,18 @@ class Candidate:
         return [t.id for t in self.tokens]  # type: ignore[misc]
 
 
+def tokens_between(tokens: Sequence[Token], start: int, end: int) -> tuple[Token, ...]:
+    """The tokens that begin in [start, end) of their reply."""
+    return tuple(t for t in tokens if start <= t.offset < end)
+
+
+def estimate_tokens(reply: str, tokens: Sequence[Token] | None, completion_tokens: int, start: int, end: int) -> int:
+    """How many of a reply's tokens fall in [start, end): counted from its tokens, else by share of characters."""
+    if tokens:
+        return len(tokens_between(tokens, start, end))
+    return round(completion_tokens * (end - start) / len(reply)) if reply else 0
+
+
 @dataclass(frozen=True)
 class Sampling:
     """The request's sampling parameters, as the client sent them (None when absent)."""
@@ -361,8 +373,8 @@ class StrategyContext(Protocol):
         ...
 
     def span(self, label: str, **attrs: Any) -> StrategyContext:
-        """A child context: its calls, notes and spans form a child node of this one in the trace, and its
-        samples derive their seeds from its path."""
+        """A child context: its calls, notes and spans form a child node of this one in the trace (with `attrs`;
+        id, parent, label and kind are the tree's own), and its samples derive their seeds from its path."""
         ...
 
     async def progress(self, line: str) -> None:
@@ -371,7 +383,8 @@ class StrategyContext(Protocol):
 
     async def emit(self, text: str) -> None:
         """Stream this text of the final answer now (appended to what was emitted before). The answer the run
-        returns must begin with everything emitted."""
+        returns must begin with everything emitted. In a nested run (whose answer is not the client's) it does
+        nothing."""
         ...
 
     async def verify(self, verifier: str, candidate: str, answer: str) -> bool:
@@ -390,11 +403,12 @@ class StrategyContext(Protocol):
     async def run_strategy(self, spec: StrategySpec | str, params: Mapping[str, Any] | None = None, *,
                            messages: Sequence[dict[str, Any]] | None = None,
                            budget: Mapping[str, float] | None = None,
-                           logprobs: int | None = None) -> StrategyResult:
+                           sampling: Mapping[str, Any] | None = None) -> StrategyResult:
         """Run another registered strategy inside this one's budget and trace, on `messages` (default: this
-        run's), with an optional budget of its own (capped by what is left here). `logprobs`: its samples carry
-        their tokens with this many alternatives (for a parent that scores them). Returns its candidates with
-        their tokens and what it spent (`usage`). Depth and fan-out limits apply."""
+        run's), with an optional budget of its own (capped by what is left here) and `sampling` fields replaced
+        for it (e.g. {"temperature": 0.8, "logprobs": 5}: a parent that samples and scores its runs). Returns
+        its candidates with their tokens and what it spent (`usage`). Its emits do not reach the client. Depth
+        and fan-out limits apply."""
         ...
 
 
@@ -531,8 +545,10 @@ async def draw(
                                         label=label)
     else:
         async def one() -> Candidate:
-            result = await ctx.run_strategy(inner, messages=messages,
-                                            logprobs=(top_logprobs or 1) if logprobs or top_logprobs else None)
+            overrides: dict[str, Any] = {"temperature": temperature} if temperature is not None else {}
+            if logprobs or top_logprobs:
+                overrides["logprobs"] = top_logprobs or 1
+            result = await ctx.run_strategy(inner, messages=messages, sampling=overrides)
             answer = result.answer
             return replace(answer, label=inner.slug,
                            budget_exhausted=answer.budget_exhausted or result.budget_exhausted)

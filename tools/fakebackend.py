@@ -1,5 +1,10 @@
 """A small scripted OpenAI-compatible backend on raw asyncio: fast enough to expose the proxy's own cost in
-benchmarks, and scriptable for tests (errors, delays, caps on n, mid-stream failures, recorded aborts)."""
+benchmarks, and scriptable for tests (errors, delays, caps on n, mid-stream failures, recorded aborts).
+
+llama-server-like where strategies need it: logprob entries carry token ids and bytes, a trailing assistant
+message is continued and echoed (`echo_prefill`), /tokenize, /detokenize and /apply-template work (a word-piece
+vocabulary that grows as it sees text, and a simple template), and /v1/completions takes text or token-id
+prompts."""
 
 from __future__ import annotations
 
@@ -58,15 +63,53 @@ class RecordedRequest:
     finished: bool = False
 
 
+TEMPLATE_USER = "<|user|>"
+TEMPLATE_ASSISTANT = "<|assistant|>"
+
+
+class Vocabulary:
+    """Word pieces (see _tokens) to ids and back, growing as new pieces are seen."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.pieces: list[str] = []
+
+    def id(self, piece: str) -> int:
+        if piece not in self.ids:
+            self.ids[piece] = len(self.pieces)
+            self.pieces.append(piece)
+        return self.ids[piece]
+
+    def encode(self, text: str) -> list[int]:
+        return [self.id(p) for p in _tokens(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids if 0 <= i < len(self.pieces))
+
+
+def render_template(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The fake's chat template: a trailing assistant message is left open (continued), as llama-server does."""
+    parts = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role", "user"), str(message.get("content") or "")
+        last = i == len(messages) - 1
+        if role == "assistant" and last:
+            return "".join(parts) + f"{TEMPLATE_ASSISTANT}{content}"
+        parts.append(f"<|{role}|>{content}\n")
+    return "".join(parts) + (TEMPLATE_ASSISTANT if add_generation_prompt else "")
+
+
 class FakeBackend:
     """llama-server-like by default: /props reports `slots`, n above it is a 400, usage counts one choice."""
 
     def __init__(self, *, slots: int = 4, owned_by: str = "llamacpp", usage_counts_one_choice: bool = True,
-                 model: str = "fake-model") -> None:
+                 model: str = "fake-model", echo_prefill: bool = True) -> None:
         self.slots = slots
         self.owned_by = owned_by
         self.usage_counts_one_choice = usage_counts_one_choice
         self.model = model
+        self.echo_prefill = echo_prefill
+        self.vocabulary = Vocabulary()
         self.script: Script = lambda request: FakeReply()
         self.requests: list[RecordedRequest] = []
         self.get_paths: list[str] = []  # free discovery endpoints asked for (/v1/models, /props, ...)
@@ -181,7 +224,19 @@ class FakeBackend:
             await self._send(writer, 400, b'{"error":{"message":"bad json","type":"invalid_request_error"}}')
             return True
         if path == "/tokenize":
-            await self._send(writer, 200, json.dumps({"tokens": list(range(len(_tokens(body.get("content", "")))))}).encode())
+            self.requests.append(RecordedRequest(path, body, headers, finished=True))
+            ids = self.vocabulary.encode(str(body.get("content", body.get("prompt", ""))))
+            await self._send(writer, 200, json.dumps({"tokens": ids}).encode())
+            return True
+        if path == "/detokenize":
+            self.requests.append(RecordedRequest(path, body, headers, finished=True))
+            text = self.vocabulary.decode([int(i) for i in body.get("tokens") or []])
+            await self._send(writer, 200, json.dumps({"content": text}).encode())
+            return True
+        if path == "/apply-template":
+            self.requests.append(RecordedRequest(path, body, headers, finished=True))
+            prompt = render_template(body.get("messages") or [], bool(body.get("add_generation_prompt", True)))
+            await self._send(writer, 200, json.dumps({"prompt": prompt}).encode())
             return True
         record = RecordedRequest(path, body, headers)
         self.requests.append(record)
@@ -236,17 +291,22 @@ class FakeBackend:
             return True
         texts = [reply.texts[i % len(reply.texts)] for i in range(n)]
         is_chat = record.path.endswith("/chat/completions")
+        messages = body.get("messages") or []
+        echoed = ""
+        if is_chat and self.echo_prefill and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            echoed = str(messages[-1].get("content") or "")
         if body.get("stream"):
-            return await self._stream(record, reply, texts[0], is_chat, reader, writer)
+            return await self._stream(record, reply, texts[0], is_chat, reader, writer, echoed)
         choices = []
         for i, text in enumerate(texts):
             if is_chat:
-                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
+                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": echoed + text},
                                           "finish_reason": reply.finish_reason}
-                if body.get("logprobs"):
-                    choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
             else:
                 choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
             choices.append(choice)
         counted = [len(_tokens(t)) for t in texts]
         completion_tokens = counted[0] if self.usage_counts_one_choice else sum(counted)
@@ -263,29 +323,39 @@ class FakeBackend:
 
     @staticmethod
     def _prompt_tokens(body: dict[str, Any]) -> int:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            return len(prompt) or 1
+        if isinstance(prompt, str):
+            return len(_tokens(prompt)) or 1
         messages = body.get("messages") or []
         return sum(len(_tokens(str(m.get("content", "")))) for m in messages if isinstance(m, dict)) or 1
 
-    @staticmethod
-    def _logprob_entries(text: str, reply: FakeReply, body: dict[str, Any], choice: int = 0) -> list[dict[str, Any]]:
+    def _logprob_entries(self, text: str, reply: FakeReply, body: dict[str, Any],
+                         choice: int = 0) -> list[dict[str, Any]]:
         entries = []
-        top_k = int(body.get("top_logprobs") or 0)
+        logprobs = body.get("logprobs")
+        # chat: logprobs true + top_logprobs k; completions: logprobs k
+        top_k = int(body.get("top_logprobs") or 0) if isinstance(logprobs, bool) else int(logprobs or 0)
+
+        def entry(token: str, value: float) -> dict[str, Any]:
+            return {"id": self.vocabulary.id(token), "token": token, "bytes": list(token.encode()),
+                    "logprob": value}
+
         for i, token in enumerate(_tokens(text)):
             if reply.logprobs_fn is not None:
                 pairs = reply.logprobs_fn(choice, i, token)
-                entries.append({"token": pairs[0][0], "logprob": pairs[0][1],
-                                "top_logprobs": [{"token": t, "logprob": lp} for t, lp in pairs[:top_k]]})
+                entries.append({**entry(pairs[0][0], pairs[0][1]),
+                                "top_logprobs": [entry(t, lp) for t, lp in pairs[:top_k]]})
                 continue
             value = reply.token_logprob[i % len(reply.token_logprob)] if isinstance(reply.token_logprob, list) \
                 else reply.token_logprob
-            top = [{"token": token, "logprob": value}] + [
-                {"token": f"alt{k}", "logprob": value - 1.0 - k} for k in range(max(0, top_k - 1))
-            ]
-            entries.append({"token": token, "logprob": value, "top_logprobs": top[:top_k]})
+            top = [entry(token, value)] + [entry(f"alt{k}", value - 1.0 - k) for k in range(max(0, top_k - 1))]
+            entries.append({**entry(token, value), "top_logprobs": top[:top_k]})
         return entries
 
     async def _stream(self, record: RecordedRequest, reply: FakeReply, text: str, is_chat: bool,
-                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter, echoed: str = "") -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
 
         def chunk(data: bytes) -> None:
@@ -307,11 +377,13 @@ class FakeBackend:
                 record.finished = True
                 return False
             if is_chat:
-                choice: dict[str, Any] = {"index": 0, "delta": {"content": token}, "finish_reason": None}
-                if record.body.get("logprobs"):
-                    choice["logprobs"] = {"content": self._logprob_entries(token, reply, record.body)}
+                # llama-server sends an echoed prefill with the first token's text
+                content = (echoed if i == 0 else "") + token
+                choice: dict[str, Any] = {"index": 0, "delta": {"content": content}, "finish_reason": None}
             else:
                 choice = {"index": 0, "text": token, "finish_reason": None}
+            if record.body.get("logprobs"):
+                choice["logprobs"] = {"content": self._logprob_entries(token, reply, record.body)}
             event({**base, "choices": [choice]})
             await writer.drain()
             if not await self._wait_or_abort(reply.chunk_delay, reader, record):

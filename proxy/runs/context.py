@@ -47,6 +47,8 @@ from .validation import check_capabilities, check_spec
 from .verifier import VerifierClient
 
 TextSink = Callable[[str], Awaitable[None]]
+# Sampling fields a parent may set for a nested run (run_strategy's `sampling`).
+SAMPLING_OVERRIDES = ("temperature", "top_p", "max_tokens", "stop", "logprobs", "seed")
 TRACE_TEXT_LIMIT = 2000
 
 
@@ -88,6 +90,7 @@ class Scope:
     over: StrategySpec | None = None
     depth: int = 1  # strategy runs around and including this one
     fan_out: int = 1  # product of the fan-outs of the runs around this one
+    emits: bool = True  # its emits reach the client (not in a nested run)
 
 
 class RunContext:
@@ -506,7 +509,7 @@ class RunContext:
     async def run_strategy(self, spec: StrategySpec | str, params: Mapping[str, Any] | None = None, *,
                            messages: Sequence[dict[str, Any]] | None = None,
                            budget: Mapping[str, float] | None = None,
-                           logprobs: int | None = None) -> StrategyResult:
+                           sampling: Mapping[str, Any] | None = None) -> StrategyResult:
         if isinstance(spec, str):
             spec = StrategySpec(spec, dict(params or {}))
         elif params:
@@ -523,13 +526,17 @@ class RunContext:
         node = state.trace.add(scope.node, spec.slug, "strategy", params=strategy_params.model_dump(),
                                **({"over": spec.over.describe()} if spec.over else {}),
                                **({"budget": dict(budget)} if budget else {}))
-        sampling = scope.sampling
-        if logprobs is not None:
-            self._require("logprobs", "scoring the nested run's samples")
-            sampling = replace(sampling, logprobs=max(logprobs, sampling.logprobs or 0))
+        child_sampling = scope.sampling
+        if sampling:
+            unknown = set(sampling) - set(SAMPLING_OVERRIDES)
+            if unknown:
+                raise ValueError(f"run_strategy: cannot replace sampling fields {sorted(unknown)}")
+            if sampling.get("logprobs") is not None:
+                self._require("logprobs", "scoring the nested run's samples")
+            child_sampling = replace(child_sampling, **sampling)
         child = self._with(replace(
             scope, messages=list(messages) if messages is not None else scope.messages, budget=child_budget,
-            sampling=sampling,
+            sampling=child_sampling, emits=False,
             node=node, path=(*scope.path, f"{spec.slug}#{ordinal}"), over=spec.over, depth=scope.depth + 1,
             fan_out=scope.fan_out * max(1, strategy.fan_out(strategy_params)),
         ))
@@ -555,7 +562,7 @@ class RunContext:
             await self._state.progress_sink(line)
 
     async def emit(self, text: str) -> None:
-        if not text:
+        if not text or not self._scope.emits:
             return
         self._state.emitted.append(text)
         if self._state.emit_sink is not None:

@@ -23,6 +23,7 @@ from strategies.framework import (
     StrategyParams,
     StrategyResult,
     StrategySpec,
+    tokens_between,
 )
 
 from ..backends import Backend
@@ -209,13 +210,12 @@ class StrategyRun:
         top = self.scope.sampling.logprobs
         if top is None:
             return None
-        end = choice.text_start + len(choice.text)
         entries = [
             TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.bytes) if t.bytes is not None else None,
                          top_logprobs=[TopLogprob(token=a.text, logprob=a.logprob,
                                                   bytes=list(a.bytes) if a.bytes is not None else None)
                                        for a in t.top[:top]])
-            for t in choice.tokens or () if choice.text_start <= t.offset < end
+            for t in tokens_between(choice.tokens or (), choice.text_start, choice.text_start + len(choice.text))
         ]
         return ChoiceLogprobs(content=entries)
 

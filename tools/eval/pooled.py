@@ -90,7 +90,7 @@ class PoolContext(RunContext):
                   max_tokens: int | None) -> list[dict[str, Any]] | None:
         conversation = list(messages) if messages is not None else self._scope.messages
         same = _without_system(conversation) == _without_system(self._pools.task_messages)
-        hot = temperature is None or temperature == self._scorer.temperature
+        hot = (temperature if temperature is not None else self._scope.sampling.temperature) == self._scorer.temperature
         default_length = max_tokens in (None, self._scope.sampling.max_tokens)
         return conversation if same and hot and default_length else None
 

@@ -1,0 +1,380 @@
+"""AB-MCTS (adaptive-branching tree search) with Sakana's treequest: ABMCTSA decides, by Thompson sampling at each
+node, whether to go wider (a new child of that node) or deeper (into one of its children).
+
+Nodes are whole answers (`level=answer`: a child of the root is a fresh answer, a child of an answer refines it
+given its score and the other answers found so far) or reasoning steps (`level=step`: a child continues its
+parent's text to the next `delimiter`, n ways from one prefix; a step that ends the reply is a leaf). Each new node
+is scored in [0, 1] by a scorer from strategies.scoring; the search runs `iterations` rounds of `batch` expansions,
+each round concurrently, siblings of one parent drawn through one `n` request where the engine has one. The answer
+is the best node (or the vote over nodes); when the budget runs out, the best node so far.
+
+The search itself is treequest's ask/tell API: we own the tree state, ask for a batch of trials, run them, tell the
+scores. treequest draws from numpy's global random state; a run keeps its own state (seeded from the request
+seed) and swaps it in only while asking, which never awaits, so concurrent runs neither disturb nor repeat each
+other and a seeded run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from .answers import extract_answer
+from .framework import (
+    DEFAULT_SAMPLING_TEMPERATURE,
+    BudgetExceeded,
+    Candidate,
+    Strategy,
+    StrategyContext,
+    StrategyError,
+    StrategyParams,
+    StrategyResult,
+    draw,
+    gather_successes,
+)
+from .scoring import SCORER_NAMES, Scorer, make_scorer, needs_logprobs
+from .selection import Pool, select
+
+REFINE_PROMPT = ("Your answer above was scored {score:.2f} out of 1 by a checker. Answers found so far: {others}. "
+                 "Check your answer. If it is wrong, correct it; if it is right, give it again. Reply with the answer.")
+GENERATE = "generate"  # the one treequest action: what it generates depends on the node (root: widen)
+
+
+class MctsParams(StrategyParams):
+    limits = {"iterations": "iterations", "batch": "samples"}
+
+    iterations: int = Field(default=4, ge=1, description="rounds of the search")
+    batch: int = Field(default=4, ge=1, description="nodes expanded concurrently in each round")
+    level: Literal["answer", "step"] = Field(default="answer", description="nodes are whole answers or reasoning "
+                                                                           "steps")
+    score: Literal["logprob", "confidence", "agreement", "judge", "verifier"] = Field(
+        default="logprob", description=f"node scorer: {' | '.join(SCORER_NAMES)} (see strategies.scoring)")
+    select: Literal["best", "vote", "weighted"] = Field(
+        default="best", description="the answer: the best-scored node, the most common answer among nodes, or the "
+                                    "answer with the highest summed score")
+    max_depth: int = Field(default=3, ge=1, description="answer: refinements in a chain; step: steps in a reply")
+    temperature: float | None = Field(
+        default=None, gt=0, le=2, description="sampling temperature when the request has none above 0 (default 0.8)")
+    delimiter: str = Field(default="\n", min_length=1, description="step: where a step ends")
+    step_tokens: int = Field(default=64, ge=1, description="step: max tokens of one step")
+    top_k: int = Field(default=5, ge=2, le=20, description="confidence scorer: top logprobs per token")
+    judge_model: str | None = Field(default=None, description="judge scorer: another model to judge with")
+    regex: str | None = Field(default=None, description="verifier scorer: a regex the answer must match")
+    http_verifier: str | None = Field(default=None, description="verifier scorer: a verifier from config.yaml")
+    count_truncated: bool = Field(default=False, description="score answers cut off by max_tokens like others (by "
+                                                             "default they score 0: they have no answer yet)")
+    prior: Literal["gaussian", "beta"] = Field(default="beta", description="treequest's Thompson-sampling prior")
+
+
+@dataclass
+class Node:
+    """One node of the search: an answer (or the reply up to a step), its score, where it came from."""
+
+    id: int
+    parent: int | None  # None: a child of the root
+    action: str  # widen | deepen | step | finish | refused
+    candidate: Candidate
+    score: float
+    depth: int
+    terminal: bool = True  # step level: the reply ended here
+    answer: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.answer = extract_answer(self.candidate.text)
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "parent": self.parent, "action": self.action, "depth": self.depth,
+                "answer": self.answer, "score": round(self.score, 4), "terminal": self.terminal,
+                "finish_reason": self.candidate.finish_reason}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A treequest trial: expand `parent` (None: the root)."""
+
+    trial_id: str
+    parent: Node | None
+
+
+class TreeSearch:
+    """The treequest algorithm and its state for one run, with the run's own random state."""
+
+    def __init__(self, prior: str, seed: int | None) -> None:
+        treequest = importlib.import_module("treequest")  # imported on first use: it loads scipy (~1 s)
+        self.algorithm = treequest.ABMCTSA(dist_type=prior)
+        self.random = np.random.RandomState(seed)
+        with self._random():
+            self.state = self.algorithm.init_tree()
+
+    @contextmanager
+    def _random(self) -> Iterator[None]:
+        saved = np.random.get_state()
+        np.random.set_state(self.random.get_state())
+        try:
+            yield
+        finally:
+            self.random.set_state(np.random.get_state())
+            np.random.set_state(saved)
+
+    def ask(self, batch: int) -> list[Trial]:
+        with self._random():
+            self.state, trials = self.algorithm.ask_batch(self.state, batch, [GENERATE])
+        return [Trial(t.trial_id, t.parent_state) for t in trials]
+
+    def tell(self, trial: Trial, node: Node) -> None:
+        with self._random():
+            self.state = self.algorithm.tell(self.state, trial.trial_id, (node, min(1.0, max(0.0, node.score))))
+
+
+class Mcts(Strategy):
+    slug = "mcts"
+    description = "AB-MCTS (treequest ABMCTSA): Thompson sampling decides at each node whether to widen or deepen"
+    Params = MctsParams
+    composable = True
+
+    @classmethod
+    def fan_out(cls, params: StrategyParams) -> int:
+        assert isinstance(params, MctsParams)
+        return params.iterations * params.batch
+
+    @classmethod
+    def requirements(cls, params: StrategyParams) -> dict[str, str]:
+        assert isinstance(params, MctsParams)
+        needed: dict[str, str] = {}
+        if needs_logprobs(params.score):
+            needed["logprobs"] = f"score={params.score} scores nodes by token logprobs; agreement or judge do without"
+        if params.level == "step":
+            needed["continue"] = "level=step continues a node's text to its next step"
+        return needed
+
+    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
+        assert isinstance(params, MctsParams)
+        if params.level == "step" and ctx.over is not None:
+            raise StrategyError("level=step continues raw text and cannot run over another strategy; use "
+                                "level=answer")
+        search = MctsRun(ctx, params)
+        return await search.run()
+
+
+class MctsRun:
+    """One search: the tree, the scorer and the calls that grow it."""
+
+    def __init__(self, ctx: StrategyContext, params: MctsParams) -> None:
+        self.ctx = ctx
+        self.params = params
+        self.temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
+        self.scorer: Scorer = make_scorer(params.score, variant="lowest_group", top_k=params.top_k,
+                                          judge_model=params.judge_model, regex=params.regex,
+                                          http_verifier=params.http_verifier)
+        self.logprobs = needs_logprobs(params.score)
+        self.nodes: list[Node] = []
+        self.widened = 0  # fresh answers drawn: the next one is sample `widened` of the run
+        self.refused = 0
+        self.budget_hit = False  # a call of the last round was stopped by the budget
+
+    async def run(self) -> StrategyResult:
+        params, ctx = self.params, self.ctx
+        search = TreeSearch(params.prior, ctx.sampling.seed)
+        await ctx.progress(f"AB-MCTS: {params.iterations} rounds of {params.batch} nodes ({params.level} level), "
+                           f"scored by {params.score}")
+        stopped_by_budget = False
+        for round_number in range(1, params.iterations + 1):
+            trials = search.ask(params.batch)
+            try:
+                grown = await self._expand(trials, round_number)
+            except BudgetExceeded:
+                stopped_by_budget = True
+                break
+            for trial, node in grown:
+                search.tell(trial, node)
+            if self.budget_hit:
+                stopped_by_budget = True
+                break
+        return await self._result(stopped_by_budget)
+
+    # ---- one round ----
+
+    async def _expand(self, trials: Sequence[Trial], round_number: int) -> list[tuple[Trial, Node]]:
+        """Run a round's trials: those expanding the same node share one call (n siblings)."""
+        groups: dict[int | None, list[Trial]] = {}
+        for trial in trials:
+            groups.setdefault(trial.parent.id if trial.parent is not None else None, []).append(trial)
+
+        async def grow(parent: Node | None, group: list[Trial]) -> list[tuple[Trial, Node]]:
+            if parent is not None and not self._expandable(parent):
+                # treequest may pick a leaf that cannot grow (a finished reply, or too deep): the trial is told a
+                # score of 0, so the search learns to go elsewhere; no call is made.
+                self.refused += len(group)
+                return [(t, self._add(parent.id, "refused", parent.candidate, 0.0, parent.depth + 1)) for t in group]
+            candidates, actions = await self._children(parent, len(group))
+            return [(t, node) for t, node in zip(group, await self._score(parent, candidates, actions))]
+
+        results, errors = await gather_successes(
+            (lambda p=p, g=g: grow(self._node(p), g) for p, g in groups.items()), min_success=0, what="expansion")
+        if any(isinstance(e, BudgetExceeded) for e in errors):
+            self.budget_hit = True
+        if errors and not results:
+            if self.budget_hit:
+                raise next(e for e in errors if isinstance(e, BudgetExceeded))
+            raise errors[0]
+        grown = [pair for group in results for pair in group]
+        for _, node in grown:
+            if node.action != "refused":
+                await self.ctx.progress(self._line(node, round_number))
+        return grown
+
+    def _node(self, node_id: int | None) -> Node | None:
+        return self.nodes[node_id] if node_id is not None else None
+
+    def _expandable(self, node: Node) -> bool:
+        if node.action == "refused" or node.depth >= self.params.max_depth:
+            return False
+        return not (self.params.level == "step" and node.terminal)
+
+    async def _children(self, parent: Node | None, n: int) -> tuple[list[Candidate], list[str]]:
+        ctx, params = self.ctx, self.params
+        if params.level == "answer":
+            if parent is None:
+                first, self.widened = self.widened, self.widened + n
+                found = await draw(ctx, n, temperature=self.temperature, logprobs=self.logprobs,
+                                   top_logprobs=params.top_k if self.logprobs else None, index=first,
+                                   label="widen")
+                return found, ["widen"] * len(found)
+            span = ctx.span("deepen", expands=parent.id)
+            found = await draw(span, n, messages=self._refine_messages(parent), temperature=self.temperature,
+                               logprobs=self.logprobs, top_logprobs=params.top_k if self.logprobs else None,
+                               label="refine")
+            return found, ["deepen"] * len(found)
+        return await self._steps(parent, n)
+
+    def _refine_messages(self, node: Node) -> list[dict[str, Any]]:
+        others = list(dict.fromkeys(n.answer for n in self.nodes if n.action != "refused" and n is not node))
+        prompt = REFINE_PROMPT.format(score=node.score, others=", ".join(others[:8]) or "none")
+        return [*self.ctx.messages, {"role": "assistant", "content": node.candidate.text},
+                {"role": "user", "content": prompt}]
+
+    async def _steps(self, parent: Node | None, n: int) -> tuple[list[Candidate], list[str]]:
+        """n next steps after the parent's text; at the last allowed depth, n complete replies."""
+        params = self.params
+        prefix = parent.candidate.text if parent is not None else ""
+        depth = parent.depth + 1 if parent is not None else 1
+        last = depth >= params.max_depth
+        ctx = self.ctx.span("step", expands=parent.id if parent is not None else None)
+        max_tokens = None if last else params.step_tokens
+        logprobs, top = self.logprobs, params.top_k if self.logprobs else None
+        if prefix:
+            found = await ctx.continue_prefix(prefix, n=n, temperature=self.temperature, max_tokens=max_tokens,
+                                              logprobs=logprobs, top_logprobs=top, label="step")
+        else:
+            found = await ctx.generate(n=n, temperature=self.temperature, max_tokens=max_tokens,
+                                       logprobs=logprobs, top_logprobs=top, label="step")
+        children, actions = [], []
+        for piece in found:
+            child, ended = self._cut(piece, parent, last)
+            children.append(child)
+            actions.append("finish" if ended else "step")
+        return children, actions
+
+    def _cut(self, piece: Candidate, parent: Node | None, last: bool) -> tuple[Candidate, bool]:
+        """The node for a step: the parent's text plus this continuation up to and including its first
+        delimiter (after some text); a continuation without one that stopped on its own ends the reply."""
+        text = piece.text
+        start = len(text) - len(text.lstrip())
+        cut = -1 if last else text.find(self.params.delimiter, start + 1)
+        ended = cut < 0 and piece.finish_reason != "length" or last
+        if cut >= 0:
+            text = text[:cut + len(self.params.delimiter)]
+        prefix = parent.candidate.text if parent is not None else ""
+        shifted = tuple(replace(t, offset=t.offset + len(prefix)) for t in piece.tokens or () if t.offset < len(text))
+        tokens = (parent.candidate.tokens or ()) + shifted if parent is not None else shifted
+        finish = piece.finish_reason if ended else "step"
+        return replace(piece, text=prefix + text, tokens=tokens or None, finish_reason=finish,
+                       completion_tokens=len(tokens) if tokens else piece.completion_tokens), ended
+
+    async def _score(self, parent: Node | None, candidates: list[Candidate], actions: list[str]) -> list[Node]:
+        pool = [n.candidate for n in self.nodes if n.action != "refused"] + candidates
+        nodes = []
+        for candidate, action in zip(candidates, actions):
+            if candidate.truncated and not self.params.count_truncated:
+                score = 0.0  # cut off by max_tokens: no answer yet to score
+            else:
+                score = await self.scorer.score(candidate, pool, ctx=self.ctx)
+            depth = parent.depth + 1 if parent is not None else 1
+            node = self._add(parent.id if parent is not None else None, action, candidate, score, depth)
+            node.terminal = action != "step"
+            nodes.append(node)
+        return nodes
+
+    def _add(self, parent: int | None, action: str, candidate: Candidate, score: float, depth: int) -> Node:
+        node = Node(len(self.nodes), parent, action, candidate, score, depth)
+        self.nodes.append(node)
+        self.ctx.note("tree", [n.summary() for n in self.nodes])
+        return node
+
+    @staticmethod
+    def _line(node: Node, round_number: int) -> str:
+        where = "from the root" if node.parent is None else f"from node {node.parent}"
+        verb = {"widen": "widen", "deepen": "deepen", "step": "step", "finish": "final step"}[node.action]
+        return (f"round {round_number}: node {node.id} ({verb} {where}) → {node.answer or '…'} "
+                f"score {node.score:.3f}")
+
+    # ---- the answer ----
+
+    async def _result(self, stopped_by_budget: bool) -> StrategyResult:
+        answers = [n for n in self.nodes if n.action != "refused" and n.terminal]
+        if not answers:
+            answers = await self._finish_best_partial()
+        if not answers:
+            if stopped_by_budget:
+                raise BudgetExceeded("the budget ran out before the search found any answer")
+            raise StrategyError("the search produced no answer")
+        pool = Pool(tuple(n.answer for n in answers), tuple(n.score for n in answers),
+                    tuple(self.params.count_truncated or not n.candidate.truncated for n in answers))
+        if self.params.select == "best":
+            best = max(pool.counted(), key=lambda i: (answers[i].score, -i))
+            chosen = answers[best]
+        else:
+            selector = "vote" if self.params.select == "vote" else "weighted"
+            chosen = answers[select(pool, selector, fallback="confidence").index]
+        await self.ctx.progress(f"answer: {chosen.answer} (node {chosen.id}, score {chosen.score:.3f}, "
+                                f"{len(self.nodes) - self.refused} nodes)")
+        candidate = chosen.candidate
+        if self.params.level == "step":
+            candidate = replace(candidate, finish_reason="stop" if candidate.finish_reason == "step"
+                                else candidate.finish_reason)
+        return StrategyResult(
+            choices=[candidate],
+            details={
+                "level": self.params.level, "score": self.params.score, "select": self.params.select,
+                "temperature": self.temperature if self.ctx.over is None else None,
+                "nodes": len(self.nodes) - self.refused, "refused_trials": self.refused,
+                "answer": chosen.answer, "node": chosen.id,
+                "widened": sum(n.action == "widen" for n in self.nodes),
+                "deepened": sum(n.action == "deepen" for n in self.nodes),
+                "tree": [n.summary() for n in self.nodes],
+            },
+            budget_exhausted=stopped_by_budget,
+        )
+
+    async def _finish_best_partial(self) -> list[Node]:
+        """Step level with no finished reply: complete the best partial one (if the budget allows)."""
+        partial = [n for n in self.nodes if n.action == "step"]
+        if not partial:
+            return []
+        best = max(partial, key=lambda n: n.score)
+        try:
+            (piece,) = await self.ctx.continue_prefix(best.candidate.text, logprobs=self.logprobs,
+                                                      top_logprobs=self.params.top_k if self.logprobs else None,
+                                                      label="finish")
+        except BudgetExceeded:
+            return [best]  # its text so far is the best answer there is
+        candidate, _ = self._cut(piece, best, last=True)
+        score = await self.scorer.score(candidate, [n.candidate for n in self.nodes], ctx=self.ctx)
+        node = self._add(best.id, "finish", candidate, score, best.depth + 1)
+        return [node]

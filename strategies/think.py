@@ -1,0 +1,110 @@
+"""Budget forcing (s1): control how long the model thinks by continuing its reply from a prefix.
+
+The reply starts with the open tag. The model thinks until it stops (or writes the close tag); if it stopped
+before `min_thinking_tokens`, the wait text (default "Wait") is appended and it continues thinking, up to
+`max_waits` times. At `max_thinking_tokens` the thinking is cut, the close tag and the answer cue are appended,
+and the model writes its answer, which is streamed to the client as it is generated. The thinking is the
+reasoning; the answer is the content.
+
+Needs an engine that can continue a prefix: prefill (a trailing assistant message), or raw completions of the
+rendered conversation; elsewhere the request is a 400 naming that capability.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from pydantic import Field, model_validator
+
+from .framework import (
+    BudgetExceeded,
+    Candidate,
+    Strategy,
+    StrategyContext,
+    StrategyParams,
+    StrategyResult,
+)
+
+
+class ThinkParams(StrategyParams):
+    limits = {"max_waits": "iterations"}
+
+    min_thinking_tokens: int = Field(default=64, ge=0, description="if the model stops thinking sooner, append "
+                                                                   "the wait text and let it continue")
+    max_thinking_tokens: int = Field(default=512, ge=1, description="thinking is cut here and the answer asked for")
+    max_waits: int = Field(default=2, ge=0, description="how many times the wait text may be appended")
+    wait: str = Field(default="Wait", min_length=1, description="appended when the model stops thinking too early")
+    open_tag: str = Field(default="<think>", description="starts the thinking")
+    close_tag: str = Field(default="</think>", description="ends the thinking")
+    answer_cue: str = Field(default="Final answer:", description="written after the thinking, before the answer")
+    answer_tokens: int | None = Field(default=None, ge=1, description="max tokens of the answer (default: the "
+                                                                      "request's max_tokens)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ThinkParams:
+        if self.min_thinking_tokens > self.max_thinking_tokens:
+            raise ValueError("min_thinking_tokens must not exceed max_thinking_tokens")
+        return self
+
+
+class BudgetForcing(Strategy):
+    slug = "think"
+    description = "budget forcing (s1): think at least min and at most max tokens, appending 'Wait' to continue"
+    Params = ThinkParams
+    requires = frozenset({"continue"})
+
+    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
+        assert isinstance(params, ThinkParams)
+        thinking = f"{params.open_tag}\n"
+        spent = 0
+        waits = 0
+        stopped_by_budget = False
+        await ctx.progress(f"thinking for {params.min_thinking_tokens}–{params.max_thinking_tokens} tokens")
+        try:
+            while spent < params.max_thinking_tokens:
+                (step,) = await ctx.continue_prefix(
+                    thinking, max_tokens=params.max_thinking_tokens - spent, stop=[params.close_tag],
+                    label="thinking")
+                spent += step.completion_tokens
+                thinking += step.text
+                await ctx.progress(step.text.strip() or "(nothing)")
+                if step.finish_reason == "length" or spent >= params.min_thinking_tokens \
+                        or waits >= params.max_waits:
+                    break
+                waits += 1
+                thinking = thinking.rstrip() + f"\n{params.wait}"
+                await ctx.progress(f"stopped after {spent} thinking tokens, below {params.min_thinking_tokens}: "
+                                   f"appending {params.wait!r}")
+        except BudgetExceeded:
+            stopped_by_budget = True
+            await ctx.progress("the budget ran out while thinking; answering now")
+        forced = thinking.rstrip() + f"\n{params.close_tag}\n{params.answer_cue}"
+        answer, finish_reason, answer_tokens = await self._answer(ctx, params, forced)
+        body = thinking[len(params.open_tag):].strip()
+        return StrategyResult(
+            choices=[Candidate(text=answer, finish_reason=finish_reason, completion_tokens=answer_tokens,
+                               reasoning=body, label="think")],
+            details={"thinking_tokens": spent, "waits": waits, "answer_tokens": answer_tokens,
+                     "cut_at_max": spent >= params.max_thinking_tokens},
+            budget_exhausted=stopped_by_budget,
+        )
+
+    @staticmethod
+    async def _answer(ctx: StrategyContext, params: ThinkParams, prefix: str) -> tuple[str, str, int]:
+        """The answer after the forced end of thinking, streamed to the client as it comes."""
+        pieces: list[str] = []
+        finish_reason = "stop"
+        tokens = 0
+        leading = True  # the whitespace after the cue is not part of the answer
+        async with aclosing(ctx.stream(prefix=prefix, max_tokens=params.answer_tokens, label="answer")) as events:
+            async for event in events:
+                if event.finish_reason:
+                    finish_reason = event.finish_reason
+                if event.token is not None or event.text:
+                    tokens += 1
+                text = event.text.lstrip() if leading else event.text
+                if text:
+                    leading = False
+                    pieces.append(text)
+                    await ctx.emit(text)
+        return "".join(pieces), finish_reason, tokens  # as emitted, trailing whitespace included
