@@ -451,17 +451,21 @@ async def gather_successes(
     *,
     min_success: int,
     what: str = "call",
+    sizes: Sequence[int] | None = None,
 ) -> tuple[list[T], list[Exception]]:
     """Run calls concurrently; each one's failure is caught in its own task.
 
     Returns (results in call order, errors). As soon as enough calls have failed that `min_success` cannot be
-    reached, the others are cancelled and the first error is raised (BudgetExceeded if the budget stopped any).
-    Cancellation from outside (a client leaving) cancels them all (asyncio.TaskGroup).
+    reached (counting call i as `sizes[i]` successes, default 1), the others are cancelled and the first error is
+    raised (BudgetExceeded if the budget stopped any). Cancellation from outside (a client leaving) cancels them
+    all (asyncio.TaskGroup).
     """
     factories = list(calls)
+    weights = list(sizes) if sizes is not None else [1] * len(factories)
     results: list[T | None] = [None] * len(factories)
     done: list[bool] = [False] * len(factories)
     errors: list[Exception] = []
+    failed: list[int] = []
 
     class _Unreachable(Exception):
         pass
@@ -472,7 +476,8 @@ async def gather_successes(
             done[i] = True
         except Exception as exc:  # noqa: BLE001 - one call's failure is recorded; the group decides
             errors.append(exc)
-            if len(factories) - len(errors) < min_success:
+            failed.append(i)
+            if sum(weights) - sum(weights[j] for j in failed) < min_success:
                 raise _Unreachable() from exc
 
     try:
@@ -480,10 +485,9 @@ async def gather_successes(
             for i in range(len(factories)):
                 group.create_task(one(i))
     except* _Unreachable:
-        raise _first_error(errors, what, len(factories) - len(errors), len(factories), min_success) from None
+        reached = sum(w for w, ok in zip(weights, done) if ok)
+        raise _first_error(errors, what, reached, sum(weights), min_success) from None
     successes = [r for r, ok in zip(results, done) if ok]
-    if len(successes) < min_success:
-        raise _first_error(errors, what, len(successes), len(factories), min_success)
     return successes, errors  # type: ignore[return-value]
 
 

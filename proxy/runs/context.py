@@ -262,19 +262,18 @@ class RunContext:
                 (lambda s=s: self._call(path, body, 1, s, label, keep_tokens, echoed))
                 for s in seeds
             ]
+            sizes = [1] * n
         else:
             cap = max(1, scope.backend.capabilities.max_n)
+            sizes = [min(cap, n - start) for start in range(0, n, cap)]
             calls = [
-                (lambda size=min(cap, n - start): self._draw(path, body, size, label, keep_tokens, echoed))
-                for start in range(0, n, cap)
+                (lambda size=size: self._draw(path, body, size, label, keep_tokens, echoed))
+                for size in sizes
             ]
-        parts, errors = await gather_successes(calls, min_success=1, what=label)
+        parts, errors = await gather_successes(calls, min_success=max(1, min_success), what=label, sizes=sizes)
         candidates = [c for part in parts for c in part]
-        if len(candidates) < min_success:
-            failure = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
-            raise failure or StrategyFailed(
-                f"only {len(candidates)} of {n} {label}s succeeded; at least {min_success} needed"
-                + (f"; first error: {errors[0]}" if errors else ""))
+        if len(candidates) < min_success:  # a call gave fewer choices than it asked for
+            raise StrategyFailed(f"only {len(candidates)} of {n} {label}s came back; at least {min_success} needed")
         if errors:
             self.note(f"{label}_failures", [str(e) for e in errors])
         return candidates
