@@ -171,3 +171,105 @@ def test_deepconf_streams_traces_with_logprobs_from_the_engine(client: openai.Op
     assert all(c["confidence"] is not None or c["pruned_at"] is not None for c in details["candidates"])
     assert details["survivors"] + details["pruned"] <= 6
     assert body["ttc"]["backend_calls"] == 6  # 3 warm-up samples (seeded: one call each) + 3 streamed traces
+
+
+# ---- framework v2 and the new strategies on the real engine ----
+
+
+def _engine_backend(engine_proxy: ProxyServer):
+    return engine_proxy.server.config.app.state.proxy.backends["local"]
+
+
+def test_tokens_prefixes_and_raw_prompts_on_the_engine(engine_proxy: ProxyServer) -> None:
+    from proxy.backends import Backend, new_client_session
+    from proxy.runs.accounting import BudgetScope
+    from proxy.runs.context import RunContext, RunState, Scope
+    from proxy.traces import Trace
+    from strategies import BUILTIN_STRATEGIES
+    from strategies.framework import Sampling
+
+    engine = _engine_backend(engine_proxy)
+    settings = ProxyConfig(backends=[BackendConfig(name="x", base_url="http://x")]).strategies
+    messages = [{"role": "user", "content": "Write a smiling face emoji, then the word über."}]
+
+    async def run() -> None:
+        async with new_client_session() as session:
+            backend = Backend(engine.config, engine.base_url, session)
+            await backend.discover()
+            state = RunState(owner="e2e", request_id=None, settings=settings, registry=BUILTIN_STRATEGIES,
+                             trace=Trace("e2e"))
+            ctx = RunContext(state, Scope(backend=backend, model="smollm2", messages=messages,
+                                          sampling=Sampling(0.0, None, 12, None, 5), budget=BudgetScope(settings.budget)))
+            (reply,) = await ctx.generate(logprobs=True, top_logprobs=3)
+            tokens = reply.tokens
+            assert tokens and tokens[0].offset == 0 and all(len(t.top) == 3 for t in tokens)
+            # Offsets are characters: every token's text sits at its offset, multi-byte characters included.
+            for token in tokens:
+                assert reply.text[token.offset:].startswith(token.bytes.decode("utf-8", "replace"))
+            ids = await ctx.token_ids(tokens)
+            assert await ctx.detokenize(ids) == reply.text
+            # Continuing from token ids (raw completions of the rendered template) equals continuing the text.
+            cut = tokens[len(tokens) // 2]
+            by_ids = await ctx.continue_prefix(await ctx.token_ids(tokens[:len(tokens) // 2]), max_tokens=6)
+            by_text = await ctx.continue_prefix(reply.text[:cut.offset], max_tokens=6)
+            assert by_ids[0].text == by_text[0].text == reply.text[cut.offset:][:len(by_ids[0].text)]
+            several = await ctx.continue_prefix(reply.text[:cut.offset], n=3, temperature=0.9, max_tokens=4)
+            assert len(several) == 3 and len({c.seed for c in several}) == 3
+            rendered = await ctx.render()
+            assert rendered.endswith("assistant\n") and messages[0]["content"] in rendered
+
+    asyncio.run(run())
+
+
+def test_cot_sync_sdk(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model="cot-smollm2", messages=QUESTION, max_tokens=48, temperature=0,
+                                              logprobs=True, top_logprobs=2)
+    body = response.model_dump(exclude_unset=True)
+    validate_schema({k: v for k, v in body.items() if k != "ttc"}, "CreateChatCompletionResponse")
+    assert response.choices[0].message.content and body["ttc"]["backend_calls"] == 1
+    assert "".join(t.token for t in response.choices[0].logprobs.content).strip() in \
+        response.choices[0].message.content + " "
+
+
+def test_mcts_async_sdk_grows_a_tree(engine_proxy: ProxyServer) -> None:
+    async def ask() -> openai.types.chat.ChatCompletion:
+        async with openai.AsyncOpenAI(base_url=f"{engine_proxy.url}/v1", api_key="unused", max_retries=0) as client:
+            return await client.chat.completions.create(model="mcts:iterations=2,batch=2-smollm2", messages=QUESTION,
+                                                        max_tokens=16, seed=3)
+
+    response = asyncio.run(ask())
+    body = response.model_dump(exclude_unset=True)
+    validate_schema({k: v for k, v in body.items() if k != "ttc"}, "CreateChatCompletionResponse")
+    tree = body["ttc"]["details"]["tree"]
+    assert len(tree) == 4 and all(n["parent"] is None or n["parent"] < n["id"] for n in tree)
+    trace = httpx.get(f"{engine_proxy.url}/v1/traces/{body['ttc']['trace_id']}").json()
+    assert trace["nodes"][0]["notes"]["tree"] == tree
+
+
+def test_step_level_mcts_continues_prefixes_on_the_engine(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model="mcts:level=step,iterations=2,batch=2,step_tokens=8-smollm2",
+                                              messages=QUESTION, max_tokens=24, seed=4)
+    details = response.model_extra["ttc"]["details"]
+    assert details["level"] == "step" and details["nodes"] >= 2 and response.choices[0].message.content
+
+
+def test_think_streams_its_answer(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="think:min_thinking_tokens=8,max_thinking_tokens=24,answer_tokens=12-smollm2", messages=QUESTION,
+        max_tokens=24, temperature=0, stream=True)
+    content, ttc = [], None
+    for chunk in stream:
+        validate_schema(chunk.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
+        ttc = (chunk.model_extra or {}).get("ttc", ttc)
+        content += [c.delta.content for c in chunk.choices if c.delta.content]
+    assert ttc["details"]["thinking_tokens"] >= 8 and "".join(content)
+
+
+def test_deepthink_and_bon_over_cot(client: openai.OpenAI) -> None:
+    deep = client.chat.completions.create(model="deepthink:k=2-smollm2", messages=QUESTION, max_tokens=32,
+                                          temperature=0)
+    assert deep.model_extra["ttc"]["details"]["route"] in ("direct", "synthesis")
+    composed = client.chat.completions.create(model="bon:n=3,select=confidence,confidence=logprob>cot-smollm2",
+                                              messages=QUESTION, max_tokens=32, seed=9)
+    ttc = composed.model_extra["ttc"]
+    assert ttc["over"] == "cot" and ttc["backend_calls"] == 3 and composed.choices[0].message.content

@@ -474,13 +474,18 @@ class RunContext:
         return await self._scope.backend.detokenize(self._scope.model, ids)
 
     async def token_ids(self, tokens: Sequence[Token]) -> list[int]:
+        """Runs of tokens without ids are tokenized together: their bytes may split a character between them."""
         ids: list[int] = []
-        for token in tokens:
-            if token.id is not None:
-                ids.append(token.id)
+        run: list[bytes] = []
+        for token in [*tokens, None]:
+            if token is None or token.id is not None:
+                if run:
+                    ids.extend(await self.tokenize(b"".join(run).decode("utf-8", "replace")))
+                    run = []
+                if token is not None:
+                    ids.append(token.id)  # type: ignore[arg-type]
             else:
-                text = token.bytes.decode("utf-8", "replace") if token.bytes is not None else token.text
-                ids.extend(await self.tokenize(text))
+                run.append(token.bytes if token.bytes is not None else token.text.encode())
         return ids
 
     # ---- structure: spans, other models, nested runs ----
