@@ -117,6 +117,12 @@ def test_load_tasks_question_messages_and_limit(tmp_path: Path) -> None:
     assert tasks[0].answer == "2"
     assert tasks[1].messages[0]["role"] == "system"
     assert len(load_tasks(path, limit=2)) == 2
+    # A fixed subset keeps each task's file position: seeds follow it, so the subset draws the whole file's samples.
+    half = load_tasks(path, every=2)
+    assert [(t.id, t.index) for t in half] == [("a", 0), ("c", 2)]
+    from tools.eval.runner import RunSettings, request_kwargs
+
+    assert request_kwargs("m", half[1], RunSettings(seed=10))["seed"] == 12
 
 
 @pytest.mark.parametrize("bad", [

@@ -69,7 +69,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: not sent)")
     parser.add_argument("--seed", type=int, help="task i (0-based, file order) is sent with seed SEED+i, the same "
                                                  "for every model string (default: no seed)")
-    parser.add_argument("--limit", type=positive_int, help="only the first N tasks")
+    parser.add_argument("--limit", type=positive_int, help="only the first N tasks (after --every)")
+    parser.add_argument("--every", type=positive_int, default=1, metavar="N",
+                        help="every N-th task of the file, from the first (a fixed subset; seeds follow the file "
+                             "position, so the subset's samples are the whole file's)")
     parser.add_argument("--concurrency", type=positive_int, default=4,
                         help="requests in flight at once (default 4); model strings run one after another")
     parser.add_argument("--timeout", type=positive_float, default=300.0,
@@ -112,7 +115,7 @@ def eval_command(args: argparse.Namespace) -> int:
             raise EvalError(f"--baseline {baseline!r} is not one of --models")
         if args.proxy and args.backend:
             raise EvalError("--backend configures the in-process proxy; it cannot be used with --proxy")
-        tasks = load_tasks(args.tasks, args.limit)
+        tasks = load_tasks(args.tasks, args.limit, args.every)
     except EvalError as exc:
         print(f"ttc-proxy eval: {exc}", file=sys.stderr)
         return 2

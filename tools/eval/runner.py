@@ -70,12 +70,12 @@ def describe_error(exc: BaseException, timeout: float) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def request_kwargs(model: str, task: Task, index: int, settings: RunSettings) -> dict[str, Any]:
+def request_kwargs(model: str, task: Task, settings: RunSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"model": model, "messages": task.messages, "max_tokens": settings.max_tokens}
     if settings.temperature is not None:
         kwargs["temperature"] = settings.temperature
     if settings.seed is not None:
-        kwargs["seed"] = settings.seed + index
+        kwargs["seed"] = settings.seed + task.index
     if settings.extra_body:
         kwargs["extra_body"] = dict(settings.extra_body)
     return kwargs
@@ -95,9 +95,9 @@ def record_from_response(model: str, task: Task, body: Mapping[str, Any], latenc
                   calls if isinstance(calls, int) else None, latency_ms, seed=seed, ttc=ttc)
 
 
-async def ask(client: Any, model: str, task: Task, index: int, settings: RunSettings) -> Record:
+async def ask(client: Any, model: str, task: Task, settings: RunSettings) -> Record:
     """One request; any failure becomes the record's `error`, never an exception."""
-    kwargs = request_kwargs(model, task, index, settings)
+    kwargs = request_kwargs(model, task, settings)
     seed = kwargs.get("seed")
     started = time.perf_counter()
     try:
@@ -168,7 +168,7 @@ async def run_model(client: Any, model: str, tasks: Sequence[Task], settings: Ru
 
     async def one(index: int, task: Task) -> Record:
         async with gate:
-            record = await ask(client, model, task, index, settings)
+            record = await ask(client, model, task, settings)
         progress.advance(record)
         return record
 
@@ -216,7 +216,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
     results: dict[str, list[Record | None]] = {m: [None] * len(tasks) for m in [*models, *oracles]}
 
     async def one_task(index: int, task: Task, scorer: PooledScorer) -> None:
-        seed = (settings.seed or 0) + index
+        seed = (settings.seed or 0) + task.index
         pools: dict[str, TaskPools] = {}  # by model: a failed draw is every model string's error on this task
         for model, (spec, base) in ((m, p) for m, p in parsed.items() if p is not None):
             task_pools = pools.setdefault(base, TaskPools(seed, pool_size, task.messages))

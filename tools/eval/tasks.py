@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ class Task:
     messages: list[dict[str, Any]]
     answer: str
     check: str
+    index: int = 0  # position in the task file (seeds follow it, so a subset draws what the whole file would)
 
     def grade(self, reply: str) -> Verdict:
         return check_reply(self.check, reply, self.answer)
@@ -62,29 +63,33 @@ def parse_task(raw: Any, where: str) -> Task:
     return Task(str(task_id), messages, answer_text, check)
 
 
-def load_tasks(path: str | Path, limit: int | None = None) -> list[Task]:
-    """The tasks of a JSON Lines file (blank lines skipped), the first `limit` of them when given."""
+def load_tasks(path: str | Path, limit: int | None = None, every: int = 1) -> list[Task]:
+    """The tasks of a JSON Lines file (blank lines skipped): every `every`-th one from the first (a fixed,
+    type-stratified subset when the file is grouped by type), the first `limit` of those when given."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise EvalError(f"cannot read the task file: {exc}") from exc
     tasks: list[Task] = []
     seen: set[str] = set()
+    index = -1
     for number, line in enumerate(lines, 1):
         if limit is not None and len(tasks) >= limit:
             break
         if not line.strip():
             continue
+        index += 1
         where = f"{path}:{number}"
         try:
             raw = json.loads(line)
         except ValueError as exc:
             raise EvalError(f"{where}: not valid JSON: {exc}") from exc
-        task = parse_task(raw, where)
+        task = replace(parse_task(raw, where), index=index)
         if task.id in seen:
             raise EvalError(f"{where}: duplicate task id {task.id!r}")
         seen.add(task.id)
-        tasks.append(task)
+        if index % every == 0:
+            tasks.append(task)
     if not tasks:
         raise EvalError(f"{path}: no tasks")
     return tasks
