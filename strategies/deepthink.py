@@ -48,7 +48,7 @@ EXPLORE_PROMPT = ("Solve the problem with this approach: {approach} Reason brief
 SYNTHESIS_PROMPT = ("{question}\n\nHere are {k} attempts at this problem:\n\n{attempts}\n\nThey disagree. Compare "
                     "them, decide which reasoning is right, and give the final answer on the last line as "
                     "'Answer: ...'.")
-_PICK = re.compile(r"^\s*(\d+)\s*[:.)-]\s*(.*?)\s*$", re.MULTILINE)
+_PICK = re.compile(r"^[ \t]*(\d+)[ \t]*[:.)-][ \t]*(.*?)[ \t]*$", re.MULTILINE)
 
 
 class DeepThinkParams(StrategyParams):
@@ -115,7 +115,7 @@ class DeepThink(Strategy):
                     tuple(not c.truncated for c in explored))
         vote = select(pool, "vote", fallback="confidence" if pool.has_confidence else "first")
         # Unfinished explorations (cut off by max_tokens) have no answer: they count as not agreeing.
-        share = vote.scores[vote.answer] / len(explored)
+        share = sum(a == vote.answer and not c.truncated for a, c in zip(pool.answers, explored)) / len(explored)
         details: dict[str, Any] = {
             "approaches": approaches, "planned": planned, "failed": len(errors),
             "explorations": [{"approach": a, "answer": pool.answers[i], "finish_reason": c.finish_reason}

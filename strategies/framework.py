@@ -159,8 +159,14 @@ class Candidate:
 
 
 def tokens_between(tokens: Sequence[Token], start: int, end: int) -> tuple[Token, ...]:
-    """The tokens that begin in [start, end) of their reply."""
-    return tuple(t for t in tokens if start <= t.offset < end)
+    """The tokens that overlap [start, end) of their reply (a token " The" starting one space before an answer
+    that begins at "The" is the answer's)."""
+    kept = []
+    for i, token in enumerate(tokens):
+        token_end = tokens[i + 1].offset if i + 1 < len(tokens) else token.offset + max(1, len(token.text))
+        if token.offset < end and token_end > start:
+            kept.append(token)
+    return tuple(kept)
 
 
 def estimate_tokens(reply: str, tokens: Sequence[Token] | None, completion_tokens: int, start: int, end: int) -> int:

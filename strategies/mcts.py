@@ -33,9 +33,11 @@ from .framework import (
     Strategy,
     StrategyContext,
     StrategyError,
+    StrategyInputError,
     StrategyParams,
     StrategyResult,
     draw,
+    gather_all,
     gather_successes,
 )
 from .scoring import SCORER_NAMES, Scorer, make_scorer, needs_logprobs
@@ -156,8 +158,8 @@ class Mcts(Strategy):
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, MctsParams)
         if params.level == "step" and ctx.over is not None:
-            raise StrategyError("level=step continues raw text and cannot run over another strategy; use "
-                                "level=answer")
+            raise StrategyInputError("mcts level=step continues raw text and cannot run over another strategy; "
+                                     "use level=answer")
         search = MctsRun(ctx, params)
         return await search.run()
 
@@ -201,29 +203,49 @@ class MctsRun:
     # ---- one round ----
 
     async def _expand(self, trials: Sequence[Trial], round_number: int) -> list[tuple[Trial, Node]]:
-        """Run a round's trials: those expanding the same node share one call (n siblings)."""
+        """Run a round's trials: those expanding the same node share one call (n siblings), all concurrently.
+        The new nodes are then numbered in trial order and scored against one pool (the tree so far plus this
+        round), so the tree does not depend on which call the engine answered first."""
         groups: dict[int | None, list[Trial]] = {}
         for trial in trials:
             groups.setdefault(trial.parent.id if trial.parent is not None else None, []).append(trial)
+        growing = [key for key in groups if key is None or self._expandable(self.nodes[key])]
 
-        async def grow(parent: Node | None, group: list[Trial]) -> list[tuple[Trial, Node]]:
-            if parent is not None and not self._expandable(parent):
-                # treequest may pick a leaf that cannot grow (a finished reply, or too deep): the trial is told a
-                # score of 0, so the search learns to go elsewhere; no call is made.
-                self.refused += len(group)
-                return [(t, self._add(parent.id, "refused", parent.candidate, 0.0, parent.depth + 1)) for t in group]
-            candidates, actions = await self._children(parent, len(group))
-            return [(t, node) for t, node in zip(group, await self._score(parent, candidates, actions))]
+        async def grow(key: int | None) -> tuple[int | None, list[Candidate], list[str]]:
+            candidates, actions = await self._children(self._node(key), len(groups[key]))
+            return key, candidates, actions
 
-        results, errors = await gather_successes(
-            (lambda p=p, g=g: grow(self._node(p), g) for p, g in groups.items()), min_success=0, what="expansion")
+        results, errors = await gather_successes((lambda k=k: grow(k) for k in growing), min_success=0,
+                                                 what="expansion")
         if any(isinstance(e, BudgetExceeded) for e in errors):
             self.budget_hit = True
         if errors and not results:
             if self.budget_hit:
                 raise next(e for e in errors if isinstance(e, BudgetExceeded))
             raise errors[0]
-        grown = [pair for group in results for pair in group]
+        fetched = {key: (candidates, actions) for key, candidates, actions in results}
+        fresh = [c for key in groups if key in fetched for c in fetched[key][0]]
+        pool = [n.candidate for n in self.nodes if n.action != "refused"] + fresh
+        scores = iter(await gather_all(self._score(c, pool) for c in fresh))  # in the order of `fresh`
+        grown: list[tuple[Trial, Node]] = []
+        for key, group in groups.items():
+            parent = self._node(key)
+            depth = parent.depth + 1 if parent is not None else 1
+            if key is not None and key not in growing:
+                # treequest may pick a leaf that cannot grow (a finished reply, or too deep): the trial is told a
+                # score of 0, so the search learns to go elsewhere; no call is made.
+                assert parent is not None
+                self.refused += len(group)
+                grown += [(t, self._add(key, "refused", parent.candidate, 0.0, depth)) for t in group]
+                continue
+            if key not in fetched:
+                continue  # its call failed: those trials stay untold
+            candidates, actions = fetched[key]
+            for i, (candidate, action) in enumerate(zip(candidates, actions)):
+                node = self._add(key, action, candidate, next(scores), depth)
+                node.terminal = action != "step"
+                if i < len(group):  # a call may give fewer choices than asked, never more
+                    grown.append((group[i], node))
         for _, node in grown:
             if node.action != "refused":
                 await self.ctx.progress(self._line(node, round_number))
@@ -297,19 +319,10 @@ class MctsRun:
         return replace(piece, text=prefix + text, tokens=tokens or None, finish_reason=finish,
                        completion_tokens=len(tokens) if tokens else piece.completion_tokens), ended
 
-    async def _score(self, parent: Node | None, candidates: list[Candidate], actions: list[str]) -> list[Node]:
-        pool = [n.candidate for n in self.nodes if n.action != "refused"] + candidates
-        nodes = []
-        for candidate, action in zip(candidates, actions):
-            if candidate.truncated and not self.params.count_truncated:
-                score = 0.0  # cut off by max_tokens: no answer yet to score
-            else:
-                score = await self.scorer.score(candidate, pool, ctx=self.ctx)
-            depth = parent.depth + 1 if parent is not None else 1
-            node = self._add(parent.id if parent is not None else None, action, candidate, score, depth)
-            node.terminal = action != "step"
-            nodes.append(node)
-        return nodes
+    async def _score(self, candidate: Candidate, pool: Sequence[Candidate]) -> float:
+        if candidate.truncated and not self.params.count_truncated:
+            return 0.0  # cut off by max_tokens: no answer yet to score
+        return await self.scorer.score(candidate, pool, ctx=self.ctx)
 
     def _add(self, parent: int | None, action: str, candidate: Candidate, score: float, depth: int) -> Node:
         node = Node(len(self.nodes), parent, action, candidate, score, depth)
@@ -375,6 +388,6 @@ class MctsRun:
         except BudgetExceeded:
             return [best]  # its text so far is the best answer there is
         candidate, _ = self._cut(piece, best, last=True)
-        score = await self.scorer.score(candidate, [n.candidate for n in self.nodes], ctx=self.ctx)
+        score = await self._score(candidate, [n.candidate for n in self.nodes])
         node = self._add(best.id, "finish", candidate, score, best.depth + 1)
         return [node]

@@ -60,16 +60,29 @@ class BudgetForcing(Strategy):
         waits = 0
         stopped_by_budget = False
         await ctx.progress(f"thinking for {params.min_thinking_tokens}–{params.max_thinking_tokens} tokens")
+        answer_reserve = params.answer_tokens or ctx.sampling.max_tokens
+
+        def room() -> int:
+            """Thinking tokens the next call may spend: never the answer's share of the budget (one call and its
+            tokens stay for it)."""
+            left = ctx.budget
+            return 0 if left.calls <= 1 else min(params.max_thinking_tokens - spent, left.tokens - answer_reserve)
+
         try:
-            while spent < params.max_thinking_tokens:
-                (step,) = await ctx.continue_prefix(
-                    thinking, max_tokens=params.max_thinking_tokens - spent, stop=[params.close_tag],
-                    label="thinking")
+            while True:
+                if room() <= 0:  # thinking wants another call the budget cannot spare
+                    stopped_by_budget = spent < params.max_thinking_tokens
+                    break
+                (step,) = await ctx.continue_prefix(thinking, max_tokens=room(), stop=[params.close_tag],
+                                                    label="thinking")
                 spent += step.completion_tokens
                 thinking += step.text
                 await ctx.progress(step.text.strip() or "(nothing)")
                 if step.finish_reason == "length" or spent >= params.min_thinking_tokens \
                         or waits >= params.max_waits:
+                    break
+                if room() <= 0:
+                    stopped_by_budget = True
                     break
                 waits += 1
                 thinking = thinking.rstrip() + f"\n{params.wait}"
@@ -77,7 +90,8 @@ class BudgetForcing(Strategy):
                                    f"appending {params.wait!r}")
         except BudgetExceeded:
             stopped_by_budget = True
-            await ctx.progress("the budget ran out while thinking; answering now")
+        if stopped_by_budget:
+            await ctx.progress("the budget keeps what is left for the answer; answering now")
         forced = thinking.rstrip() + f"\n{params.close_tag}\n{params.answer_cue}"
         answer, finish_reason, answer_tokens = await self._answer(ctx, params, forced)
         body = thinking[len(params.open_tag):].strip()
