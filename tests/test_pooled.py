@@ -82,4 +82,5 @@ def test_a_failed_pool_draw_is_every_model_strings_error_on_that_task(proxy: Pro
     records = {r["model"]: r for r in document["records"]}
     assert all(records[m]["error"] and not records[m]["correct"] for m in models)
     assert records[models[0]]["error"] == records[models[1]]["error"]
-    assert len(fake.chat_requests()) == 4  # drawn once, not again for the second model string
+    # Drawn once, not again for the second model string (the first failure may cancel the draw's other calls).
+    assert 1 <= len(fake.chat_requests()) <= 4
