@@ -118,3 +118,13 @@ def test_unrecognised_engine_stays_generic_and_strategies_needing_logprobs_say_s
         # Pass-through is untouched by what the proxy knows.
         assert client.chat.completions.create(model="exl2-model", messages=user(), extra_body={"top_k": 5}).choices
     assert engine.chat_requests()[-1].body["top_k"] == 5
+
+
+@pytest.mark.parametrize("engine", [VLLM], indirect=True)
+def test_vllm_is_asked_for_token_ids_with_logprobs(engine: FakeBackend) -> None:
+    with serve(engine) as server, sync_client(server) as client:
+        client.chat.completions.create(model="bon:n=2,select=confidence-Qwen/Qwen2.5-7B-Instruct", messages=user())
+        client.chat.completions.create(model="sc:n=2-Qwen/Qwen2.5-7B-Instruct", messages=user())
+    with_logprobs, without = engine.chat_requests()
+    assert with_logprobs.body["logprobs"] and with_logprobs.body["return_tokens_as_token_ids"] is True
+    assert "return_tokens_as_token_ids" not in without.body

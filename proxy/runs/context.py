@@ -176,6 +176,7 @@ class RunContext:
         # llama-server's usage counts one choice only: the logprob entries count every choice exactly.
         if n > 1 and backend.capabilities.usage_counts_one_choice and backend.capabilities.logprobs:
             body["logprobs"] = True if chat else max(1, int(body.get("logprobs") or 1))
+        _ask_token_ids(backend, body)
         node = state.trace.add(scope.node, label, "call", endpoint=path, n=n, seed=seed,
                                temperature=body.get("temperature"), max_tokens=body.get("max_tokens"),
                                status="queued")
@@ -371,6 +372,7 @@ class RunContext:
             body = completion_body(scope.model, await self._raw_prompt(conversation, prefix), scope.sampling,
                                    options, backend.capabilities.max_top_logprobs)
         body["stream"] = True
+        _ask_token_ids(backend, body)
         body["stream_options"] = {"include_usage": True}
         chosen_seed = seed if seed is not None else sample_seed(scope.sampling.seed, scope.path, index)
         if chosen_seed is not None:
@@ -588,6 +590,12 @@ class RunContext:
             raise
         state.trace.update(node, status="ok", passed=passed)
         return passed
+
+
+def _ask_token_ids(backend: Backend, body: dict[str, Any]) -> None:
+    """vLLM names sampled tokens by id ("token_id:42", the text then comes from their bytes) only when asked."""
+    if backend.capabilities.kind == "vllm" and body.get("logprobs"):
+        body["return_tokens_as_token_ids"] = True
 
 
 def _usage_attrs(budget: BudgetScope) -> dict[str, Any]:
