@@ -84,3 +84,43 @@ def test_a_failed_pool_draw_is_every_model_strings_error_on_that_task(proxy: Pro
     assert records[models[0]]["error"] == records[models[1]]["error"]
     # Drawn once, not again for the second model string (the first failure may cancel the draw's other calls).
     assert 1 <= len(fake.chat_requests()) <= 4
+
+
+def test_a_budget_per_model_string_binds_live_and_pooled_runs_alike(proxy: ProxyServer, fake: FakeBackend,
+                                                                    tmp_path: Path) -> None:
+    fake.script = seeded_script
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS[:3]))
+    budget = ["--budget", 'sc:n=8-fake-model={"max_calls": 3}']
+    live = run(tasks, tmp_path / "live", proxy, "--models", "sc:n=8-fake-model", "sc:n=4-fake-model", *budget)
+    pooled = run(tasks, tmp_path / "pooled", proxy, "--models", "sc:n=8-fake-model", "sc:n=4-fake-model",
+                 "--pool", "8", *budget)
+    for document in (live, pooled):
+        records = [r for r in document["records"] if r["model"] == "sc:n=8-fake-model"]
+        assert all(r["backend_calls"] == 3 and r["ttc"]["budget_exhausted"] for r in records)
+        others = [r for r in document["records"] if r["model"] == "sc:n=4-fake-model"]
+        assert all(r["backend_calls"] == 4 for r in others)
+    assert cli.main(["eval", str(tasks), "--proxy", proxy.url, "--models", "sc-fake-model", "--budget",
+                     'bon-fake-model={"max_calls": 1}', "--no-progress"]) == 2
+
+
+def test_composed_samples_come_from_a_pool_of_the_inner_strategys_prompt(proxy: ProxyServer, fake: FakeBackend,
+                                                                         tmp_path: Path) -> None:
+    from strategies.cot import INSTRUCTIONS
+
+    def script(body: dict[str, Any]) -> FakeReply:
+        system = [m["content"] for m in body["messages"] if m["role"] == "system"]
+        return FakeReply(texts=["<output>4</output>" if system else "It is 5."])
+
+    fake.script = script
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(TASKS[1]) + "\n")
+    document = run(tasks, tmp_path / "out", proxy, "--models", "bon:n=4,select=vote>cot-fake-model",
+                   "sc:n=4>cot-fake-model", "bon:n=4,select=vote-fake-model", "--pool", "4", "--temperature", "0")
+    records = {r["model"]: r for r in document["records"]}
+    assert records["bon:n=4,select=vote>cot-fake-model"]["correct"] and records["sc:n=4>cot-fake-model"]["correct"]
+    assert not records["bon:n=4,select=vote-fake-model"]["correct"]
+    calls = fake.chat_requests()
+    cot = [c for c in calls if any(INSTRUCTIONS in str(m["content"]) for m in c.body["messages"])]
+    assert len(cot) == 4 and len(calls) == 8  # one pool per prompt, shared by both compositions
+    assert all(c.body["temperature"] == 0.8 for c in calls)

@@ -43,6 +43,13 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _model_budget(text: str) -> tuple[str, dict[str, Any]]:
+    model, sep, budget = text.partition("={")  # model strings hold '=' but never '{'
+    if not sep or not model:
+        raise argparse.ArgumentTypeError("expected MODEL={...}")
+    return model, _json_object("{" + budget)
+
+
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "eval", help="accuracy, tokens, calls and latency of model strings on a task file",
@@ -79,6 +86,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         help="seconds per request before it counts as an error (default 300)")
     parser.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
                         help="a JSON object merged into every request body, e.g. '{\"top_k\": 20}'")
+    parser.add_argument("--budget", action="append", default=[], metavar="MODEL=JSON", type=_model_budget,
+                        help="a ttc.budget for one model string, e.g. 'mcts-smollm2={\"max_total_tokens\": 555}' "
+                             "(repeatable)")
     parser.add_argument("--pool", type=positive_int, metavar="N",
                         help="score strategy model strings on one pool of N samples per task (seeded, with "
                              "logprobs), so every strategy sees the same samples; plain model strings run live")
@@ -113,6 +123,9 @@ def eval_command(args: argparse.Namespace) -> int:
     try:
         if baseline not in models:
             raise EvalError(f"--baseline {baseline!r} is not one of --models")
+        unknown = [m for m, _ in args.budget if m not in models]
+        if unknown:
+            raise EvalError(f"--budget names model strings not in --models: {unknown}")
         if args.proxy and args.backend:
             raise EvalError("--backend configures the in-process proxy; it cannot be used with --proxy")
         tasks = load_tasks(args.tasks, args.limit, args.every)
@@ -120,7 +133,8 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"ttc-proxy eval: {exc}", file=sys.stderr)
         return 2
     settings = RunSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                           timeout=args.timeout, concurrency=args.concurrency, extra_body=args.extra_body)
+                           timeout=args.timeout, concurrency=args.concurrency, extra_body=args.extra_body,
+                           budgets=dict(args.budget))
     progress = Progress(len(tasks) * len(models), enabled=not args.no_progress)
     started_at = datetime.now(timezone.utc)
     started = time.monotonic()

@@ -26,9 +26,10 @@ from proxy.registry import load_registry
 from proxy.routing import split_model_name
 from proxy.runs.accounting import BudgetScope
 from proxy.runs.context import RunContext, RunState, Scope
-from proxy.runs.validation import check_spec
+from proxy.runs.validation import check_budget, check_spec
 from proxy.traces import Trace
 from strategies.framework import (
+    BudgetExceeded,
     Candidate,
     Sampling,
     Strategy,
@@ -122,12 +123,23 @@ class PoolContext(RunContext):
         taken.update(positions)
         return positions
 
-    def _charge(self, pool: SamplePool, taken: Sequence[Candidate]) -> None:
+    def _serve(self, pool: SamplePool, positions: Sequence[int], min_success: int) -> list[Candidate]:
+        """The samples at these positions, each checked against the budget and charged as the seeded live call
+        that would draw it (one call per sample, paying the prompt each time); stops where the budget does."""
         budget = self._scope.budget
-        budget.check()  # as a live call would, before it is made
-        # A seeded live request makes one call per sample, paying the prompt each time.
-        budget.charge(calls=len(taken), prompt_tokens=round(pool.prompt_tokens_per_sample * len(taken)),
-                      completion_tokens=sum(c.completion_tokens for c in taken))
+        served: list[Candidate] = []
+        for position in positions:
+            try:
+                budget.check()
+            except BudgetExceeded:
+                if len(served) < min_success:
+                    raise
+                break
+            candidate = pool.candidates[position]
+            budget.charge(calls=1, prompt_tokens=round(pool.prompt_tokens_per_sample),
+                          completion_tokens=candidate.completion_tokens)
+            served.append(candidate)
+        return served
 
     async def generate(self, *, n: int = 1, messages: Sequence[dict[str, Any]] | None = None,
                        temperature: float | None = None, max_tokens: int | None = None, logprobs: bool = False,
@@ -142,9 +154,7 @@ class PoolContext(RunContext):
         if n < 1:
             return []
         pool = await self._pool(conversation)
-        taken = [pool.candidates[i] for i in self._positions(conversation, n, index, len(pool.candidates))]
-        self._charge(pool, taken)
-        return list(taken)
+        return self._serve(pool, self._positions(conversation, n, index, len(pool.candidates)), max(1, min_success))
 
     async def stream(self, *, messages: Sequence[dict[str, Any]] | None = None,
                      prefix: str | Sequence[int] | None = None, temperature: float | None = None,
@@ -239,14 +249,17 @@ class PooledScorer:
                                                              top_logprobs=POOL_TOP_LOGPROBS, min_success=size)
         return SamplePool(candidates, self.temperature, scope.budget.usage.prompt_tokens / max(1, size))
 
-    async def score(self, spec: StrategySpec, model: str, pools: TaskPools) -> PooledOutcome:
+    async def score(self, spec: StrategySpec, model: str, pools: TaskPools,
+                    budget: Mapping[str, Any] | None = None) -> PooledOutcome:
+        """One strategy on one task's pools, within `budget` (a `ttc.budget`) when given."""
         backend = await self.backend()
         state, scope = self._run(backend, model, pools.task_messages, pools.seed, spec.slug)
         started = time.monotonic()
         try:
             strategy, params = check_spec(spec, self.registry, self.settings)[0]
+            limits = BudgetScope(check_budget(budget or {}, self.settings.budget))
             scope = Scope(backend=scope.backend, model=model, messages=scope.messages, sampling=scope.sampling,
-                          budget=scope.budget, over=spec.over, fan_out=max(1, strategy.fan_out(params)))
+                          budget=limits, over=spec.over, fan_out=max(1, strategy.fan_out(params)))
             result = await strategy().run(PoolContext(state, scope, pools, self), params)
         except (ProxyError, StrategyError) as exc:
             return PooledOutcome(None, None, scope.budget.usage.calls, _ms(started), f"{type(exc).__name__}: {exc}",

@@ -27,6 +27,7 @@ class RunSettings:
     timeout: float = 300.0
     concurrency: int = 4
     extra_body: dict[str, Any] = field(default_factory=dict)
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # a `ttc.budget` per model string
 
 
 @dataclass
@@ -76,8 +77,11 @@ def request_kwargs(model: str, task: Task, settings: RunSettings) -> dict[str, A
         kwargs["temperature"] = settings.temperature
     if settings.seed is not None:
         kwargs["seed"] = settings.seed + task.index
-    if settings.extra_body:
-        kwargs["extra_body"] = dict(settings.extra_body)
+    extra = dict(settings.extra_body)
+    if model in settings.budgets:
+        extra["ttc"] = {**extra.get("ttc", {}), "budget": settings.budgets[model]}
+    if extra:
+        kwargs["extra_body"] = extra
     return kwargs
 
 
@@ -222,7 +226,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
             task_pools = pools.setdefault(base, TaskPools(seed, pool_size, task.messages))
             started = time.perf_counter()
             try:
-                outcome = await scorer.score(spec, base, task_pools)
+                outcome = await scorer.score(spec, base, task_pools, settings.budgets.get(model))
             except Exception as exc:  # noqa: BLE001 - a failed pool is that task's error, not the run's
                 record = Record(task.id, model, False, None, None, None, None,
                                 (time.perf_counter() - started) * 1000, error=f"{type(exc).__name__}: {exc}",
