@@ -151,6 +151,14 @@ class Candidate:
         return self.generated if self.generated is not None else self.text
 
     @property
+    def answer_tokens(self) -> tuple[Token, ...] | None:
+        """The tokens of the answer itself: all of them for a plain reply, those overlapping `text` when it is a
+        section of a longer one (cot's output). Scorers judge a candidate by these."""
+        if self.tokens is None or self.generated is None:
+            return self.tokens
+        return tokens_between(self.tokens, self.text_start, self.text_start + len(self.text))
+
+    @property
     def token_ids(self) -> list[int] | None:
         """The generated token ids, when the engine gave every one."""
         if not self.tokens or any(t.id is None for t in self.tokens):

@@ -2,7 +2,7 @@
 
 Each scorer maps a candidate, seen among a pool of others, to a score in [0, 1]:
 
-  logprob     exp(mean log-probability of the sampled tokens): how likely the model found its own reply, per token
+  logprob     exp(mean log-probability of the sampled tokens): how likely the model found its own answer, per token
   confidence  DeepConf's token confidence (C = -mean of the top-k logprobs at each token; a trace's mean, tail or
               lowest sliding-window mean), mapped into [0, 1] as C / (C + ln k): 1/2 when the top k alternatives
               are equally likely, towards 1 as the distribution peaks, monotone so rankings are kept
@@ -11,7 +11,9 @@ Each scorer maps a candidate, seen among a pool of others, to a score in [0, 1]:
   verifier    1 when the candidate passes a regex / JSON schema / HTTP verifier, else 0
 
 `logprob`, `confidence` and `agreement` make no calls: their `score_now` is pure, so the eval can score them
-offline. A candidate without what a scorer needs (no logprobs) scores 0.5, "no information".
+offline. Token scores look at the answer's own tokens (Candidate.answer_tokens: the whole reply for a plain
+sample, the output section for cot). A candidate without what a scorer needs (no logprobs) scores 0.5, "no
+information".
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ class LogprobScorer(PureScorer):
     name = "logprob"
 
     def score_now(self, candidate: Candidate, pool: Sequence[Candidate]) -> float:
-        value = mean_token_probability(candidate.tokens or ())
+        value = mean_token_probability(candidate.answer_tokens or ())
         return UNINFORMED if value is None else value
 
 
@@ -230,7 +232,7 @@ class ConfidenceScorer(PureScorer):
     def score_now(self, candidate: Candidate, pool: Sequence[Candidate]) -> float:
         if self.variant == "logprob":
             return LogprobScorer().score_now(candidate, pool)
-        value = ConfidenceSpec(self.variant, self.window, self.top_k).score(candidate.tokens)
+        value = ConfidenceSpec(self.variant, self.window, self.top_k).score(candidate.answer_tokens)
         return UNINFORMED if value is None else confidence_to_unit(value, self.top_k)
 
 

@@ -60,7 +60,7 @@ class Pool:
         """`count_truncated`: treat replies cut off by max_tokens like finished ones."""
         return cls(
             tuple(extract(c.text) for c in candidates),
-            tuple(spec.score(c.tokens) if spec is not None else None for c in candidates),
+            tuple(spec.score(c.answer_tokens) if spec is not None else None for c in candidates),
             tuple(count_truncated or not c.truncated for c in candidates),
         )
 

@@ -489,3 +489,18 @@ def test_json_dump_of_trace_is_serialisable(client, proxy, fake):
     completion = client.chat.completions.create(model="mcts:iterations=1,batch=2-fake-model", messages=user())
     trace = httpx.get(f"{proxy.url}/v1/traces/{completion.ttc['trace_id']}").json()
     assert json.dumps(trace) and trace["nodes"][0]["status"] == "ok"
+
+
+def test_scorers_judge_a_derived_answer_by_its_own_tokens():
+    from strategies.scoring import ConfidenceSpec, LogprobScorer
+
+    from .helpers import tok
+
+    reply = "<output> 42</output>"
+    tokens = (tok("<output>", -0.01, offset=0), tok(" 42", -2.0, offset=8), tok("</output>", -0.01, offset=11))
+    derived = Candidate("42", "stop", 3, tokens, generated=reply, text_start=9)
+    assert [t.text for t in derived.answer_tokens] == [" 42"]
+    assert LogprobScorer().score_now(derived, []) == pytest.approx(2.718281828 ** -2.0)
+    assert ConfidenceSpec("logprob").score(derived.answer_tokens) == pytest.approx(2.718281828 ** -2.0)
+    plain = Candidate(reply, "stop", 3, tokens)
+    assert plain.answer_tokens == tokens  # a plain reply is its own answer

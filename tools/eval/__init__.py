@@ -22,10 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from proxy.errors import ProxyError
 from proxy.registry import load_registry
 
 from ..argtypes import positive_float, positive_int
 from .report import render_table, write_csv, write_json, write_plot
+from .pooled import parse_strategy_string
 from .runner import Progress, Record, RunSettings, proxy_endpoint, run_eval, run_pooled
 from .stats import ACCURACY_METHOD, DIFF_METHOD, summarise_all
 from .tasks import EvalError, Task, load_tasks
@@ -102,8 +104,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 async def run_all(base_url: str, api_key: str, models: Sequence[str], tasks: Sequence[Task], settings: RunSettings,
                   progress: Progress, pool_size: int | None) -> dict[str, list[Record]]:
     """Live model strings, then (with a pool) the strategy model strings scored on the pool."""
-    from .pooled import parse_strategy_string
-
     registry = load_registry()[0]
     pooled = [m for m in models if pool_size is not None and parse_strategy_string(m, registry) is not None]
     live = [m for m in models if m not in pooled]
@@ -123,6 +123,12 @@ def eval_command(args: argparse.Namespace) -> int:
     try:
         if baseline not in models:
             raise EvalError(f"--baseline {baseline!r} is not one of --models")
+        registry = load_registry()[0]
+        for model in models:
+            try:
+                parse_strategy_string(model, registry)
+            except ProxyError as exc:
+                raise EvalError(f"--models: {exc.message}") from exc
         unknown = [m for m, _ in args.budget if m not in models]
         if unknown:
             raise EvalError(f"--budget names model strings not in --models: {unknown}")
