@@ -30,8 +30,8 @@ from .errors import (
 from .protocol import ChatCompletionRequest, CompletionRequest, validate_request
 from .registry import load_registry
 from .routing import Route, resolve_route
-from .runs.run import StrategyRequest, StrategyRun, check_strategy_request
-from .runs.validation import check_budget, check_capabilities, check_spec
+from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
+from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_spec
 from .runs.verifier import VerifierClient
 from .streaming import EventStreamResponse, until_disconnect
 from .traces import TraceStore
@@ -265,6 +265,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             backend_model=route.model,
             request_id=request_id,
         )
+        check_engine_fields(backend, set(sampling_of(parsed, body, state.config.strategies).extra))
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
                           backend_for=lambda model: state.backend_for(Route(None, model)),
                           verifiers=state.verifiers)

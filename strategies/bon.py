@@ -13,15 +13,13 @@ concurrent runs of it (framework.draw). Scores come from strategies.scoring.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from .formats import check_all, check_schema
+from .formats import check_all
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     Candidate,
@@ -32,7 +30,7 @@ from .framework import (
     draw,
     gather_all,
 )
-from .scoring import ConfidenceSpec, Judge
+from .scoring import CheckParams, ConfidenceSpec, Judge
 from .selection import (
     CONFIDENCE_SELECTORS,
     Pool,
@@ -46,7 +44,7 @@ from .selection import (
 )
 
 
-class BestOfNParams(StrategyParams):
+class BestOfNParams(CheckParams):
     limits = {"n": "samples"}
 
     n: int = Field(default=8, ge=1, description="candidates to draw")
@@ -71,37 +69,10 @@ class BestOfNParams(StrategyParams):
     judge_swap: bool = Field(default=True, description="pairwise judge: ask each pair in both orders")
     judge_model: str | None = Field(
         default=None, description="judge: a model served by any configured backend (default: the sampled model)")
-    regex: str | None = Field(default=None, description="verifier: a regex the candidate's text must match")
-    http_verifier: str | None = Field(
-        default=None, description="verifier: the name of an HTTP verifier in config.yaml's `verifiers`")
-    json_schema: dict[str, Any] | None = Field(
-        default=None, description="verifier: a JSON schema (subset) the candidate's JSON must satisfy")
-
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
-        return value
-
-    @field_validator("json_schema", mode="before")
-    @classmethod
-    def _schema(cls, value: Any) -> Any:
-        if isinstance(value, str):  # from a model-name prefix, or sent as a string
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f"not valid JSON: {exc}") from exc
-        if value is not None:
-            check_schema(value)
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "BestOfNParams":
-        if self.select == "verifier" and self.regex is None and self.json_schema is None and not self.http_verifier:
+        if self.select == "verifier" and not self.has_check():
             raise ValueError("select=verifier needs a check: regex, json_schema and/or http_verifier")
         return self
 

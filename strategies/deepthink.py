@@ -144,7 +144,7 @@ class DeepThink(Strategy):
         modules = "\n".join(f"{i}. {a}" for i, a in enumerate(APPROACHES, start=1))
         messages = [{"role": "user", "content": PLAN_PROMPT.format(modules=modules, question=question, k=params.k)}]
         (plan,) = await ctx.span("plan").generate(n=1, messages=messages, temperature=0.0,
-                                                  max_tokens=params.plan_tokens, label="plan")
+                                                  max_tokens=params.plan_tokens, label="plan", answers=False)
         approaches, planned = parse_plan(plan.text, params.k)
         if planned < params.k:
             await ctx.progress(f"the plan gave {planned} of {params.k} approaches; the rest come from the list")

@@ -197,8 +197,8 @@ class Sampling:
     extra: dict[str, Any] = field(default_factory=dict)
     # The request's response_format: every sample is asked for it (see strategies.formats.parses_as).
     response_format: dict[str, Any] | None = None
-    # The request asked for logprobs (with this many alternatives): every sample carries its tokens.
-    logprobs: int | None = None
+    # The request asked for logprobs (with this many alternatives): every sample answering it carries its tokens.
+    top_logprobs: int | None = None
 
     def sampling_temperature(self, default: float = DEFAULT_SAMPLING_TEMPERATURE) -> float:
         """A sampling strategy draws at the request's temperature when it is above 0, else at its default."""
@@ -280,6 +280,12 @@ class StrategyContext(Protocol):
         """The strategy this one runs over (`bon:n=4>cot`), whose runs replace plain samples in `draw`."""
         ...
 
+    @property
+    def random_seed(self) -> int | None:
+        """A seed for the strategy's own random choices: the request's seed at the top, one derived from the
+        run's place in a nested run (so sibling runs differ); None when the request has no seed."""
+        ...
+
     def supports(self, capability: str) -> bool: ...
 
     async def generate(
@@ -297,6 +303,7 @@ class StrategyContext(Protocol):
         min_success: int = 1,
         label: str = "sample",
         extra: Mapping[str, Any] | None = None,
+        answers: bool = True,
     ) -> list[Candidate]:
         """n chat completions, drawn concurrently (split across requests as the backend needs).
 
@@ -304,7 +311,9 @@ class StrategyContext(Protocol):
         budget stopped them). Unset arguments default to the request's own sampling parameters. Seeds: with a
         request seed, sample `index + i` of a top-level context uses seed + index + i; inside a span or nested
         run, a seed derived from (seed, span path, index + i); an explicit `seed` is used as seed + i.
-        `extra`: engine fields for this call (logit_bias, cache_prompt, ...).
+        `extra`: engine fields for this call (logit_bias, cache_prompt, ...). `answers=False` marks a helper
+        question (a judge's yes/no, a plan): it does not carry the request's response_format, stop, top_p,
+        engine fields or logprobs, which are for answers to the client's question.
         """
         ...
 
@@ -420,7 +429,7 @@ class StrategyContext(Protocol):
                            sampling: Mapping[str, Any] | None = None) -> StrategyResult:
         """Run another registered strategy inside this one's budget and trace, on `messages` (default: this
         run's), with an optional budget of its own (capped by what is left here) and `sampling` fields replaced
-        for it (e.g. {"temperature": 0.8, "logprobs": 5}: a parent that samples and scores its runs). Returns
+        for it (e.g. {"temperature": 0.8, "top_logprobs": 5}: a parent that samples and scores its runs). Returns
         its candidates with their tokens and what it spent (`usage`). Its emits do not reach the client. Depth
         and fan-out limits apply."""
         ...
@@ -565,7 +574,7 @@ async def draw(
         async def one() -> Candidate:
             overrides: dict[str, Any] = {"temperature": temperature} if temperature is not None else {}
             if logprobs or top_logprobs:
-                overrides["logprobs"] = top_logprobs or 1
+                overrides["top_logprobs"] = top_logprobs or 1
             result = await ctx.run_strategy(inner, messages=messages, sampling=overrides)
             answer = result.answer
             return replace(answer, label=inner.slug,

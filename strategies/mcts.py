@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .answers import extract_answer
 from .framework import (
@@ -40,7 +40,7 @@ from .framework import (
     gather_all,
     gather_successes,
 )
-from .scoring import SCORER_NAMES, Scorer, make_scorer, needs_logprobs
+from .scoring import SCORER_NAMES, CheckParams, Scorer, make_scorer, needs_logprobs
 from .selection import Pool, select
 
 REFINE_PROMPT = ("Your answer above was scored {score:.2f} out of 1 by a checker. Answers found so far: {others}. "
@@ -48,7 +48,7 @@ REFINE_PROMPT = ("Your answer above was scored {score:.2f} out of 1 by a checker
 GENERATE = "generate"  # the one treequest action: what it generates depends on the node (root: widen)
 
 
-class MctsParams(StrategyParams):
+class MctsParams(CheckParams):
     limits = {"iterations": "iterations", "batch": "samples"}
 
     iterations: int = Field(default=4, ge=1, description="rounds of the search")
@@ -67,11 +67,15 @@ class MctsParams(StrategyParams):
     step_tokens: int = Field(default=64, ge=1, description="step: max tokens of one step")
     top_k: int = Field(default=5, ge=2, le=20, description="confidence scorer: top logprobs per token")
     judge_model: str | None = Field(default=None, description="judge scorer: another model to judge with")
-    regex: str | None = Field(default=None, description="verifier scorer: a regex the answer must match")
-    http_verifier: str | None = Field(default=None, description="verifier scorer: a verifier from config.yaml")
     count_truncated: bool = Field(default=False, description="score answers cut off by max_tokens like others (by "
                                                              "default they score 0: they have no answer yet)")
     prior: Literal["gaussian", "beta"] = Field(default="beta", description="treequest's Thompson-sampling prior")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MctsParams:
+        if self.score == "verifier" and not self.has_check():
+            raise ValueError("score=verifier needs a check: regex, json_schema and/or http_verifier")
+        return self
 
 
 @dataclass
@@ -116,6 +120,7 @@ class TreeSearch:
 
     @contextmanager
     def _random(self) -> Iterator[None]:
+        # Safe only because nothing inside awaits: no other run can draw from numpy's global state meanwhile.
         saved = np.random.get_state()
         np.random.set_state(self.random.get_state())
         try:
@@ -173,7 +178,7 @@ class MctsRun:
         self.temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         self.scorer: Scorer = make_scorer(params.score, variant="lowest_group", top_k=params.top_k,
                                           judge_model=params.judge_model, regex=params.regex,
-                                          http_verifier=params.http_verifier)
+                                          json_schema=params.json_schema, http_verifier=params.http_verifier)
         self.logprobs = needs_logprobs(params.score)
         self.nodes: list[Node] = []
         self.widened = 0  # fresh answers drawn: the next one is sample `widened` of the run
@@ -182,7 +187,7 @@ class MctsRun:
 
     async def run(self) -> StrategyResult:
         params, ctx = self.params, self.ctx
-        search = TreeSearch(params.prior, ctx.sampling.seed)
+        search = TreeSearch(params.prior, ctx.random_seed)
         await ctx.progress(f"AB-MCTS: {params.iterations} rounds of {params.batch} nodes ({params.level} level), "
                            f"scored by {params.score}")
         stopped_by_budget = False

@@ -131,16 +131,18 @@ class SelfConsistency(Strategy):
         answers: list[str] = []
         voting: list[bool] = []  # False: cut off by max_tokens, so its "answer" is unfinished
         settled = 0.0
-        stopped_by_budget = False
+        budget_exhausted = False
+        asked = 0  # samples asked for so far: the next wave's first sample index (a failed sample keeps its seed)
         wave = params.n if not params.adaptive else min(params.first_wave, params.n)
-        while len(candidates) < params.n:
+        while asked < params.n:
             try:
-                drawn = await draw(ctx, wave, temperature=temperature, index=len(candidates),
+                first, asked = asked, asked + wave
+                drawn = await draw(ctx, wave, temperature=temperature, index=first,
                                    min_success=min(params.min_success, wave) if not candidates else 1)
             except BudgetExceeded:
                 if not candidates:
                     raise
-                stopped_by_budget = True
+                budget_exhausted = True
                 await ctx.progress(f"the budget ran out after {len(candidates)} samples; voting over those")
                 break
             for candidate in drawn:
@@ -149,12 +151,12 @@ class SelfConsistency(Strategy):
                 voting.append(params.count_truncated or not candidate.truncated)
                 cut_off = "" if voting[-1] else " (cut off by max_tokens: no vote)"
                 await ctx.progress(f"sample {len(candidates)}/{params.n} → {answers[-1]}{cut_off}")
-            if not params.adaptive or len(candidates) >= params.n:
+            if not params.adaptive or asked >= params.n:
                 break
             votes = tally(a for a, v in zip(answers, voting) if v)
             if not votes.counts or votes.ranked()[0][1] < 2:
                 # One vote agrees with nothing: keep drawing (no rule may stop on it).
-                wave = min(params.wave, params.n - len(candidates))
+                wave = min(params.wave, params.n - asked)
                 continue
             if params.stop_rule == "beta":
                 settled = majority_settled_probability(votes)
@@ -165,11 +167,11 @@ class SelfConsistency(Strategy):
             if settled >= params.stop_confidence:
                 await ctx.progress(f"majority settled after {len(candidates)} samples (P={settled:.3f})")
                 break
-            if leader_is_decided(votes, params.n - len(candidates)):
-                await ctx.progress(f"the leader cannot be overtaken in the {params.n - len(candidates)} samples left")
+            if leader_is_decided(votes, params.n - asked):
+                await ctx.progress(f"the leader cannot be overtaken in the {params.n - asked} samples left")
                 break
-            wave = min(params.wave, params.n - len(candidates))
-        if len(candidates) < params.min_success and not stopped_by_budget:
+            wave = min(params.wave, params.n - asked)
+        if len(candidates) < params.min_success and not budget_exhausted:
             raise StrategyError(f"only {len(candidates)} samples succeeded; at least {params.min_success} needed")
         pool = Pool(tuple(answers), finished=tuple(voting))
         selection = select(pool, "vote", fallback="first")  # a tie goes to the answer seen first
@@ -191,4 +193,4 @@ class SelfConsistency(Strategy):
         }
         if params.adaptive:
             details["settled_probability"] = round(settled, 4)
-        return StrategyResult(choices=[winner], details=details, budget_exhausted=stopped_by_budget)
+        return StrategyResult(choices=[winner], details=details, budget_exhausted=budget_exhausted)

@@ -18,14 +18,18 @@ information".
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from .answers import extract_answer
-from .formats import run_checks
-from .framework import Candidate, StrategyContext, Token, gather_all, message_text
+from pydantic import Field, field_validator
+
+from .formats import check_schema, run_checks
+from .framework import Candidate, StrategyContext, StrategyParams, Token, gather_all, message_text
 
 ConfidenceVariant = Literal["mean", "tail", "lowest_group", "logprob"]
 UNINFORMED = 0.5
@@ -166,15 +170,16 @@ class Judge:
         (candidate,) = await self.ctx.generate(
             n=1, messages=judge_messages(self.ctx.messages, prompt_for_question), temperature=0.0, max_tokens=1,
             logprobs=self.logprobs, top_logprobs=JUDGE_TOP_LOGPROBS if self.logprobs else None, label="judge",
+            answers=False,
         )
         first = candidate.tokens[0] if candidate.tokens else None
         return judge_probability(first, candidate.text, positive, negative)
 
-    async def verify(self, answer: str) -> float | None:
+    async def p_yes(self, answer: str) -> float | None:
         return await self.ask(lambda q: POINTWISE_PROMPT.format(question=q, answer=answer), "yes", "no")
 
     async def pointwise(self, answers: Sequence[str]) -> dict[str, float | None]:
-        results = await gather_all(self.verify(a) for a in answers)
+        results = await gather_all(self.p_yes(a) for a in answers)
         return dict(zip(answers, results))
 
     async def compare(self, a: str, b: str, swap: bool) -> float:
@@ -260,7 +265,7 @@ class JudgeScorer:
         if ctx is None:
             raise ValueError("the judge scorer asks the model: it needs a context")
         judge = Judge(ctx.for_model(self.judge_model) if self.judge_model else ctx)
-        value = await judge.verify(extract_answer(candidate.text))
+        value = await judge.p_yes(extract_answer(candidate.text))
         return UNINFORMED if value is None else value
 
 
@@ -284,7 +289,41 @@ class VerifierScorer:
         return 1.0
 
 
-ScorerName = Literal["logprob", "confidence", "agreement", "judge", "verifier"]
+class CheckParams(StrategyParams):
+    """The checks a verifier (bon's selector, the scorer) applies; shared by the strategies that offer one."""
+
+    regex: str | None = Field(default=None, description="verifier: a regex the candidate's text must match")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="verifier: a JSON schema (subset) the candidate's JSON must satisfy")
+    http_verifier: str | None = Field(
+        default=None, description="verifier: the name of an HTTP verifier in config.yaml's `verifiers`")
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from a model-name prefix, or sent as a string
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        if value is not None:
+            check_schema(value)
+        return value
+
+    def has_check(self) -> bool:
+        return self.regex is not None or self.json_schema is not None or bool(self.http_verifier)
+
+
 SCORER_NAMES: tuple[str, ...] = ("logprob", "confidence", "agreement", "judge", "verifier")
 
 

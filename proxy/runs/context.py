@@ -37,18 +37,19 @@ from .sampling import (
     TokenReader,
     chat_body,
     completion_body,
+    derive_seed,
     completion_counts,
     logprob_entries,
     make_candidate,
     parse_choices,
     sample_seed,
 )
-from .validation import check_capabilities, check_spec
+from .validation import check_capabilities, check_engine_fields, check_spec
 from .verifier import VerifierClient
 
 TextSink = Callable[[str], Awaitable[None]]
 # Sampling fields a parent may set for a nested run (run_strategy's `sampling`).
-SAMPLING_OVERRIDES = ("temperature", "top_p", "max_tokens", "stop", "logprobs", "seed")
+SAMPLING_OVERRIDES = ("temperature", "top_p", "max_tokens", "stop", "top_logprobs", "seed")
 TRACE_TEXT_LIMIT = 2000
 
 
@@ -119,6 +120,13 @@ class RunContext:
         return self._scope.over
 
     @property
+    def random_seed(self) -> int | None:
+        seed = self._scope.sampling.seed
+        if seed is None or not self._scope.path:
+            return seed
+        return derive_seed(seed, self._scope.path, -1)
+
+    @property
     def budget_scope(self) -> BudgetScope:
         return self._scope.budget
 
@@ -140,19 +148,14 @@ class RunContext:
 
     def _options(self, temperature: float | None, max_tokens: int | None, logprobs: bool,
                  top_logprobs: int | None, stop: str | list[str] | None,
-                 extra: Mapping[str, Any] | None) -> CallOptions:
+                 extra: Mapping[str, Any] | None, answers: bool = True) -> CallOptions:
         if logprobs or top_logprobs:
             self._require("logprobs")
         if extra:
-            refused = self._scope.backend.capabilities.refused_fields(set(extra))
-            if refused:
-                backend = self._scope.backend
-                raise InvalidRequest(
-                    f"backend {backend.name!r} ({backend.capabilities.kind}) does not take {', '.join(refused)}",
-                    code="backend_capability_missing")
+            check_engine_fields(self._scope.backend, set(extra), "a strategy's call")
             if "logit_bias" in extra:
                 self._require("logit_bias")
-        return CallOptions(temperature, max_tokens, logprobs, top_logprobs, stop, extra)
+        return CallOptions(temperature, max_tokens, logprobs, top_logprobs, stop, extra, answers)
 
     # ---- calls ----
 
@@ -285,16 +288,17 @@ class RunContext:
                        temperature: float | None = None, max_tokens: int | None = None, logprobs: bool = False,
                        top_logprobs: int | None = None, stop: str | list[str] | None = None,
                        seed: int | None = None, index: int = 0, min_success: int = 1, label: str = "sample",
-                       extra: Mapping[str, Any] | None = None) -> list[Candidate]:
+                       extra: Mapping[str, Any] | None = None, answers: bool = True) -> list[Candidate]:
         scope = self._scope
-        options = self._options(temperature, max_tokens, logprobs, top_logprobs, stop, extra)
+        options = self._options(temperature, max_tokens, logprobs, top_logprobs, stop, extra, answers)
         body = chat_body(scope.model, messages if messages is not None else scope.messages, scope.sampling,
                          options, scope.backend.capabilities.max_top_logprobs)
         return await self._sample("/chat/completions", body, n, seed, index, min_success, label,
                                   self._keeps_tokens(options))
 
     def _keeps_tokens(self, options: CallOptions) -> bool:
-        return bool(options.logprobs or options.top_logprobs or self._scope.sampling.logprobs is not None)
+        return bool(options.logprobs or options.top_logprobs
+                    or options.request_top_logprobs(self._scope.sampling) is not None)
 
     async def complete(self, prompt: str | Sequence[int], *, n: int = 1, temperature: float | None = None,
                        max_tokens: int | None = None, logprobs: bool = False, top_logprobs: int | None = None,
@@ -537,7 +541,7 @@ class RunContext:
             unknown = set(sampling) - set(SAMPLING_OVERRIDES)
             if unknown:
                 raise ValueError(f"run_strategy: cannot replace sampling fields {sorted(unknown)}")
-            if sampling.get("logprobs") is not None:
+            if sampling.get("top_logprobs") is not None:
                 self._require("logprobs", "scoring the nested run's samples")
             child_sampling = replace(child_sampling, **sampling)
         child = self._with(replace(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -23,7 +24,6 @@ from strategies.framework import (
     StrategyParams,
     StrategyResult,
     StrategySpec,
-    tokens_between,
 )
 
 from ..backends import Backend
@@ -46,6 +46,7 @@ from ..protocol import (
 from ..traces import Trace, TraceStore
 from .accounting import BudgetScope
 from .context import RunContext, RunState, Scope
+from .sampling import SEED_SPACE
 from .verifier import VerifierClient
 
 log = logging.getLogger("ttc_proxy.runs")
@@ -104,10 +105,10 @@ def sampling_of(request: ChatCompletionRequest, raw: Mapping[str, Any], settings
         top_p=request.top_p,
         max_tokens=request.max_tokens or request.max_completion_tokens or settings.default_max_tokens,
         stop=request.stop,
-        seed=request.seed,
+        seed=request.seed % SEED_SPACE if request.seed is not None else None,
         extra={k: v for k, v in raw.items() if k not in _NOT_FORWARDED_TO_STRATEGY_CALLS},
         response_format=raw.get("response_format") if isinstance(raw.get("response_format"), dict) else None,
-        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
 
 
@@ -207,15 +208,17 @@ class StrategyRun:
         return choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
 
     def logprobs(self, choice: Candidate) -> ChoiceLogprobs | None:
-        top = self.scope.sampling.logprobs
+        """The returned answer's own tokens, when the request asked for logprobs."""
+        top = self.scope.sampling.top_logprobs
         if top is None:
             return None
         entries = [
-            TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.bytes) if t.bytes is not None else None,
-                         top_logprobs=[TopLogprob(token=a.text, logprob=a.logprob,
+            TokenLogprob(token=t.text, logprob=_finite(t.logprob),
+                         bytes=list(t.bytes) if t.bytes is not None else None,
+                         top_logprobs=[TopLogprob(token=a.text, logprob=_finite(a.logprob),
                                                   bytes=list(a.bytes) if a.bytes is not None else None)
                                        for a in t.top[:top]])
-            for t in tokens_between(choice.tokens or (), choice.text_start, choice.text_start + len(choice.text))
+            for t in choice.answer_tokens or ()
         ]
         return ChoiceLogprobs(content=entries)
 
@@ -256,6 +259,7 @@ class StrategyRun:
         self.state.progress_sink = progress
         self.state.emit_sink = answer
         task = asyncio.create_task(self.execute())
+        getter: asyncio.Future[tuple[str, str]] | None = None
         try:
             yield self._chunk(Delta(role="assistant", content=""))
             while True:
@@ -289,9 +293,19 @@ class StrategyRun:
                            "model": self.job.client_model, "choices": [], "usage": _dump(self.usage(result))})
             yield b"data: [DONE]\n\n"
         finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+# JSON has no infinities; some engines report a logprob of -inf for an impossible alternative (vLLM's floor).
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
 
 
 def _dump(model: BaseModel, drop: tuple[str, ...] = ()) -> dict[str, Any]:

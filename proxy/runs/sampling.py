@@ -25,12 +25,17 @@ def derive_seed(seed: int, path: Sequence[str], index: int) -> int:
 def sample_seed(seed: int | None, path: Sequence[str], index: int) -> int | None:
     if seed is None:
         return None
-    return seed + index if not path else derive_seed(seed, path, index)
+    # Kept within [0, 2**31 - 1): engines take 32-bit seeds and read -1 as "random".
+    return (seed + index) % SEED_SPACE if not path else derive_seed(seed, path, index)
 
 
 @dataclass(frozen=True)
 class CallOptions:
-    """One call's sampling choices; None means: the request's own."""
+    """One call's sampling choices; None means: the request's own.
+
+    `answers`: the call answers the client's question, so it carries the request's response_format, stop, top_p,
+    engine extras and logprobs; a helper question (a judge's yes/no, a plan) carries none of them.
+    """
 
     temperature: float | None = None
     max_tokens: int | None = None
@@ -38,18 +43,22 @@ class CallOptions:
     top_logprobs: int | None = None
     stop: str | list[str] | None = None
     extra: Mapping[str, Any] | None = None
+    answers: bool = True
+
+    def request_top_logprobs(self, sampling: Sampling) -> int | None:
+        return sampling.top_logprobs if self.answers else None
 
 
-def sampling_fields(sampling: Sampling, options: CallOptions, max_top_logprobs: int) -> dict[str, Any]:
+def sampling_fields(sampling: Sampling, options: CallOptions) -> dict[str, Any]:
     """The body fields every call shares (chat or raw completion): request extras, then this call's choices."""
-    body: dict[str, Any] = {**sampling.extra, **(options.extra or {})}
+    body: dict[str, Any] = {**(sampling.extra if options.answers else {}), **(options.extra or {})}
     temperature = options.temperature if options.temperature is not None else sampling.temperature
     if temperature is not None:
         body["temperature"] = temperature
-    if sampling.top_p is not None:
+    if sampling.top_p is not None and options.answers:
         body["top_p"] = sampling.top_p
     body["max_tokens"] = options.max_tokens if options.max_tokens is not None else sampling.max_tokens
-    stop = options.stop if options.stop is not None else sampling.stop
+    stop = options.stop if options.stop is not None else (sampling.stop if options.answers else None)
     if stop is not None:
         body["stop"] = stop
     return body
@@ -57,13 +66,14 @@ def sampling_fields(sampling: Sampling, options: CallOptions, max_top_logprobs: 
 
 def chat_body(model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampling, options: CallOptions,
               max_top_logprobs: int) -> dict[str, Any]:
-    body = sampling_fields(sampling, options, max_top_logprobs)
+    body = sampling_fields(sampling, options)
     body["model"] = model
     body["messages"] = list(messages)
-    if sampling.response_format is not None:
+    if sampling.response_format is not None and options.answers:
         body["response_format"] = sampling.response_format
-    top = max(options.top_logprobs or 0, sampling.logprobs or 0)
-    if options.logprobs or top or sampling.logprobs is not None:
+    requested = options.request_top_logprobs(sampling)
+    top = max(options.top_logprobs or 0, requested or 0)
+    if options.logprobs or top or requested is not None:
         body["logprobs"] = True
         if top:
             body["top_logprobs"] = min(top, max_top_logprobs)
@@ -72,11 +82,12 @@ def chat_body(model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampl
 
 def completion_body(model: str, prompt: str | Sequence[int], sampling: Sampling, options: CallOptions,
                     max_top_logprobs: int) -> dict[str, Any]:
-    body = sampling_fields(sampling, options, max_top_logprobs)
+    body = sampling_fields(sampling, options)
     body["model"] = model
     body["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
-    top = max(options.top_logprobs or 0, sampling.logprobs or 0)
-    if options.logprobs or top or sampling.logprobs is not None:
+    requested = options.request_top_logprobs(sampling)
+    top = max(options.top_logprobs or 0, requested or 0)
+    if options.logprobs or top or requested is not None:
         # The completions API asks for logprobs by count: the sampled token plus that many alternatives.
         body["logprobs"] = min(max(1, top), max_top_logprobs)
     return body

@@ -108,3 +108,12 @@ def check_capabilities(strategy: type[Strategy], backend: Backend, params: Strat
             param="ttc.params" if set(missing) - strategy.requires else "model",
             code="backend_capability_missing",
         )
+
+
+def check_engine_fields(backend: Backend, fields: set[str], where: str = "the request") -> None:
+    """Engine fields the backend is known not to take are a 400 naming them (before anything is sent)."""
+    refused = backend.capabilities.refused_fields(fields)
+    if refused:
+        raise InvalidRequest(
+            f"backend {backend.name!r} ({backend.capabilities.kind}) does not take {', '.join(refused)} "
+            f"(sent with {where})", param=refused[0], code="backend_capability_missing")
