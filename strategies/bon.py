@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from .formats import check_all
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
+    BudgetExceeded,
     Candidate,
     Strategy,
     StrategyContext,
@@ -134,6 +135,7 @@ class BestOfN(Strategy):
         pool = Pool.of(candidates, spec if want_logprobs else None, count_truncated=params.count_truncated)
 
         selector, notes = params.select, []
+        budget_exhausted = False
         if selector in CONFIDENCE_SELECTORS and not pool.has_confidence:
             notes.append(f"the backend returned no logprobs; {selector} fell back to vote")
             selector = "vote"
@@ -183,7 +185,13 @@ class BestOfN(Strategy):
                 await ctx.progress(f"no candidate passes the check; {fallback} picks over all {len(candidates)}")
         elif selector == "judge":
             await self._candidate_lines(ctx, pool, per_candidate)
-            selection = await self._judge(ctx, params, pool, fallback, details)
+            try:
+                selection = await self._judge(ctx, params, pool, fallback, details)
+            except BudgetExceeded:
+                budget_exhausted = True
+                await ctx.progress(f"the budget ran out while judging; {fallback} picks instead")
+                details["judge"] = {"mode": params.judge_mode, "stopped": "budget"}
+                selection = select(pool, fallback)
             if "scores" in details.get("judge", {}):
                 for entry in per_candidate:
                     entry["p_yes"] = details["judge"]["scores"].get(entry["answer"])
@@ -204,7 +212,7 @@ class BestOfN(Strategy):
             tie={"answers": list(selection.tied), "broken_by": selection.broken_by} if selection.tied else None,
             candidates=per_candidate,
         )
-        return StrategyResult(choices=[winner], details=details)
+        return StrategyResult(choices=[winner], details=details, budget_exhausted=budget_exhausted)
 
     @staticmethod
     async def _candidate_lines(ctx: StrategyContext, pool: Pool, per_candidate: list[dict[str, Any]]) -> None:

@@ -54,20 +54,26 @@ def cot_messages(messages: list[dict[str, Any]], params: CotParams) -> list[dict
 
 
 def split_reply(reply: str) -> tuple[str, str, int]:
-    """(answer, reasoning, where the answer starts in the reply): the last output section, else the reply without
-    its thinking and reflection sections, else the whole reply."""
+    """(answer, reasoning, where the answer starts in the reply): the last output section; else the last text
+    outside the thinking and reflection sections (what follows the reasoning); else the whole reply."""
     reasoning = "\n".join(m.group(2).strip() for m in _SECTION.finditer(reply))
     outputs = list(_OUTPUT.finditer(reply))
     if outputs:
-        last = outputs[-1]
-        raw = last.group(1)
-        start = last.start(1) + (len(raw) - len(raw.lstrip()))
-        return raw.strip(), reasoning, start
-    rest = _SECTION.sub("", reply)
-    if rest.strip():
-        stripped = rest.strip()
-        return stripped, reasoning, max(0, reply.find(stripped))
-    return reply.strip(), reasoning, max(0, reply.find(reply.strip()))
+        return _span(reply, outputs[-1].start(1), outputs[-1].end(1), reasoning)
+    outside, position = [], 0
+    for section in _SECTION.finditer(reply):
+        outside.append((position, section.start()))
+        position = section.end()
+    outside.append((position, len(reply)))
+    for start, end in reversed(outside):
+        if reply[start:end].strip():
+            return _span(reply, start, end, reasoning)
+    return _span(reply, 0, len(reply), reasoning)
+
+
+def _span(reply: str, start: int, end: int, reasoning: str) -> tuple[str, str, int]:
+    raw = reply[start:end]
+    return raw.strip(), reasoning, start + (len(raw) - len(raw.lstrip()))
 
 
 class ChainOfThought(Strategy):

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from .answers import extract_answer
 from .framework import (
+    DEFAULT_SAMPLING_TEMPERATURE,
     BudgetExceeded,
     Candidate,
     Strategy,
@@ -25,8 +26,9 @@ from .framework import (
     StrategyResult,
     Token,
     gather_successes,
+    keep_parsing,
 )
-from .scoring import token_confidence, token_confidences, trace_confidence
+from .scoring import ConfidenceSpec, token_confidence, trace_confidence
 from .selection import Pool, select
 
 
@@ -66,11 +68,11 @@ class DeepConf(Strategy):
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, DeepConfParams)
-        temperature = ctx.sampling.sampling_temperature(params.temperature or 0.8)
+        temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         await ctx.progress(f"warm-up: {params.warmup} traces at temperature {temperature:g}")
         warm = await ctx.generate(n=params.warmup, temperature=temperature, logprobs=True,
                                   top_logprobs=params.top_k, label="warmup")
-        confidences = [self._confidence(c.tokens or (), params) for c in warm]
+        confidences = [self._confidence(c.tokens, params) for c in warm]
         scores = [c for c in confidences if c is not None]
         if not scores:
             raise StrategyError("the backend returned no token logprobs for the warm-up traces")
@@ -100,8 +102,8 @@ class DeepConf(Strategy):
                                 budget_stopped)
 
     @staticmethod
-    def _confidence(tokens: tuple[Token, ...] | list[Token], params: DeepConfParams) -> float | None:
-        return trace_confidence(token_confidences(tokens, params.top_k), "lowest_group", params.window)
+    def _confidence(tokens: tuple[Token, ...] | None, params: DeepConfParams) -> float | None:
+        return ConfidenceSpec("lowest_group", params.window, params.top_k).score(tokens)
 
     async def _stream_trace(self, ctx: StrategyContext, params: DeepConfParams, temperature: float,
                             threshold: float, index: int) -> tuple[Candidate, float | None, int | None]:
@@ -139,6 +141,8 @@ class DeepConf(Strategy):
                     budget_stopped: bool) -> StrategyResult:
         complete = [i for i, (_, confidence, pruned_at) in enumerate(traces)
                     if pruned_at is None and confidence is not None]
+        parsing = keep_parsing(ctx, [traces[i][0] for i in complete], "trace")
+        complete = [i for i in complete if traces[i][0] in parsing]
         if not complete:
             raise StrategyError(f"no trace survived ({len(traces)} drawn, {failed} failed)")
         pool = Pool(tuple(extract_answer(c.text) for c, _, _ in traces),

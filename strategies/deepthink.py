@@ -21,12 +21,14 @@ from pydantic import Field
 
 from .answers import extract_answer
 from .framework import (
+    BudgetExceeded,
     Candidate,
     Strategy,
     StrategyContext,
     StrategyParams,
     StrategyResult,
     gather_successes,
+    keep_parsing,
     last_user_text,
 )
 from .scoring import mean_token_probability
@@ -99,40 +101,46 @@ class DeepThink(Strategy):
         for i, approach in enumerate(approaches, start=1):
             await ctx.progress(f"approach {i}: {approach}")
 
-        async def explore(i: int, approach: str) -> Candidate:
+        async def explore(i: int, approach: str) -> tuple[str, Candidate]:
             span = ctx.span("explore", approach=approach)
             messages = [{"role": "system", "content": EXPLORE_PROMPT.format(approach=approach)}, *ctx.messages]
             (reply,) = await span.generate(n=1, messages=messages, temperature=params.temperature,
                                            logprobs=ctx.supports("logprobs"), label="explore")
             await ctx.progress(f"approach {i} → {extract_answer(reply.text)}")
-            return reply
+            return approach, reply
 
-        explored, errors = await gather_successes(
+        results, errors = await gather_successes(
             (lambda i=i, a=a: explore(i, a) for i, a in enumerate(approaches, start=1)), min_success=1,
             what="exploration")
-        pool = Pool(tuple(extract_answer(c.text) for c in explored),
-                    tuple(mean_token_probability(c.tokens or ()) for c in explored),
-                    tuple(not c.truncated for c in explored))
+        kept = keep_parsing(ctx, [reply for _, reply in results], "exploration")
+        explored = [(a, reply) for a, reply in results if reply in kept]
+        pool = Pool(tuple(extract_answer(c.text) for _, c in explored),
+                    tuple(mean_token_probability(c.answer_tokens or ()) for _, c in explored),
+                    tuple(not c.truncated for _, c in explored))
         vote = select(pool, "vote", fallback="confidence" if pool.has_confidence else "first")
         # Unfinished explorations (cut off by max_tokens) have no answer: they count as not agreeing.
-        share = sum(a == vote.answer and not c.truncated for a, c in zip(pool.answers, explored)) / len(explored)
+        share = sum(a == vote.answer and not c.truncated for a, (_, c) in zip(pool.answers, explored)) / len(explored)
         details: dict[str, Any] = {
             "approaches": approaches, "planned": planned, "failed": len(errors),
             "explorations": [{"approach": a, "answer": pool.answers[i], "finish_reason": c.finish_reason}
-                             for i, (a, c) in enumerate(zip(approaches, explored))],
+                             for i, (a, c) in enumerate(explored)],
             "agreement": round(share, 4),
         }
         if share >= params.agreement or len(explored) == 1:
             await ctx.progress(f"{share:.0%} of the explorations agree on {vote.answer}: answering directly")
             details.update(route="direct", answer=vote.answer)
-            return StrategyResult(choices=[explored[vote.index]], details=details)
+            return StrategyResult(choices=[explored[vote.index][1]], details=details)
         await ctx.progress(f"the explorations disagree ({share:.0%} on {vote.answer}): synthesising")
-        attempts = "\n\n".join(f"Attempt {i} ({approaches[i - 1]}):\n{c.text.strip()}"
-                               for i, c in enumerate(explored, start=1))
+        attempts = "\n\n".join(f"Attempt {i} ({a}):\n{c.text.strip()}" for i, (a, c) in enumerate(explored, start=1))
         messages = [*ctx.messages[:-1], {"role": "user", "content": SYNTHESIS_PROMPT.format(
             question=question, k=len(explored), attempts=attempts)}]
-        (synthesis,) = await ctx.span("synthesis").generate(n=1, messages=messages, temperature=0.0,
-                                                            label="synthesis")
+        try:
+            (synthesis,) = await ctx.span("synthesis").generate(n=1, messages=messages, temperature=0.0,
+                                                                label="synthesis")
+        except BudgetExceeded:
+            await ctx.progress(f"the budget ran out before the synthesis; answering with the vote: {vote.answer}")
+            details.update(route="vote (budget)", answer=vote.answer)
+            return StrategyResult(choices=[explored[vote.index][1]], details=details, budget_exhausted=True)
         details.update(route="synthesis", answer=extract_answer(synthesis.text))
         await ctx.progress(f"synthesis → {details['answer']}")
         return StrategyResult(choices=[synthesis], details=details)

@@ -584,13 +584,19 @@ async def draw(
                                                     what=f"{inner.slug} run")
         if errors:
             ctx.note(f"{label}_failures", [str(e) for e in errors])
+    return keep_parsing(ctx, candidates, label)
+
+
+def keep_parsing(ctx: StrategyContext, candidates: list[Candidate], label: str = "sample") -> list[Candidate]:
+    """With a request `response_format`, the candidates whose text parses as it (all of them when none does);
+    every strategy filters its answers through this before selecting."""
     response_format = ctx.sampling.response_format
-    if response_format is not None:
-        parsing = [c for c in candidates if parses_as(c.text, response_format)]
-        if parsing and len(parsing) < len(candidates):
-            ctx.note(f"{label}_not_parsing", len(candidates) - len(parsing))
-        candidates = parsing or candidates
-    return candidates
+    if response_format is None:
+        return candidates
+    parsing = [c for c in candidates if parses_as(c.text, response_format)]
+    if parsing and len(parsing) < len(candidates):
+        ctx.note(f"{label}_not_parsing", len(candidates) - len(parsing))
+    return parsing or candidates
 
 
 def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:

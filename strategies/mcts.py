@@ -184,26 +184,33 @@ class MctsRun:
         self.widened = 0  # fresh answers drawn: the next one is sample `widened` of the run
         self.refused = 0
         self.budget_hit = False  # a call of the last round was stopped by the budget
+        self.failure: str | None = None  # why the search stopped early, if a round failed
 
     async def run(self) -> StrategyResult:
         params, ctx = self.params, self.ctx
         search = TreeSearch(params.prior, ctx.random_seed)
         await ctx.progress(f"AB-MCTS: {params.iterations} rounds of {params.batch} nodes ({params.level} level), "
                            f"scored by {params.score}")
-        stopped_by_budget = False
+        budget_exhausted = False
         for round_number in range(1, params.iterations + 1):
             trials = search.ask(params.batch)
             try:
                 grown = await self._expand(trials, round_number)
             except BudgetExceeded:
-                stopped_by_budget = True
+                budget_exhausted = True
+                break
+            except Exception as exc:  # noqa: BLE001 - a failed round ends the search, not the answer found
+                if not self.nodes:
+                    raise
+                self.failure = str(exc)
+                await ctx.progress(f"round {round_number} failed ({exc}); answering with the tree so far")
                 break
             for trial, node in grown:
                 search.tell(trial, node)
             if self.budget_hit:
-                stopped_by_budget = True
+                budget_exhausted = True
                 break
-        return await self._result(stopped_by_budget)
+        return await self._result(budget_exhausted)
 
     # ---- one round ----
 
@@ -230,7 +237,10 @@ class MctsRun:
             raise errors[0]
         fetched = {key: (candidates, actions) for key, candidates, actions in results}
         fresh = [c for key in groups if key in fetched for c in fetched[key][0]]
-        pool = [n.candidate for n in self.nodes if n.action != "refused"] + fresh
+        finished = [a != "step" for key in groups if key in fetched for a in fetched[key][1]]
+        # What a node is scored among: the answers found so far (finished nodes), this round's included.
+        pool = [n.candidate for n in self.nodes if n.action != "refused" and n.terminal] + \
+            [c for c, done in zip(fresh, finished) if done]
         scores = iter(await gather_all(self._score(c, pool) for c in fresh))  # in the order of `fresh`
         grown: list[tuple[Trial, Node]] = []
         for key, group in groups.items():
@@ -314,6 +324,10 @@ class MctsRun:
         text = piece.text
         start = len(text) - len(text.lstrip())
         cut = -1 if last else text.find(self.params.delimiter, start + 1)
+        # It ends the reply when it stopped on its own with no delimiter before its end (nothing but whitespace
+        # after the first one counts as none), or at the last allowed depth.
+        if cut >= 0 and not text[cut + len(self.params.delimiter):].strip() and piece.finish_reason != "length":
+            cut = -1
         ended = cut < 0 and piece.finish_reason != "length" or last
         if cut >= 0:
             text = text[:cut + len(self.params.delimiter)]
@@ -344,12 +358,12 @@ class MctsRun:
 
     # ---- the answer ----
 
-    async def _result(self, stopped_by_budget: bool) -> StrategyResult:
+    async def _result(self, budget_exhausted: bool) -> StrategyResult:
         answers = [n for n in self.nodes if n.action != "refused" and n.terminal]
         if not answers:
             answers = await self._finish_best_partial()
         if not answers:
-            if stopped_by_budget:
+            if budget_exhausted:
                 raise BudgetExceeded("the budget ran out before the search found any answer")
             raise StrategyError("the search produced no answer")
         pool = Pool(tuple(n.answer for n in answers), tuple(n.score for n in answers),
@@ -376,8 +390,9 @@ class MctsRun:
                 "widened": sum(n.action == "widen" for n in self.nodes),
                 "deepened": sum(n.action == "deepen" for n in self.nodes),
                 "tree": [n.summary() for n in self.nodes],
+                **({"stopped": self.failure} if self.failure else {}),
             },
-            budget_exhausted=stopped_by_budget,
+            budget_exhausted=budget_exhausted,
         )
 
     async def _finish_best_partial(self) -> list[Node]:

@@ -6,7 +6,7 @@ Each scorer maps a candidate, seen among a pool of others, to a score in [0, 1]:
   confidence  DeepConf's token confidence (C = -mean of the top-k logprobs at each token; a trace's mean, tail or
               lowest sliding-window mean), mapped into [0, 1] as C / (C + ln k): 1/2 when the top k alternatives
               are equally likely, towards 1 as the distribution peaks, monotone so rankings are kept
-  agreement   the share of the pool's finished candidates whose extracted answer equals this one's
+  agreement   the share of the other finished candidates in the pool whose extracted answer equals this one's
   judge       the model's P(yes) to "Is the proposed answer correct?" (one max_tokens=1 call per distinct answer)
   verifier    1 when the candidate passes a regex / JSON schema / HTTP verifier, else 0
 
@@ -246,7 +246,8 @@ class AgreementScorer(PureScorer):
     name = "agreement"
 
     def score_now(self, candidate: Candidate, pool: Sequence[Candidate]) -> float:
-        voters = [c for c in pool if not c.truncated] or list(pool)
+        others = [c for c in pool if c is not candidate]
+        voters = [c for c in others if not c.truncated] or others
         if not voters:
             return UNINFORMED
         answer = extract_answer(candidate.text)

@@ -13,6 +13,7 @@ rendered conversation; elsewhere the request is a 400 naming that capability.
 from __future__ import annotations
 
 from contextlib import aclosing
+from dataclasses import replace
 
 from pydantic import Field, model_validator
 
@@ -23,6 +24,7 @@ from .framework import (
     StrategyContext,
     StrategyParams,
     StrategyResult,
+    Token,
 )
 
 
@@ -58,67 +60,74 @@ class BudgetForcing(Strategy):
         thinking = f"{params.open_tag}\n"
         spent = 0
         waits = 0
-        stopped_by_budget = False
+        next_prompt = 0  # the next call's prompt, from the last one's report plus what it generated (0: unknown)
+        budget_exhausted = False
         await ctx.progress(f"thinking for {params.min_thinking_tokens}–{params.max_thinking_tokens} tokens")
         answer_reserve = params.answer_tokens or ctx.sampling.max_tokens
 
         def room() -> int:
-            """Thinking tokens the next call may spend: never the answer's share of the budget (one call and its
-            tokens stay for it)."""
+            """Thinking tokens the next call may spend: never the answer's share of the budget (one call, its
+            prompt and its tokens stay for it; the next thinking call pays a prompt as long too)."""
             left = ctx.budget
-            return 0 if left.calls <= 1 else min(params.max_thinking_tokens - spent, left.tokens - answer_reserve)
+            if left.calls <= 1:
+                return 0
+            reserve = answer_reserve + 2 * next_prompt
+            return min(params.max_thinking_tokens - spent, left.tokens - reserve)
 
         try:
             while True:
                 if room() <= 0:  # thinking wants another call the budget cannot spare
-                    stopped_by_budget = spent < params.max_thinking_tokens
+                    budget_exhausted = spent < params.max_thinking_tokens
                     break
                 (step,) = await ctx.continue_prefix(thinking, max_tokens=room(), stop=[params.close_tag],
                                                     label="thinking")
                 spent += step.completion_tokens
+                next_prompt = step.prompt_tokens + step.completion_tokens
                 thinking += step.text
                 await ctx.progress(step.text.strip() or "(nothing)")
                 if step.finish_reason == "length" or spent >= params.min_thinking_tokens \
                         or waits >= params.max_waits:
                     break
                 if room() <= 0:
-                    stopped_by_budget = True
+                    budget_exhausted = True
                     break
                 waits += 1
                 thinking = thinking.rstrip() + f"\n{params.wait}"
                 await ctx.progress(f"stopped after {spent} thinking tokens, below {params.min_thinking_tokens}: "
                                    f"appending {params.wait!r}")
         except BudgetExceeded:
-            stopped_by_budget = True
-        if stopped_by_budget:
+            budget_exhausted = True
+        if budget_exhausted:
             await ctx.progress("the budget keeps what is left for the answer; answering now")
         forced = thinking.rstrip() + f"\n{params.close_tag}\n{params.answer_cue}"
-        answer, finish_reason, answer_tokens = await self._answer(ctx, params, forced)
-        body = thinking[len(params.open_tag):].strip()
+        answer = await self._answer(ctx, params, forced)
         return StrategyResult(
-            choices=[Candidate(text=answer, finish_reason=finish_reason, completion_tokens=answer_tokens,
-                               reasoning=body, label="think")],
-            details={"thinking_tokens": spent, "waits": waits, "answer_tokens": answer_tokens,
+            choices=[replace(answer, reasoning=thinking[len(params.open_tag):].strip())],
+            details={"thinking_tokens": spent, "waits": waits, "answer_tokens": answer.completion_tokens,
                      "cut_at_max": spent >= params.max_thinking_tokens},
-            budget_exhausted=stopped_by_budget,
+            budget_exhausted=budget_exhausted,
         )
 
     @staticmethod
-    async def _answer(ctx: StrategyContext, params: ThinkParams, prefix: str) -> tuple[str, str, int]:
-        """The answer after the forced end of thinking, streamed to the client as it comes."""
+    async def _answer(ctx: StrategyContext, params: ThinkParams, prefix: str) -> Candidate:
+        """The answer after the forced end of thinking, streamed to the client as it comes (the whitespace right
+        after the cue is not part of it)."""
         pieces: list[str] = []
+        tokens: list[Token] = []
         finish_reason = "stop"
-        tokens = 0
-        leading = True  # the whitespace after the cue is not part of the answer
         async with aclosing(ctx.stream(prefix=prefix, max_tokens=params.answer_tokens, label="answer")) as events:
             async for event in events:
                 if event.finish_reason:
                     finish_reason = event.finish_reason
-                if event.token is not None or event.text:
-                    tokens += 1
-                text = event.text.lstrip() if leading else event.text
+                if event.token is not None:
+                    tokens.append(event.token)
+                text = event.text if pieces else event.text.lstrip()
                 if text:
-                    leading = False
                     pieces.append(text)
                     await ctx.emit(text)
-        return "".join(pieces), finish_reason, tokens  # as emitted, trailing whitespace included
+        generated = "".join(e for e in (t.bytes.decode("utf-8", "replace") if t.bytes else t.text for t in tokens))
+        answer = "".join(pieces)
+        start = generated.find(answer) if answer and tokens else 0
+        return Candidate(text=answer, finish_reason=finish_reason, completion_tokens=len(tokens) or len(pieces),
+                         tokens=tuple(tokens) or None, label="think",
+                         generated=generated if tokens else None, text_start=max(0, start))

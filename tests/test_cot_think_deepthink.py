@@ -439,3 +439,13 @@ def test_think_within_its_budget_is_not_budget_exhausted(client, fake):
     completion = client.chat.completions.create(model="think:min_thinking_tokens=3-fake-model", messages=user(),
                                                 extra_body={"ttc": {"budget": {"max_calls": 2}}})
     assert completion.choices[0].finish_reason == "stop" and completion.ttc["budget_exhausted"] is False
+
+
+def test_think_returns_the_logprobs_of_its_answer(client, fake):
+    fake.script = lambda body: FakeReply(texts=[" It is 42" if body["messages"][-1]["content"].endswith("answer:")
+                                                else "a long enough thought here"])
+    completion = client.chat.completions.create(model="think:min_thinking_tokens=3-fake-model", messages=user(),
+                                                logprobs=True, top_logprobs=2)
+    content = completion.choices[0].logprobs.content
+    assert completion.choices[0].message.content == "It is 42"
+    assert "".join(e.token for e in content) == " It is 42" and all(len(e.top_logprobs) == 2 for e in content)

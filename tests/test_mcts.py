@@ -341,7 +341,7 @@ def test_agreement_scorer_scores_by_shared_answers_and_ignores_logprobs(client, 
     (body,) = engine_calls(fake)
     assert "top_logprobs" not in body  # the scorer asks for no alternatives
     details = completion.ttc["details"]
-    assert [n["score"] for n in details["tree"]] == [0.75, 0.75, 0.25, 0.75]
+    assert [n["score"] for n in details["tree"]] == [0.6667, 0.6667, 0.0, 0.6667]  # the others that agree
     assert details["answer"] == "7" and details["node"] == 0
     assert completion.choices[0].message.content == "The answer is 7."
 

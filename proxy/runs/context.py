@@ -597,8 +597,9 @@ class RunContext:
 
 
 def _ask_token_ids(backend: Backend, body: dict[str, Any]) -> None:
-    """vLLM names sampled tokens by id ("token_id:42", the text then comes from their bytes) only when asked."""
-    if backend.capabilities.kind == "vllm" and body.get("logprobs"):
+    """vLLM names sampled tokens by id ("token_id:42") only when asked; the text then comes from their bytes,
+    which only its chat logprobs carry (its legacy completions logprobs have none), so chat calls only."""
+    if backend.capabilities.kind == "vllm" and body.get("logprobs") and "messages" in body:
         body["return_tokens_as_token_ids"] = True
 
 

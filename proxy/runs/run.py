@@ -93,10 +93,13 @@ def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequ
             code="unsupported_by_strategy",
         )
     response_format = raw.get("response_format")
-    if response_format is not None and not (isinstance(response_format, dict)
-                                            and response_format.get("type") in ("text", "json_object", "json_schema")):
-        raise InvalidRequest("response_format must be an object whose type is text, json_object or json_schema",
-                             param="response_format", code="invalid_value")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+        if kind not in ("text", "json_object", "json_schema") or (
+                kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict))):
+            raise InvalidRequest("response_format must be {type: text | json_object} or {type: json_schema, "
+                                 "json_schema: {name, schema: {...}}}", param="response_format", code="invalid_value")
 
 
 def sampling_of(request: ChatCompletionRequest, raw: Mapping[str, Any], settings: StrategySettings) -> Sampling:
