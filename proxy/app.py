@@ -31,7 +31,7 @@ from .protocol import ChatCompletionRequest, CompletionRequest, validate_request
 from .registry import load_registry
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
-from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_spec
+from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
 from .runs.verifier import VerifierClient
 from .streaming import EventStreamResponse, until_disconnect
 from .traces import TraceStore
@@ -253,6 +253,8 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         check_strategy_request(strategy, parsed, body)
         for level, level_params in checked:
             check_capabilities(level, backend, level_params)
+            check_references(level, level_params, state.config.verifiers,
+                             lambda model: state.backend_for(Route(None, model)))
         job = StrategyRequest(
             spec=route.spec,
             strategy=strategy,

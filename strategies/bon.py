@@ -106,6 +106,11 @@ class BestOfN(Strategy):
     composable = True
 
     @classmethod
+    def references(cls, params: StrategyParams) -> dict[str, list[str]]:
+        assert isinstance(params, BestOfNParams)
+        return params.references()
+
+    @classmethod
     def fan_out(cls, params: StrategyParams) -> int:
         assert isinstance(params, BestOfNParams)
         return params.n

@@ -457,6 +457,12 @@ class Strategy(ABC):
         return {capability: "" for capability in cls.requires}
 
     @classmethod
+    def references(cls, params: StrategyParams) -> Mapping[str, Sequence[str]]:
+        """Configured things these parameters name, checked before the run starts: {"verifiers": [names],
+        "models": [model names]} (an HTTP verifier, a judge model)."""
+        return {}
+
+    @classmethod
     def fan_out(cls, params: StrategyParams) -> int:
         """How many runs of the strategy it runs over this one may start (n, k, iterations x batch): the product
         along a composition is bounded by `strategies.max_samples`."""

@@ -146,6 +146,11 @@ class Mcts(Strategy):
     composable = True
 
     @classmethod
+    def references(cls, params: StrategyParams) -> dict[str, list[str]]:
+        assert isinstance(params, MctsParams)
+        return params.references()
+
+    @classmethod
     def fan_out(cls, params: StrategyParams) -> int:
         assert isinstance(params, MctsParams)
         return params.iterations * params.batch

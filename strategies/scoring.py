@@ -324,6 +324,16 @@ class CheckParams(StrategyParams):
     def has_check(self) -> bool:
         return self.regex is not None or self.json_schema is not None or bool(self.http_verifier)
 
+    def references(self) -> dict[str, list[str]]:
+        """The configured things these checks (and a judge model, where the params have one) name."""
+        named: dict[str, list[str]] = {}
+        if self.http_verifier:
+            named["verifiers"] = [self.http_verifier]
+        judge_model = getattr(self, "judge_model", None)
+        if judge_model:
+            named["models"] = [judge_model]
+        return named
+
 
 SCORER_NAMES: tuple[str, ...] = ("logprob", "confidence", "agreement", "judge", "verifier")
 

@@ -698,9 +698,11 @@ def test_judge_model_on_another_backend(fake):
             completion = client.chat.completions.create(  # a value with '-' goes in the body, not the prefix
                 model="bon:n=6,select=judge-fake-model", messages=user(), seed=100,
                 extra_body={"ttc": {"params": {"judge_model": "judge-model"}}})
+            before = len(fake.chat_requests())
             unknown = chat(server, {"model": "fake-model", "messages": user(), "seed": 100,
                                     "ttc": {"strategy": "bon", "params": {"n": 6, "select": "judge",
                                                                           "judge_model": "nowhere"}}})
+            assert len(fake.chat_requests()) == before  # refused before any sample is paid for
     finally:
         judge_engine.stop_thread()
     assert completion.choices[0].message.content == "I get 12."
@@ -711,6 +713,7 @@ def test_judge_model_on_another_backend(fake):
     # The judge's tokens are part of the request's usage.
     assert completion.usage.completion_tokens >= 6 + 3
     assert unknown.status_code == 400 and "nowhere" in unknown.json()["error"]["message"]
+    assert unknown.json()["error"]["code"] == "model_not_found"
 
 
 class HttpVerifier:
@@ -768,8 +771,10 @@ def test_http_verifier_from_config_keeps_the_answers_it_passes(fake):
         with ProxyServer(config) as server, sync_client(server) as client:
             completion = client.chat.completions.create(
                 model="bon:n=6,select=verifier,http_verifier=arith-fake-model", messages=user(), seed=100)
+            before = len(fake.chat_requests())
             unknown = chat(server, {"model": "bon:n=2,select=verifier,http_verifier=nope-fake-model",
                                     "messages": user(), "seed": 100})
+            assert len(fake.chat_requests()) == before  # refused before any sample is paid for
     finally:
         verifier.stop()
     assert completion.choices[0].message.content == "I get 12."

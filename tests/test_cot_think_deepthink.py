@@ -7,6 +7,7 @@ import math
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from strategies.cot import EXAMPLE, INSTRUCTIONS
@@ -177,7 +178,7 @@ def think_script(answer_delay: float = 0.0):
 THINKING = "<think>\n" + FIRST_THOUGHT + "\nWait" + "".join(f" w{i}" for i in range(15))
 
 
-def test_think_appends_wait_then_cuts_at_max_and_asks_for_the_answer(client, fake):
+def test_think_appends_wait_then_cuts_at_max_and_asks_for_the_answer(client, proxy, fake):
     fake.script = think_script()
     completion = client.chat.completions.create(model=THINK, messages=user())
     first, second, answer = engine_calls(fake)
@@ -197,8 +198,11 @@ def test_think_appends_wait_then_cuts_at_max_and_asks_for_the_answer(client, fak
     assert FIRST_THOUGHT in reasoning and " w14" in reasoning
     assert "stopped after 5 thinking tokens, below 10: appending 'Wait'" in reasoning
     assert "The answer is 42" not in reasoning
-    assert completion.usage.completion_tokens == 5 + 15 + 4
-    assert completion.usage.completion_tokens_details.reasoning_tokens == 20
+    # The backend's one-time prefill echo probe is counted by the run that made it (the first to continue a prefix).
+    trace = httpx.get(f"{proxy.url}/v1/traces/{completion.ttc['trace_id']}").json()
+    probe = sum(n["completion_tokens"] for n in trace["nodes"] if n["label"] == "echo probe")
+    assert completion.usage.completion_tokens == 5 + 15 + 4 + probe
+    assert completion.usage.completion_tokens_details.reasoning_tokens == 20 + probe
 
 
 def test_think_streams_the_answer_as_it_is_generated(client, fake):

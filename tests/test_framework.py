@@ -333,6 +333,10 @@ def test_a_stream_cut_on_purpose_is_recorded_as_a_cut(client, proxy, fake):
     assert statuses[0].startswith("cut@") and statuses[1] == "ok"
     cut = next(n for n in streams if n["status"].startswith("cut@"))
     assert int(cut["status"][4:]) == len(cut["outputs"][0]) > 0
+    # A cut stream never hears the engine's usage: its prompt is charged as the same prompt's other calls reported.
+    warmup = next(n for n in trace["nodes"] if n["kind"] == "call")
+    assert cut["prompt_tokens"] == warmup["prompt_tokens"] > 0
+    assert completion.usage.prompt_tokens == 6 * warmup["prompt_tokens"]
 
 
 # ================================================================ concurrency

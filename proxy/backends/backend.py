@@ -342,11 +342,13 @@ class Backend:
         raise BackendError(f"backend {self.name} ({self.capabilities.kind}) cannot render a chat template; "
                            f"configure backends[].chat_template", status_code=400)
 
-    async def prefill_echoes(self, model: str, owner: str) -> bool:
+    async def prefill_echoes(self, model: str, owner: str) -> tuple[bool, dict[str, Any] | None]:
         """Whether the engine repeats a trailing assistant message at the start of its reply (llama-server does,
-        vLLM does not). Asked once, with a one-token probe, and remembered."""
+        vLLM does not). Asked once, with a one-token probe, and remembered; returns the probe's usage when this
+        call made it (so the run that paid for it can count it), else None."""
         if self._prefill_echo is not None:
-            return self._prefill_echo
+            return self._prefill_echo, None
+        usage: dict[str, Any] | None = None
         async with self._echo_lock:
             if self._prefill_echo is None:
                 body: dict[str, Any] = {
@@ -360,5 +362,6 @@ class Backend:
                 choices = payload.get("choices") or [{}]
                 content = (choices[0].get("message") or {}).get("content") or ""
                 self._prefill_echo = content.startswith(_ECHO_PROBE)
+                usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
                 log.info("backend %s %s a prefill", self.name, "echoes" if self._prefill_echo else "does not echo")
-        return self._prefill_echo
+        return self._prefill_echo, usage

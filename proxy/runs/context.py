@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from strategies.framework import (
     BudgetExceeded,
@@ -47,6 +47,7 @@ from .sampling import (
 from .validation import check_capabilities, check_engine_fields, check_spec
 from .verifier import VerifierClient
 
+T = TypeVar("T")
 TextSink = Callable[[str], Awaitable[None]]
 # Sampling fields a parent may set for a nested run (run_strategy's `sampling`).
 SAMPLING_OVERRIDES = ("temperature", "top_p", "max_tokens", "stop", "top_logprobs", "seed")
@@ -71,6 +72,8 @@ class RunState:
     emitted: list[str] = field(default_factory=list)
     span_counts: dict[tuple[int, str], int] = field(default_factory=dict)
     rendered: dict[str, str] = field(default_factory=dict)  # render() results, per backend, model and conversation
+    # Prompt tokens the engine reported per prompt, for calls cut before it could report (a pruned stream).
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def emitted_text(self) -> str:
@@ -163,6 +166,15 @@ class RunContext:
         loop = asyncio.get_running_loop()
         return loop.time() + (self._scope.budget.deadline - time.monotonic())
 
+    async def _in_budget(self, work: Awaitable[T]) -> T:
+        """Engine work outside the scheduler (tokenizer, template, verifier, the echo probe) ends at the deadline
+        too."""
+        try:
+            async with asyncio.timeout_at(self._deadline()):
+                return await work
+        except TimeoutError as exc:
+            raise self._scope.budget.expire() from exc
+
     async def _call(self, path: str, body: dict[str, Any], n: int, seed: int | None, label: str,
                     keep_tokens: bool, echoed: str = "") -> list[Candidate]:
         """One backend request drawing n choices; budgeted, accounted and traced."""
@@ -214,6 +226,7 @@ class RunContext:
             raise StrategyFailed(f"backend {backend.name} answered without choices")
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        state.prompt_tokens[_prompt_key(body)] = prompt_tokens
         reported = int(usage.get("completion_tokens") or 0)
         counts = completion_counts(parsed, reported, backend.capabilities.usage_counts_one_choice)
         estimated = counts is None
@@ -221,7 +234,7 @@ class RunContext:
             counts = []
             for choice in parsed:
                 try:
-                    counts.append(len(await backend.tokenize(scope.model, choice.text)))
+                    counts.append(len(await self._in_budget(backend.tokenize(scope.model, choice.text))))
                 except ProxyError:
                     counts.append(max(1, len(choice.text) // 4))
         merges = backend.capabilities.kind == "llama_cpp"
@@ -341,7 +354,12 @@ class RunContext:
         if backend.capabilities.kind == "vllm":
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-        echoes = await backend.prefill_echoes(scope.model, self._state.owner)
+        echoes, probe = await self._in_budget(backend.prefill_echoes(scope.model, self._state.owner))
+        if probe is not None:  # this run asked the engine, once for the backend's lifetime: its call to count
+            prompt, completion = int(probe.get("prompt_tokens") or 0), int(probe.get("completion_tokens") or 0)
+            scope.budget.charge(calls=1, prompt_tokens=prompt, completion_tokens=completion)
+            self._state.trace.add(scope.node, "echo probe", "call", status="ok", echoes=echoes,
+                                  prompt_tokens=prompt, completion_tokens=completion)
         return body, prefix if echoes else ""
 
     async def _raw_prompt(self, conversation: list[dict[str, Any]], prefix: str | Sequence[int]) -> str | list[int]:
@@ -351,7 +369,7 @@ class RunContext:
         if isinstance(prefix, str):
             return rendered + prefix
         self._require("tokenize", "continuing from token ids")
-        ids = await self._scope.backend.tokenize(self._scope.model, rendered)
+        ids = await self._in_budget(self._scope.backend.tokenize(self._scope.model, rendered))
         return [*ids, *prefix]
 
     async def stream(self, *, messages: Sequence[dict[str, Any]] | None = None,
@@ -448,11 +466,21 @@ class RunContext:
             status = f"cut@{sum(len(p) for p in text_parts)}"
             raise
         finally:
-            reported = usage or {}
-            prompt_tokens = int(reported.get("prompt_tokens") or 0)
-            completion_tokens = int(reported.get("completion_tokens") or tokens) if status == "ok" else tokens
+            key = _prompt_key(body)
+            estimated = False
+            if usage is not None and usage.get("prompt_tokens") is not None:
+                prompt_tokens = int(usage["prompt_tokens"])
+                state.prompt_tokens[key] = prompt_tokens
+            elif status.startswith("cut@") or status == "cancelled":
+                # Cut before the engine reported usage: the same prompt's report from another call, else a
+                # character estimate (marked as estimated).
+                prompt_tokens = state.prompt_tokens.get(key, len(key) // 4)
+                estimated = key not in state.prompt_tokens
+            else:
+                prompt_tokens = 0
+            completion_tokens = int((usage or {}).get("completion_tokens") or tokens) if status == "ok" else tokens
             if status != "refused":
-                budget.charge(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                budget.charge(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, estimated=estimated)
             state.trace.update(node, status=status, ms=_ms_since(started), prompt_tokens=prompt_tokens,
                                completion_tokens=completion_tokens,
                                outputs=["".join(text_parts)[:TRACE_TEXT_LIMIT]])
@@ -467,17 +495,17 @@ class RunContext:
         key = json.dumps([scope.backend.name, scope.model, conversation, add_generation_prompt], sort_keys=True)
         rendered = self._state.rendered.get(key)
         if rendered is None:
-            rendered = await scope.backend.render(scope.model, conversation, add_generation_prompt)
+            rendered = await self._in_budget(scope.backend.render(scope.model, conversation, add_generation_prompt))
             self._state.rendered[key] = rendered
         return rendered
 
     async def tokenize(self, text: str) -> list[int]:
         self._require("tokenize")
-        return await self._scope.backend.tokenize(self._scope.model, text)
+        return await self._in_budget(self._scope.backend.tokenize(self._scope.model, text))
 
     async def detokenize(self, ids: Sequence[int]) -> str:
         self._require("tokenize")
-        return await self._scope.backend.detokenize(self._scope.model, ids)
+        return await self._in_budget(self._scope.backend.detokenize(self._scope.model, ids))
 
     async def token_ids(self, tokens: Sequence[Token]) -> list[int]:
         """Runs of tokens without ids are tokenized together: their bytes may split a character between them."""
@@ -588,12 +616,16 @@ class RunContext:
                                  param="ttc.params", code="unknown_verifier")
         node = state.trace.add(self._scope.node, "verify", "verifier", verifier=verifier, answer=answer)
         try:
-            passed = await state.verifiers.verify(verifier, self._scope.messages, candidate, answer)
+            passed = await self._in_budget(state.verifiers.verify(verifier, self._scope.messages, candidate, answer))
         except Exception as exc:
             state.trace.update(node, status="error", error=str(exc))
             raise
         state.trace.update(node, status="ok", passed=passed)
         return passed
+
+
+def _prompt_key(body: Mapping[str, Any]) -> str:
+    return json.dumps(body.get("messages", body.get("prompt")), sort_keys=True)
 
 
 def _ask_token_ids(backend: Backend, body: dict[str, Any]) -> None:

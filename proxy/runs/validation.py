@@ -3,7 +3,7 @@ a composition's depth and fan-out, the budget a request asks for, and what the b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,7 +12,7 @@ from strategies.framework import MAX_COMPOSITION_DEPTH, Strategy, StrategyParams
 
 from ..backends import Backend
 from ..config import Budget, StrategySettings
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, ProxyError
 
 
 def strategy_of(slug: str, registry: Mapping[str, type[Strategy]]) -> type[Strategy]:
@@ -117,3 +117,20 @@ def check_engine_fields(backend: Backend, fields: set[str], where: str = "the re
         raise InvalidRequest(
             f"backend {backend.name!r} ({backend.capabilities.kind}) does not take {', '.join(refused)} "
             f"(sent with {where})", param=refused[0], code="backend_capability_missing")
+
+
+def check_references(strategy: type[Strategy], params: StrategyParams, verifiers: Mapping[str, Any],
+                     backend_for: Callable[[str], Backend]) -> None:
+    """The verifiers and models the parameters name exist (a 400 before anything is sent)."""
+    named = strategy.references(params)
+    for name in named.get("verifiers", ()):
+        if name not in verifiers:
+            known = ", ".join(sorted(verifiers)) or "none configured"
+            raise InvalidRequest(f"strategy {strategy.slug!r}: unknown verifier {name!r}; configured verifiers: "
+                                 f"{known}", param="ttc.params", code="unknown_verifier")
+    for model in named.get("models", ()):
+        try:
+            backend_for(model)
+        except ProxyError as exc:
+            raise InvalidRequest(f"strategy {strategy.slug!r}: {exc.message}", param="ttc.params",
+                                 code="model_not_found") from exc

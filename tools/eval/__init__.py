@@ -16,7 +16,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 
 from proxy.errors import ProxyError
 from proxy.registry import load_registry
+from strategies.framework import Strategy
 
 from ..argtypes import positive_float, positive_int
 from .report import render_table, write_csv, write_json, write_plot
@@ -102,15 +103,16 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 async def run_all(base_url: str, api_key: str, models: Sequence[str], tasks: Sequence[Task], settings: RunSettings,
-                  progress: Progress, pool_size: int | None) -> dict[str, list[Record]]:
+                  progress: Progress, pool_size: int | None,
+                  registry: Mapping[str, type[Strategy]]) -> dict[str, list[Record]]:
     """Live model strings, then (with a pool) the strategy model strings scored on the pool."""
-    registry = load_registry()[0]
     pooled = [m for m in models if pool_size is not None and parse_strategy_string(m, registry) is not None]
     live = [m for m in models if m not in pooled]
     try:
         results = await run_eval(base_url, api_key, live, tasks, settings, progress) if live else {}
         if pooled and pool_size is not None:
-            results.update(await run_pooled(base_url, api_key, pooled, tasks, settings, pool_size, progress))
+            results.update(await run_pooled(base_url, api_key, pooled, tasks, settings, pool_size, progress,
+                                            registry))
     finally:
         progress.close()
     return results
@@ -147,7 +149,8 @@ def eval_command(args: argparse.Namespace) -> int:
     try:
         with proxy_endpoint(args) as (base_url, api_key):
             progress.started = time.monotonic()
-            results = asyncio.run(run_all(base_url, api_key, models, tasks, settings, progress, args.pool))
+            results = asyncio.run(run_all(base_url, api_key, models, tasks, settings, progress, args.pool,
+                                          registry))
     except EvalError as exc:
         print(f"ttc-proxy eval: {exc}", file=sys.stderr)
         return 2

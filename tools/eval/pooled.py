@@ -22,7 +22,6 @@ import aiohttp
 from proxy.backends import Backend
 from proxy.config import BackendConfig, CapabilityOverrides, StrategySettings
 from proxy.errors import ProxyError
-from proxy.registry import load_registry
 from proxy.routing import split_model_name
 from proxy.runs.accounting import BudgetScope
 from proxy.runs.context import RunContext, RunState, Scope
@@ -31,6 +30,7 @@ from proxy.traces import Trace
 from strategies.framework import (
     BudgetExceeded,
     Candidate,
+    gather_all,
     Sampling,
     Strategy,
     StrategyError,
@@ -43,27 +43,55 @@ POOL_TOP_LOGPROBS = 20
 
 @dataclass
 class SamplePool:
-    """The samples drawn for one prompt of one task, in seed order, and one sample's prompt tokens."""
+    """The samples of one prompt of one task: sample i is drawn with seed + i when first needed, so a prompt only a
+    few runs use costs only those samples, and every model string sees the same sample i."""
 
-    candidates: list[Candidate]
-    temperature: float
-    prompt_tokens_per_sample: float
+    conversation: list[dict[str, Any]]
+    seed: int
+    size: int
+    candidates: dict[int, Candidate] = field(default_factory=dict)
+    prompt_tokens_per_sample: float = 0.0
+    failure: Exception | None = None  # a failed draw is every model string's error on this task
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def ensure(self, positions: Sequence[int], scorer: PooledScorer, model: str) -> float:
+        """Draw the samples at these positions that are not drawn yet; returns the seconds spent drawing."""
+        async with self.lock:
+            if self.failure is not None:
+                raise self.failure
+            missing = [p for p in positions if p not in self.candidates]
+            if not missing:
+                return 0.0
+            started = time.monotonic()
+            try:
+                drawn, prompt_tokens = await scorer.draw_samples(model, self.conversation,
+                                                                 [self.seed + p for p in missing])
+            except Exception as exc:  # noqa: BLE001 - kept, so no later model string draws it again
+                self.failure = exc
+                raise
+            self.candidates.update(zip(missing, drawn))
+            self.prompt_tokens_per_sample = prompt_tokens
+            return time.monotonic() - started
 
 
 @dataclass
 class TaskPools:
-    """Every pool drawn for one task (by prompt), shared by the model strings scored on it."""
+    """Every pool of one task (by prompt), shared by the model strings scored on it."""
 
     seed: int
     size: int
     task_messages: list[dict[str, Any]]
-    pools: dict[str, SamplePool | Exception] = field(default_factory=dict)
-    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    pools: dict[str, SamplePool] = field(default_factory=dict)
+
+    def pool(self, conversation: list[dict[str, Any]]) -> SamplePool:
+        key = _key(conversation)
+        if key not in self.pools:
+            self.pools[key] = SamplePool(conversation, self.seed, self.size)
+        return self.pools[key]
 
     @property
-    def main(self) -> SamplePool | None:
-        pool = self.pools.get(_key(self.task_messages))
-        return pool if isinstance(pool, SamplePool) else None
+    def main(self) -> SamplePool:
+        return self.pool(self.task_messages)
 
 
 def _without_system(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -74,44 +102,41 @@ def _key(messages: Sequence[Mapping[str, Any]]) -> str:
     return json.dumps(list(messages), sort_keys=True)
 
 
+@dataclass
+class ScoringRun:
+    """What one strategy's scoring on one task shares across its contexts."""
+
+    pools: TaskPools
+    scorer: PooledScorer
+    taken: dict[str, set[int]] = field(default_factory=dict)  # per prompt: samples handed out
+    drawing_seconds: float = 0.0  # spent drawing pool samples: not the strategy's latency
+    live_calls: int = 0  # calls that could not come from a pool
+
+
 class PoolContext(RunContext):
     """A RunContext whose samples of the task's conversation come from pools; everything else is a live call."""
 
-    def __init__(self, state: RunState, scope: Scope, pools: TaskPools, scorer: PooledScorer,
-                 taken: dict[str, set[int]] | None = None) -> None:
+    def __init__(self, state: RunState, scope: Scope, run: ScoringRun) -> None:
         super().__init__(state, scope)
-        self._pools = pools
-        self._scorer = scorer
-        self._taken = taken if taken is not None else {}  # per prompt: samples handed out in this scoring run
+        self._run = run
 
     def _with(self, scope: Scope) -> PoolContext:
-        return PoolContext(self._state, scope, self._pools, self._scorer, self._taken)
+        return PoolContext(self._state, scope, self._run)
 
     def _poolable(self, messages: Sequence[dict[str, Any]] | None, temperature: float | None,
                   max_tokens: int | None) -> list[dict[str, Any]] | None:
         conversation = list(messages) if messages is not None else self._scope.messages
-        same = _without_system(conversation) == _without_system(self._pools.task_messages)
-        hot = (temperature if temperature is not None else self._scope.sampling.temperature) == self._scorer.temperature
+        same = _without_system(conversation) == _without_system(self._run.pools.task_messages)
+        effective = temperature if temperature is not None else self._scope.sampling.temperature
+        hot = effective == self._run.scorer.temperature
         default_length = max_tokens in (None, self._scope.sampling.max_tokens)
         return conversation if same and hot and default_length else None
 
-    async def _pool(self, conversation: list[dict[str, Any]]) -> SamplePool:
-        key = _key(conversation)
-        lock = self._pools.locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._pools.pools:
-                try:
-                    self._pools.pools[key] = await self._scorer.draw(self._scope.model, conversation,
-                                                                     self._pools.size, self._pools.seed)
-                except Exception as exc:  # noqa: BLE001 - kept: no other model string draws this pool again
-                    self._pools.pools[key] = exc
-        pool = self._pools.pools[key]
-        if isinstance(pool, Exception):
-            raise pool
-        return pool
-
-    def _positions(self, conversation: list[dict[str, Any]], n: int, index: int, size: int) -> list[int]:
-        taken = self._taken.setdefault(_key(conversation), set())
+    def _positions(self, conversation: list[dict[str, Any]], n: int, index: int) -> list[int]:
+        """Top-level sample i is the pool's sample i (what a live seeded request draws); a nested run takes the
+        next samples no nested run has taken."""
+        size = self._run.pools.size
+        taken = self._run.taken.setdefault(_key(conversation), set())
         if not self._scope.path:
             positions = list(range(index, index + n))
         else:
@@ -123,9 +148,15 @@ class PoolContext(RunContext):
         taken.update(positions)
         return positions
 
+    async def _samples(self, conversation: list[dict[str, Any]], positions: Sequence[int]) -> SamplePool:
+        pool = self._run.pools.pool(conversation)
+        self._run.drawing_seconds += await pool.ensure(positions, self._run.scorer, self._scope.model)
+        return pool
+
     def _serve(self, pool: SamplePool, positions: Sequence[int], min_success: int) -> list[Candidate]:
-        """The samples at these positions, each checked against the budget and charged as the seeded live call
-        that would draw it (one call per sample, paying the prompt each time); stops where the budget does."""
+        """The samples at these positions, each checked against the budget as the concurrent seeded live calls
+        that would draw them are: calls counted one by one as they start, tokens charged when they are done (so
+        the token check sees what was spent before this call). Stops where the budget does."""
         budget = self._scope.budget
         served: list[Candidate] = []
         for position in positions:
@@ -135,26 +166,29 @@ class PoolContext(RunContext):
                 if len(served) < min_success:
                     raise
                 break
-            candidate = pool.candidates[position]
-            budget.charge(calls=1, prompt_tokens=round(pool.prompt_tokens_per_sample),
-                          completion_tokens=candidate.completion_tokens)
-            served.append(candidate)
+            budget.charge(calls=1)
+            served.append(pool.candidates[position])
+        budget.charge(prompt_tokens=round(pool.prompt_tokens_per_sample * len(served)),
+                      completion_tokens=sum(c.completion_tokens for c in served))
         return served
 
     async def generate(self, *, n: int = 1, messages: Sequence[dict[str, Any]] | None = None,
                        temperature: float | None = None, max_tokens: int | None = None, logprobs: bool = False,
                        top_logprobs: int | None = None, stop: str | list[str] | None = None,
                        seed: int | None = None, index: int = 0, min_success: int = 1, label: str = "sample",
-                       extra: Mapping[str, Any] | None = None) -> list[Candidate]:
+                       extra: Mapping[str, Any] | None = None, answers: bool = True) -> list[Candidate]:
         conversation = self._poolable(messages, temperature, max_tokens)
-        if conversation is None or seed is not None or extra or stop is not None:
+        if conversation is None or seed is not None or extra or stop is not None or not answers:
+            self._run.live_calls += 1
             return await super().generate(n=n, messages=messages, temperature=temperature, max_tokens=max_tokens,
                                           logprobs=logprobs, top_logprobs=top_logprobs, stop=stop, seed=seed,
-                                          index=index, min_success=min_success, label=label, extra=extra)
+                                          index=index, min_success=min_success, label=label, extra=extra,
+                                          answers=answers)
         if n < 1:
             return []
-        pool = await self._pool(conversation)
-        return self._serve(pool, self._positions(conversation, n, index, len(pool.candidates)), max(1, min_success))
+        positions = self._positions(conversation, n, index)
+        pool = await self._samples(conversation, positions)
+        return self._serve(pool, positions, max(1, min_success))
 
     async def stream(self, *, messages: Sequence[dict[str, Any]] | None = None,
                      prefix: str | Sequence[int] | None = None, temperature: float | None = None,
@@ -163,17 +197,18 @@ class PoolContext(RunContext):
                      label: str = "stream", extra: Mapping[str, Any] | None = None) -> AsyncIterator[StreamEvent]:
         conversation = self._poolable(messages, temperature, max_tokens)
         if conversation is None or prefix is not None or seed is not None or extra or stop is not None:
+            self._run.live_calls += 1
             async for event in super().stream(messages=messages, prefix=prefix, temperature=temperature,
                                               max_tokens=max_tokens, top_logprobs=top_logprobs, stop=stop,
                                               seed=seed, index=index, label=label, extra=extra):
                 yield event
             return
-        pool = await self._pool(conversation)
-        (position,) = self._positions(conversation, 1, index, len(pool.candidates))
+        (position,) = self._positions(conversation, 1, index)
+        pool = await self._samples(conversation, [position])
         candidate = pool.candidates[position]
         budget = self._scope.budget
         budget.check()
-        budget.charge(calls=1, prompt_tokens=round(pool.prompt_tokens_per_sample))
+        budget.charge(calls=1)
         tokens = candidate.tokens or ()
         consumed = 0
         try:
@@ -183,7 +218,8 @@ class PoolContext(RunContext):
                 yield StreamEvent(candidate.text[token.offset:end], token)
             yield StreamEvent("", None, candidate.finish_reason or "stop")
         finally:
-            budget.charge(completion_tokens=consumed)  # a trace pruned mid-stream costs only what it generated
+            # As live: the prompt, and only what was generated before a trace was pruned mid-stream.
+            budget.charge(prompt_tokens=round(pool.prompt_tokens_per_sample), completion_tokens=consumed)
 
 
 def parse_strategy_string(model_string: str, registry: Mapping[str, type[Strategy]]) -> tuple[StrategySpec, str] | None:
@@ -201,20 +237,21 @@ class PooledOutcome:
     error: str | None
     details: dict[str, Any] | None
     budget_exhausted: bool = False
+    live_calls: int = 0  # calls made live because no pool could serve them
 
 
 class PooledScorer:
     """Draws pools and runs strategies on them, with live calls going through the proxy's pass-through."""
 
     def __init__(self, proxy_base_url: str, api_key: str, client: aiohttp.ClientSession,
-                 settings: StrategySettings, sampling: Sampling) -> None:
+                 settings: StrategySettings, sampling: Sampling, registry: Mapping[str, type[Strategy]]) -> None:
         self.proxy_base_url = proxy_base_url
         self.api_key = api_key
         self.client = client
         self.settings = settings
         self.sampling = sampling
         self.temperature = sampling.sampling_temperature()
-        self.registry = load_registry()[0]
+        self.registry = registry
         self._backend: Backend | None = None
 
     async def backend(self) -> Backend:
@@ -242,28 +279,35 @@ class PooledScorer:
                       budget=BudgetScope(self.settings.budget))
         return state, scope
 
-    async def draw(self, model: str, messages: list[dict[str, Any]], size: int, seed: int) -> SamplePool:
+    async def draw_samples(self, model: str, messages: list[dict[str, Any]],
+                           seeds: Sequence[int]) -> tuple[list[Candidate], float]:
+        """One sample per seed (each its own call, as a live seeded request draws it), with logprobs; and what one
+        sample's prompt cost."""
         backend = await self.backend()
-        state, scope = self._run(backend, model, messages, seed, "pool")
-        candidates = await RunContext(state, scope).generate(n=size, temperature=self.temperature, logprobs=True,
-                                                             top_logprobs=POOL_TOP_LOGPROBS, min_success=size)
-        return SamplePool(candidates, self.temperature, scope.budget.usage.prompt_tokens / max(1, size))
+        state, scope = self._run(backend, model, messages, 0, "pool")
+        context = RunContext(state, scope)
+        drawn = await gather_all(
+            context.generate(n=1, temperature=self.temperature, logprobs=True, top_logprobs=POOL_TOP_LOGPROBS,
+                             seed=seed)
+            for seed in seeds)
+        return [c for (c,) in drawn], scope.budget.usage.prompt_tokens / max(1, len(seeds))
 
     async def score(self, spec: StrategySpec, model: str, pools: TaskPools,
                     budget: Mapping[str, Any] | None = None) -> PooledOutcome:
         """One strategy on one task's pools, within `budget` (a `ttc.budget`) when given."""
         backend = await self.backend()
         state, scope = self._run(backend, model, pools.task_messages, pools.seed, spec.slug)
+        run = ScoringRun(pools, self)
         started = time.monotonic()
         try:
             strategy, params = check_spec(spec, self.registry, self.settings)[0]
             limits = BudgetScope(check_budget(budget or {}, self.settings.budget))
             scope = Scope(backend=scope.backend, model=model, messages=scope.messages, sampling=scope.sampling,
                           budget=limits, over=spec.over, fan_out=max(1, strategy.fan_out(params)))
-            result = await strategy().run(PoolContext(state, scope, pools, self), params)
+            result = await strategy().run(PoolContext(state, scope, run), params)
         except (ProxyError, StrategyError) as exc:
-            return PooledOutcome(None, None, scope.budget.usage.calls, _ms(started), f"{type(exc).__name__}: {exc}",
-                                 None)
+            return PooledOutcome(None, None, scope.budget.usage.calls, _ms(started, run.drawing_seconds),
+                                 f"{type(exc).__name__}: {exc}", None, live_calls=run.live_calls)
         usage = scope.budget.usage
         answer_tokens = sum(c.completion_tokens for c in result.choices)
         return PooledOutcome(
@@ -271,10 +315,11 @@ class PooledScorer:
             usage={"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                    "total_tokens": usage.total_tokens,
                    "completion_tokens_details": {"reasoning_tokens": usage.completion_tokens - answer_tokens}},
-            calls=usage.calls, latency_ms=_ms(started), error=None, details=result.details,
-            budget_exhausted=result.budget_exhausted or scope.budget.exhausted,
+            calls=usage.calls, latency_ms=_ms(started, run.drawing_seconds), error=None, details=result.details,
+            budget_exhausted=result.budget_exhausted or scope.budget.exhausted, live_calls=run.live_calls,
         )
 
 
-def _ms(started: float) -> float:
-    return round((time.monotonic() - started) * 1000, 1)
+def _ms(started: float, excluded: float = 0.0) -> float:
+    """Milliseconds since `started`, without the `excluded` seconds (pool draws a live run would not make)."""
+    return round((time.monotonic() - started - excluded) * 1000, 1)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from proxy.registry import load_registry
+from strategies.framework import Strategy
 
 from .tasks import EvalError, Task
 
@@ -193,7 +193,8 @@ async def run_eval(base_url: str, api_key: str, models: Sequence[str], tasks: Se
 
 
 async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: Sequence[Task],
-                     settings: RunSettings, pool_size: int, progress: Progress) -> dict[str, list[Record]]:
+                     settings: RunSettings, pool_size: int, progress: Progress,
+                     registry: Mapping[str, type[Strategy]]) -> dict[str, list[Record]]:
     """Strategy model strings scored on pools of samples per task (see tools/eval/pooled.py).
 
     Also reports the task prompt's pool oracle at each strategy sample count: how often some sample of the first
@@ -207,11 +208,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
 
     from .pooled import PooledScorer, TaskPools, parse_strategy_string
 
-    registry = load_registry()[0]
     parsed = {m: parse_strategy_string(m, registry) for m in models}
-    plain = [m for m, p in parsed.items() if p is None]
-    if plain:
-        raise EvalError(f"--pool scores strategy model strings only; {plain} name no strategy")
     strategy_settings = StrategySettings(default_max_tokens=settings.max_tokens, max_samples=max(64, pool_size))
     sampling = Sampling(settings.temperature, None, settings.max_tokens, None, None, dict(settings.extra_body))
     sizes = sorted({int(n) for p in parsed.values() if p is not None
@@ -236,15 +233,18 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
                 record = Record(task.id, model, bool(verdict and verdict.correct), outcome.reply,
                                 verdict.extracted if verdict else None, outcome.usage, outcome.calls,
                                 outcome.latency_ms, error=outcome.error, seed=seed,
-                                ttc={"details": outcome.details, "pooled": True,
+                                ttc={"details": outcome.details, "pooled": True, "live_calls": outcome.live_calls,
                                      "budget_exhausted": outcome.budget_exhausted})
             results[model][index] = record
             progress.advance(record)
         for label, k in oracles.items():
-            pool = next((p.main for p in pools.values() if p.main is not None), None)
-            if pool is None:
+            base, task_pools = next(iter(pools.items()))
+            try:
+                await task_pools.main.ensure(range(k), scorer, base)
+            except Exception:  # noqa: BLE001 - the draw's failure is already every model string's error
                 continue
-            sample = pool.candidates[:k]
+            pool = task_pools.main
+            sample = [pool.candidates[i] for i in range(k)]
             right = [c for c in sample if task.grade(c.text).correct]
             usage = {"prompt_tokens": round(pool.prompt_tokens_per_sample * k),
                      "completion_tokens": sum(c.completion_tokens for c in sample)}
@@ -253,7 +253,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
                                            0.0, seed=seed)
 
     async with new_client_session(timeout=aiohttp.ClientTimeout(total=settings.timeout)) as client:
-        scorer = PooledScorer(base_url, api_key, client, strategy_settings, sampling)
+        scorer = PooledScorer(base_url, api_key, client, strategy_settings, sampling, registry)
         gate = asyncio.Semaphore(settings.concurrency)
 
         async def bounded(index: int, task: Task) -> None:
