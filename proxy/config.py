@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from strategies.framework import message_text
+
 BackendKind = Literal["llama_cpp", "vllm", "transformers", "openai", "generic"]
 
 
@@ -42,13 +44,7 @@ class ChatTemplate(StrictModel):
     generation_prompt: str = ""
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        def text(content: Any) -> str:
-            if isinstance(content, list):
-                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            return content if isinstance(content, str) else ""
-
-        body = "".join(self.message.format(role=m.get("role", ""), content=text(m.get("content")))
-                       for m in messages)
+        body = "".join(self.message.format(role=m.get("role", ""), content=message_text(m)) for m in messages)
         return self.bos + body + (self.generation_prompt if add_generation_prompt else "")
 
 

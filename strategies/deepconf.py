@@ -96,10 +96,10 @@ class DeepConf(Strategy):
 
         streamed, errors = await gather_successes(
             (lambda i=i: online(i) for i in range(params.warmup, params.n)), min_success=0, what="trace")
-        budget_stopped = any(isinstance(e, BudgetExceeded) for e in errors)
+        budget_exhausted = any(isinstance(e, BudgetExceeded) for e in errors)
         traces = [(c, conf, None) for c, conf in zip(warm, confidences)] + streamed
         return await self._vote(ctx, traces, threshold, temperature, len(errors), params.count_truncated,
-                                budget_stopped)
+                                budget_exhausted)
 
     @staticmethod
     def _confidence(tokens: tuple[Token, ...] | None, params: DeepConfParams) -> float | None:
@@ -138,7 +138,7 @@ class DeepConf(Strategy):
     @staticmethod
     async def _vote(ctx: StrategyContext, traces: list[tuple[Candidate, float | None, int | None]],
                     threshold: float, temperature: float, failed: int, count_truncated: bool,
-                    budget_stopped: bool) -> StrategyResult:
+                    budget_exhausted: bool) -> StrategyResult:
         complete = [i for i, (_, confidence, pruned_at) in enumerate(traces)
                     if pruned_at is None and confidence is not None]
         parsing = keep_parsing(ctx, [traces[i][0] for i in complete], "trace")
@@ -173,7 +173,7 @@ class DeepConf(Strategy):
                 for i, (c, confidence, pruned_at) in enumerate(traces)
             ],
         }
-        return StrategyResult(choices=[winner], details=details, budget_exhausted=budget_stopped)
+        return StrategyResult(choices=[winner], details=details, budget_exhausted=budget_exhausted)
 
 
 def _fmt(value: float | None) -> str:

@@ -30,18 +30,18 @@ T = TypeVar("T")
 
 
 class StrategyError(Exception):
-    """A strategy could not produce an answer (e.g. too few candidates survived); reported as a 502."""
+    """A strategy could not produce an answer (e.g. too few candidates survived): the request fails."""
 
 
 class StrategyInputError(StrategyError):
-    """This request cannot be served by the strategy as asked (e.g. a parameter clash); reported as a 400."""
+    """This request cannot be served by the strategy as asked (e.g. a parameter clash): the client's mistake."""
 
 
 class BudgetExceeded(StrategyError):
     """The run's token, call or wall-time budget is spent: no more calls start.
 
     A strategy catches it to return its best answer so far (the client then sees finish_reason "length" and
-    `ttc.budget_exhausted`); uncaught, the request fails with 429 `budget_exhausted`, marked not to be retried.
+    `ttc.budget_exhausted`); uncaught, the request fails as out of budget, marked not to be retried.
     """
 
 
@@ -144,11 +144,6 @@ class Candidate:
     @property
     def truncated(self) -> bool:
         return is_truncated(self.finish_reason) and not self.budget_exhausted
-
-    @property
-    def reply(self) -> str:
-        """The text the tokens belong to."""
-        return self.generated if self.generated is not None else self.text
 
     @property
     def answer_tokens(self) -> tuple[Token, ...] | None:

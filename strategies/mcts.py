@@ -5,7 +5,8 @@ Nodes are whole answers (`level=answer`: a child of the root is a fresh answer, 
 given its score and the other answers found so far) or reasoning steps (`level=step`: a child continues its
 parent's text to the next `delimiter`, n ways from one prefix; a step that ends the reply is a leaf). Each new node
 is scored in [0, 1] by a scorer from strategies.scoring; the search runs `iterations` rounds of `batch` expansions,
-each round concurrently, siblings of one parent drawn through one `n` request where the engine has one. The answer
+each round concurrently, siblings of one parent drawn together (one `n` request where the engine has one and the
+request has no seed; with a seed each sample is its own call, so it repeats). The answer
 is the best node (or the vote over nodes); when the budget runs out, the best node so far.
 
 The search itself is treequest's ask/tell API: we own the tree state, ask for a batch of trials, run them, tell the
@@ -188,7 +189,7 @@ class MctsRun:
         self.nodes: list[Node] = []
         self.widened = 0  # fresh answers drawn: the next one is sample `widened` of the run
         self.refused = 0
-        self.budget_hit = False  # a call of the last round was stopped by the budget
+        self.round_budget_exhausted = False  # a call of the last round was refused by the budget
         self.failure: str | None = None  # why the search stopped early, if a round failed
 
     async def run(self) -> StrategyResult:
@@ -212,7 +213,7 @@ class MctsRun:
                 break
             for trial, node in grown:
                 search.tell(trial, node)
-            if self.budget_hit:
+            if self.round_budget_exhausted:
                 budget_exhausted = True
                 break
         return await self._result(budget_exhausted)
@@ -221,8 +222,9 @@ class MctsRun:
 
     async def _expand(self, trials: Sequence[Trial], round_number: int) -> list[tuple[Trial, Node]]:
         """Run a round's trials: those expanding the same node share one call (n siblings), all concurrently.
-        The new nodes are then numbered in trial order and scored against one pool (the tree so far plus this
-        round), so the tree does not depend on which call the engine answered first."""
+        The new nodes are then numbered parent by parent, in the order treequest asked for them, and scored among
+        one pool (the answers so far plus this round's), so the tree does not depend on which call the engine
+        answered first."""
         groups: dict[int | None, list[Trial]] = {}
         for trial in trials:
             groups.setdefault(trial.parent.id if trial.parent is not None else None, []).append(trial)
@@ -235,9 +237,9 @@ class MctsRun:
         results, errors = await gather_successes((lambda k=k: grow(k) for k in growing), min_success=0,
                                                  what="expansion")
         if any(isinstance(e, BudgetExceeded) for e in errors):
-            self.budget_hit = True
+            self.round_budget_exhausted = True
         if errors and not results:
-            if self.budget_hit:
+            if self.round_budget_exhausted:
                 raise next(e for e in errors if isinstance(e, BudgetExceeded))
             raise errors[0]
         fetched = {key: (candidates, actions) for key, candidates, actions in results}

@@ -19,13 +19,11 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from .answers import extract_answer
 from .framework import Candidate, gather_all
 from .scoring import ConfidenceSpec
 
-PoolSelector = Literal["vote", "confidence", "weighted", "first"]
 POOL_SELECTORS: tuple[str, ...] = ("vote", "confidence", "weighted", "first")
 CONFIDENCE_SELECTORS = frozenset({"confidence", "weighted"})  # these need token logprobs
 

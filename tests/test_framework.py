@@ -233,7 +233,7 @@ async def test_budget_view_and_every_call_checked_before_it_starts(fake_backend,
             await ctx.span("deeper").continue_prefix("x")
         with pytest.raises(BudgetExceeded):
             await ctx.run_strategy("sc", {"n": 2})
-        assert ctx.budget_scope.exhausted and ctx.budget.exhausted
+        assert ctx.budget.exhausted and ctx.budget.calls == 0
     assert len([r for r in fake.chat_requests() if r.body.get("max_tokens") != 1]) == 2
 
 
@@ -241,7 +241,7 @@ async def test_a_nested_budget_binds_the_nested_run_only(fake_backend, fake):
     async with context(fake, seed=1) as ctx:
         result = await ctx.run_strategy("sc", {"n": 4}, budget={"max_calls": 2})
         assert result.budget_exhausted and result.usage.calls == 2
-        assert not ctx.budget_scope.exhausted and ctx.budget.calls == SETTINGS.budget.max_calls - 2
+        assert ctx.budget.calls == SETTINGS.budget.max_calls - 2  # the run's own budget is not spent
         await ctx.generate(n=1)  # the run's own budget is not spent
 
 

@@ -8,11 +8,6 @@ from dataclasses import dataclass
 
 from ..config import BackendKind, CapabilityOverrides
 
-# Capabilities a strategy may ask for (Strategy.requires); "continue" is derived: prefill, or raw completions of
-# the rendered conversation.
-CAPABILITY_NAMES = ("logprobs", "prefill", "completions", "tokenize", "render", "token_ids", "logit_bias",
-                    "continue")
-
 # Sampling fields of the OpenAI API itself: every OpenAI-compatible engine takes them.
 STANDARD_FIELDS = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed", "n", "logprobs",
                              "top_logprobs", "presence_penalty", "frequency_penalty", "user"})
@@ -41,6 +36,8 @@ class Capabilities:
         return dataclasses.replace(self, **changes)
 
     def supports(self, feature: str) -> bool:
+        """A capability a strategy may require (Strategy.requires): a field above, or "continue" (continue a
+        prefix: prefill, or raw completions of the rendered conversation)."""
         if feature == "continue":
             return self.prefill or (self.completions and self.render)
         return bool(getattr(self, feature))

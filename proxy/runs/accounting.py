@@ -87,6 +87,11 @@ class BudgetScope:
             return f"wall-time budget of {self.limits.max_seconds:g} s is spent"
         return None
 
+    def usage_attrs(self) -> dict[str, int]:
+        """This scope's spending, as trace attributes."""
+        return {"calls": self.usage.calls, "prompt_tokens": self.usage.prompt_tokens,
+                "completion_tokens": self.usage.completion_tokens}
+
     def charge(self, *, calls: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
                estimated: bool = False) -> None:
         for scope in self.chain():

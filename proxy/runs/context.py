@@ -129,10 +129,6 @@ class RunContext:
             return seed
         return derive_seed(seed, self._scope.path, -1)
 
-    @property
-    def budget_scope(self) -> BudgetScope:
-        return self._scope.budget
-
     def supports(self, capability: str) -> bool:
         return self._scope.backend.capabilities.supports(capability)
 
@@ -166,6 +162,18 @@ class RunContext:
         loop = asyncio.get_running_loop()
         return loop.time() + (self._scope.budget.deadline - time.monotonic())
 
+    def _starter(self, node: int) -> Callable[[], None]:
+        """Run when a call gets its scheduler slot: the budget is checked again (calls that waited see what the
+        calls before them spent, so the token budget binds) and only calls that really start are counted."""
+        budget, trace = self._scope.budget, self._state.trace
+
+        def start() -> None:
+            budget.check()
+            budget.charge(calls=1)
+            trace.update(node, status="running")
+
+        return start
+
     async def _in_budget(self, work: Awaitable[T]) -> T:
         """Engine work outside the scheduler (tokenizer, template, verifier, the echo probe) ends at the deadline
         too."""
@@ -196,18 +204,11 @@ class RunContext:
                                temperature=body.get("temperature"), max_tokens=body.get("max_tokens"),
                                status="queued")
 
-        def start() -> None:
-            # Checked again when the call gets its turn: calls that waited see what the calls before them spent,
-            # so the token budget binds; only calls that really start are counted.
-            budget.check()
-            budget.charge(calls=1)
-            state.trace.update(node, status="running")
-
         started = time.monotonic()
         try:
             async with asyncio.timeout_at(self._deadline()):
                 payload = await backend.call_json(path, body, owner=state.owner, cost=n,
-                                                  request_id=state.request_id, on_start=start)
+                                                  request_id=state.request_id, on_start=self._starter(node))
         except TimeoutError as exc:
             state.trace.update(node, status="timeout", ms=_ms_since(started))
             raise budget.expire() from exc
@@ -249,7 +250,7 @@ class RunContext:
                            outputs=[c.text[:TRACE_TEXT_LIMIT] for c in candidates])
         return candidates
 
-    async def _draw(self, path: str, body: dict[str, Any], n: int, label: str, keep_tokens: bool,
+    async def _unseeded(self, path: str, body: dict[str, Any], n: int, label: str, keep_tokens: bool,
                     echoed: str) -> list[Candidate]:
         """n unseeded samples in one call; if the backend refuses that n (a 400 that lowered the remembered
         cap, see Backend.lower_n_cap), draw them again in calls within the new cap."""
@@ -260,7 +261,7 @@ class RunContext:
             if exc.status_code != 400 or n <= cap:
                 raise
         parts, _ = await gather_successes(
-            (lambda size=min(cap, n - start): self._draw(path, body, size, label, keep_tokens, echoed)
+            (lambda size=min(cap, n - start): self._unseeded(path, body, size, label, keep_tokens, echoed)
              for start in range(0, n, cap)), min_success=1, what=label)
         return [c for part in parts for c in part]
 
@@ -284,7 +285,7 @@ class RunContext:
             cap = max(1, scope.backend.capabilities.max_n)
             sizes = [min(cap, n - start) for start in range(0, n, cap)]
             calls = [
-                (lambda size=size: self._draw(path, body, size, label, keep_tokens, echoed))
+                (lambda size=size: self._unseeded(path, body, size, label, keep_tokens, echoed))
                 for size in sizes
             ]
         parts, errors = await gather_successes(calls, min_success=max(1, min_success), what=label, sizes=sizes)
@@ -354,6 +355,7 @@ class RunContext:
         if backend.capabilities.kind == "vllm":
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
+        scope.budget.check()  # before the echo probe, which may be the run's next call
         echoes, probe = await self._in_budget(backend.prefill_echoes(scope.model, self._state.owner))
         if probe is not None:  # this run asked the engine, once for the backend's lifetime: its call to count
             prompt, completion = int(probe.get("prompt_tokens") or 0), int(probe.get("completion_tokens") or 0)
@@ -404,11 +406,6 @@ class RunContext:
         node = state.trace.add(scope.node, label, "stream", endpoint=path, seed=chosen_seed,
                                temperature=body.get("temperature"), max_tokens=body["max_tokens"], status="queued")
 
-        def start() -> None:
-            budget.check()
-            budget.charge(calls=1)
-            state.trace.update(node, status="running")
-
         started = time.monotonic()
         reader = TokenReader(backend.capabilities.kind == "llama_cpp")
         usage: dict[str, Any] | None = None
@@ -419,7 +416,7 @@ class RunContext:
         try:
             async with asyncio.timeout_at(self._deadline()):
                 async with backend.stream(path, body, owner=state.owner, request_id=state.request_id,
-                                          on_start=start) as response:
+                                          on_start=self._starter(node)) as response:
                     async for data in _sse_data(response.aiter_lines()):
                         if isinstance(data.get("usage"), dict):
                             usage = data["usage"]
@@ -583,13 +580,13 @@ class RunContext:
             result = await strategy().run(child, strategy_params)
         except BaseException as exc:
             state.trace.update(node, status="cancelled" if isinstance(exc, asyncio.CancelledError) else "error",
-                               error=str(exc), ms=_ms_since(started), **_usage_attrs(child_budget))
+                               error=str(exc), ms=_ms_since(started), **child_budget.usage_attrs())
             raise
         result.usage = child_budget.usage
         result.budget_exhausted = result.budget_exhausted or child_budget.exhausted
         state.trace.update(node, status="ok", ms=_ms_since(started), budget_exhausted=result.budget_exhausted,
                            answer=result.answer.text[:TRACE_TEXT_LIMIT] if result.choices else None,
-                           **_usage_attrs(child_budget))
+                           **child_budget.usage_attrs())
         return result
 
     # ---- reporting ----
@@ -633,11 +630,6 @@ def _ask_token_ids(backend: Backend, body: dict[str, Any]) -> None:
     which only its chat logprobs carry (its legacy completions logprobs have none), so chat calls only."""
     if backend.capabilities.kind == "vllm" and body.get("logprobs") and "messages" in body:
         body["return_tokens_as_token_ids"] = True
-
-
-def _usage_attrs(budget: BudgetScope) -> dict[str, Any]:
-    usage = budget.usage
-    return {"calls": usage.calls, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
 
 
 async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:

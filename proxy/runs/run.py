@@ -156,22 +156,17 @@ class StrategyRun:
             if not result.choices:
                 raise StrategyFailed(f"strategy {self.job.strategy.slug!r} returned no answer")
         except ProxyError as exc:
-            self.trace.update(0, status="error", error=exc.message, ms=self._wall_ms(), **self._usage_attrs())
+            self.trace.update(0, status="error", error=exc.message, ms=self._wall_ms(), **self.budget.usage_attrs())
             raise
         except asyncio.CancelledError:
-            self.trace.update(0, status="cancelled", ms=self._wall_ms(), **self._usage_attrs())
+            self.trace.update(0, status="cancelled", ms=self._wall_ms(), **self.budget.usage_attrs())
             raise
         result.usage = self.budget.usage
         result.budget_exhausted = (result.budget_exhausted or self.budget.exhausted
                                    or any(c.budget_exhausted for c in result.choices))
         self.trace.update(0, status="ok", ms=self._wall_ms(), details=result.details,
-                          budget_exhausted=result.budget_exhausted, **self._usage_attrs())
+                          budget_exhausted=result.budget_exhausted, **self.budget.usage_attrs())
         return result
-
-    def _usage_attrs(self) -> dict[str, Any]:
-        usage = self.budget.usage
-        return {"calls": usage.calls, "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens}
 
     def _wall_ms(self) -> float:
         return round((time.monotonic() - self.budget.started) * 1000, 1)
