@@ -240,9 +240,8 @@ class RunContext:
                     counts.append(max(1, len(choice.text) // 4))
         merges = backend.capabilities.kind == "llama_cpp"
         candidates = [
-            make_candidate(choice, count, seed + i if (seed is not None and len(parsed) > 1) else seed, label,
-                           merges, keep_tokens, echoed, prompt_tokens)
-            for i, (choice, count) in enumerate(zip(parsed, counts))
+            make_candidate(choice, count, seed, label, merges, keep_tokens, echoed, prompt_tokens)
+            for choice, count in zip(parsed, counts)
         ]
         budget.charge(prompt_tokens=prompt_tokens, completion_tokens=sum(counts), estimated=estimated)
         state.trace.update(node, status="ok", ms=_ms_since(started), prompt_tokens=prompt_tokens,
