@@ -591,6 +591,7 @@ class RunContext:
     # ---- reporting ----
 
     async def progress(self, line: str) -> None:
+        line = "  " * (self._scope.depth - 1) + line  # a nested run's lines sit under its parent's
         self._state.progress_lines.append(line)
         if self._state.progress_sink is not None:
             await self._state.progress_sink(line)
