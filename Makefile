@@ -48,7 +48,7 @@ EVAL_MODELS := smollm2 sc:n=8-smollm2 $(ADAPTIVE_N8) bon:n=8,select=vote-smollm2
 	bon:n=16,$(LOGPROB)-smollm2 bon:n=16,select=weighted-smollm2 \
 	'bon:n=16,select=verifier,regex=^\s*\d+\s*$$-smollm2' deepconf:n=16,warmup=4-smollm2 \
 	cot-smollm2 'sc:n=8>cot-smollm2' 'sc:n=16>cot-smollm2' 'bon:n=8,$(LOGPROB)>cot-smollm2' \
-	'bon:n=16,$(LOGPROB)>cot-smollm2'
+	'bon:n=16,$(LOGPROB)>cot-smollm2' 'bon:n=16,select=confidence>cot-smollm2' 'bon:n=16,select=weighted>cot-smollm2'
 eval: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out eval-results/arith-dev --models $(EVAL_MODELS)
