@@ -35,7 +35,7 @@ bench: install
 	$(VENV)/bin/ttc-proxy bench
 
 # The README's accuracy tables: every strategy scored on one pool of 16 seeded samples per dev task and prompt
-# (the plain prompt, and cot's), the plain model and cot greedy live (~45 min here).
+# (the plain prompt, and cot's), the plain model and cot greedy live (~25 min here).
 PREDICTIVE := adaptive=true,stop_rule=predictive,first_wave=2,wave=1,stop_confidence
 ADAPTIVE_N8 := sc:n=8,adaptive=true-smollm2 sc:n=8,$(PREDICTIVE)=0.9-smollm2 sc:n=8,$(PREDICTIVE)=0.8-smollm2 \
 	sc:n=8,$(PREDICTIVE)=0.7-smollm2 sc:n=8,$(PREDICTIVE)=0.6-smollm2
