@@ -76,10 +76,15 @@ def test_max_seconds_limits_the_run(proxy, client, fake):
     while not all(r.aborted for r in slow):
         assert time.monotonic() < deadline, "the cut-off calls must be aborted at the backend"
         time.sleep(0.005)
-    # 4 slots: seeds 2-5 reached the backend, 6 and 7 were still queued in the proxy when time ran out.
-    assert sorted(r.body["seed"] for r in slow) == [2, 3, 4, 5]
+    # 4 slots: seeds 2-5 reached the backend; 6 and 7 were queued in the proxy when time ran out (one may slip out
+    # as the aborted calls free their slots at the deadline, and is aborted with them: checked above).
+    assert sorted(r.body["seed"] for r in slow)[:4] == [2, 3, 4, 5]
     trace = httpx.get(f"{proxy.url}/v1/traces/{completion.ttc['trace_id']}").json()
-    assert [n["status"] for n in trace["nodes"][1:]].count("timeout") == 6
+    status = {n["seed"]: n["status"] for n in trace["nodes"][1:]}
+    assert [status[seed] for seed in range(6)] == ["ok", "ok", "timeout", "timeout", "timeout", "timeout"]
+    # The queued calls never ran: each ended at the deadline, was refused as it got a slot just after it, or was
+    # cancelled when a sibling's timeout ended the batch first.
+    assert {status[6], status[7]} <= {"timeout", "refused", "cancelled"}
 
 
 def test_max_seconds_with_nothing_done_is_429(proxy, fake):
