@@ -26,7 +26,7 @@ def one_at_a_time(fake_backend: FakeBackend):
 
 @pytest.fixture(scope="module")
 def tight_ceiling(fake_backend: FakeBackend):
-    budget = {"max_calls": 2, "max_total_tokens": 2 * TOKENS_PER_CALL, "max_seconds": 0.3}
+    budget = {"max_calls": 2, "max_total_tokens": 10 * TOKENS_PER_CALL, "max_seconds": 0.3}
     with ProxyServer(fake_config(fake_backend, strategies={"budget": budget})) as server:
         yield server
 
@@ -52,10 +52,22 @@ def test_max_calls_with_split_requests(client, fake):
 def test_max_total_tokens_limits_the_run(one_at_a_time, fake):
     client = sync_client(one_at_a_time)
     completion = run(client, budget={"max_total_tokens": 2 * TOKENS_PER_CALL + 1}, seed=0)
-    # Calls 1 and 2 spend 18 tokens; call 3 may start (18 < 19), call 4 may not (27 >= 19).
-    assert len(fake.chat_requests()) == 3
-    assert completion.ttc["backend_calls"] == 3
-    assert completion.usage.total_tokens == 3 * TOKENS_PER_CALL
+    # A call starts only if its prompt and max_tokens fit in what is left, its max_tokens cut to fit. Call 1: the
+    # prompt estimated at 12 tokens (characters / 4), so max_tokens 19 - 12 = 7; it spends 9. Call 2: the prompt now
+    # known (5), max_tokens 10 - 5 = 5; 18 spent. Call 3: 1 token left, less than its prompt: refused.
+    assert [r.body["max_tokens"] for r in fake.chat_requests()] == [7, 5]
+    assert completion.ttc["backend_calls"] == 2
+    assert completion.usage.total_tokens == 2 * TOKENS_PER_CALL
+    assert completion.ttc["budget_exhausted"] and completion.choices[0].finish_reason == "length"
+
+
+def test_calls_side_by_side_stay_within_the_token_budget(client, fake):
+    # Four calls get a slot at once. Each reserves its prompt and max_tokens when it starts, so together they
+    # cannot end above the budget (checking only what was spent, all four would start and spend 36).
+    completion = run(client, budget={"max_total_tokens": 30}, seed=0, max_tokens=4)
+    assert completion.usage.total_tokens <= 30
+    assert all(r.body["max_tokens"] <= 4 for r in fake.chat_requests())
+    assert completion.ttc["budget_exhausted"]
 
 
 def test_without_a_budget_all_calls_run(one_at_a_time, fake):
@@ -99,10 +111,11 @@ def test_max_seconds_with_nothing_done_is_429(proxy, fake):
 
 def test_request_cannot_raise_the_configured_budget(tight_ceiling, fake):
     client = sync_client(tight_ceiling)
-    completion = run(client, budget={"max_calls": 100}, seed=0)
+    # (max_tokens 4: a call reserves its max_tokens in the token budget, and the default 512 would not fit.)
+    completion = run(client, budget={"max_calls": 100}, seed=0, max_tokens=4)
     assert completion.ttc["backend_calls"] == 2 and len(fake.chat_requests()) == 2
     # The configured ceiling applies with no budget asked for at all.
-    assert run(client, seed=0).ttc["backend_calls"] == 2
+    assert run(client, seed=0, max_tokens=4).ttc["backend_calls"] == 2
 
 
 def test_request_cannot_raise_the_configured_time(tight_ceiling, fake):

@@ -238,13 +238,14 @@ class Backend:
     ) -> AsyncIterator[BackendResponse]:
         """A call whose response body is read by the caller; leaving the block early aborts the backend call.
 
-        `on_start` runs when the call gets its scheduler slot, just before it is sent; raising there cancels it.
+        `on_start` runs when the call gets its scheduler slot, just before it is sent; raising there cancels it,
+        and it may still change `body` (the budget cuts max_tokens to what is left then).
         Reading the body raises BackendUnreachable or BackendTimeout if the backend breaks off or stalls.
         """
-        payload = content if content is not None else json.dumps(body).encode()
         async with self.scheduler.slot(owner, cost):
             if on_start is not None:
                 on_start()
+            payload = content if content is not None else json.dumps(body).encode()
             response = await self._send(path, payload, request_id)
             try:
                 await self._raise_for_status(response, body)

@@ -4,6 +4,11 @@ A run has one budget scope; a nested run given a budget of its own (`run_strateg
 scope. Spending is charged to a scope and all its ancestors; a call may start only if no scope in the chain is
 spent. The scope whose limit stopped a call, and every scope between it and the caller, remember that they ran out
 (so a run reports `budget_exhausted` exactly when its own budget, or one around it, stopped something).
+
+Tokens are reserved before a call is sent: its prompt and its max_tokens, so calls running side by side cannot
+together end above the token budget. A call that would not fit gets a max_tokens cut to what is left; one whose
+prompt alone does not fit does not start. The reservation is released when the call ends and its real usage is
+charged.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class BudgetScope:
     usage: Usage = field(default_factory=Usage)
     started: float = field(default_factory=time.monotonic)
     exhausted: bool = False
+    reserved: int = 0  # tokens held by calls in flight (their prompt and max_tokens), not yet charged
 
     def chain(self) -> Iterator[BudgetScope]:
         scope: BudgetScope | None = self
@@ -49,7 +55,7 @@ class BudgetScope:
     def view(self) -> BudgetView:
         now = time.monotonic()
         return BudgetView(
-            tokens=min(s.limits.max_total_tokens - s.usage.total_tokens for s in self.chain()),
+            tokens=min(s.limits.max_total_tokens - s.usage.total_tokens - s.reserved for s in self.chain()),
             calls=min(s.limits.max_calls - s.usage.calls for s in self.chain()),
             seconds=max(0.0, self.deadline - now),
         )
@@ -65,6 +71,29 @@ class BudgetScope:
                 for stopped in passed:
                     stopped.exhausted = True
                 raise BudgetExceeded(reason)
+
+    def reserve(self, prompt_tokens: int, max_tokens: int, n: int = 1) -> int:
+        """Hold tokens for a call of n choices about to be sent: returns the max_tokens it may ask for (at most
+        `max_tokens`, less if only that much is left), or raises BudgetExceeded if not one completion token fits.
+        Pair with `release(prompt_tokens + n * granted)` when the call ends."""
+        self.check()
+        left = min(s.limits.max_total_tokens - s.usage.total_tokens - s.reserved for s in self.chain())
+        granted = min(max_tokens, (left - prompt_tokens) // max(1, n))
+        if granted < 1:
+            tightest = min(self.chain(), key=lambda s: s.limits.max_total_tokens - s.usage.total_tokens - s.reserved)
+            for scope in self.chain():
+                scope.exhausted = True
+                if scope is tightest:
+                    break
+            raise BudgetExceeded(f"token budget of {tightest.limits.max_total_tokens} tokens cannot fit another "
+                                 f"call ({max(0, left)} left, its prompt is ~{prompt_tokens})")
+        for scope in self.chain():
+            scope.reserved += prompt_tokens + n * granted
+        return granted
+
+    def release(self, tokens: int) -> None:
+        for scope in self.chain():
+            scope.reserved -= tokens
 
     def expire(self) -> BudgetExceeded:
         """The wall-time limit cut a call short: mark the scopes whose deadline passed."""

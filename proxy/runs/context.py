@@ -162,17 +162,12 @@ class RunContext:
         loop = asyncio.get_running_loop()
         return loop.time() + (self._scope.budget.deadline - time.monotonic())
 
-    def _starter(self, node: int) -> Callable[[], None]:
-        """Run when a call gets its scheduler slot: the budget is checked again (calls that waited see what the
-        calls before them spent, so the token budget binds) and only calls that really start are counted."""
-        budget, trace = self._scope.budget, self._state.trace
-
-        def start() -> None:
-            budget.check()
-            budget.charge(calls=1)
-            trace.update(node, status="running")
-
-        return start
+    def _prompt_tokens(self, body: Mapping[str, Any]) -> tuple[int, bool]:
+        """The prompt's tokens as the engine reported them for this prompt before, else a character estimate
+        (True: estimated)."""
+        key = _prompt_key(body)
+        known = self._state.prompt_tokens.get(key)
+        return (known, False) if known is not None else (len(key) // 4, True)
 
     async def _in_budget(self, work: Awaitable[T]) -> T:
         """Engine work outside the scheduler (tokenizer, template, verifier, the echo probe) ends at the deadline
@@ -186,7 +181,7 @@ class RunContext:
     async def _call(self, path: str, body: dict[str, Any], n: int, seed: int | None, label: str,
                     keep_tokens: bool, echoed: str = "") -> list[Candidate]:
         """One backend request drawing n choices; budgeted, accounted and traced."""
-        scope, state = self._scope, self._state
+        scope = self._scope
         budget = scope.budget
         budget.check()
         backend = scope.backend
@@ -200,27 +195,40 @@ class RunContext:
         if n > 1 and backend.capabilities.usage_counts_one_choice and backend.capabilities.logprobs:
             body["logprobs"] = True if chat else max(1, int(body.get("logprobs") or 1))
         _ask_token_ids(backend, body)
+        state = self._state
         node = state.trace.add(scope.node, label, "call", endpoint=path, n=n, seed=seed,
                                temperature=body.get("temperature"), max_tokens=body.get("max_tokens"),
                                status="queued")
 
         started = time.monotonic()
+        start = _Start(self, node, body, n)
         try:
-            async with asyncio.timeout_at(self._deadline()):
-                payload = await backend.call_json(path, body, owner=state.owner, cost=n,
-                                                  request_id=state.request_id, on_start=self._starter(node))
-        except TimeoutError as exc:
-            state.trace.update(node, status="timeout", ms=_ms_since(started))
-            raise budget.expire() from exc
-        except BudgetExceeded as exc:
-            state.trace.update(node, status="refused", reason=str(exc))
-            raise
-        except ProxyError as exc:
-            state.trace.update(node, status="error", error=exc.message, ms=_ms_since(started))
-            raise
-        except asyncio.CancelledError:
-            state.trace.update(node, status="cancelled", ms=_ms_since(started))
-            raise
+            try:
+                async with asyncio.timeout_at(self._deadline()):
+                    payload = await backend.call_json(path, body, owner=state.owner, cost=n,
+                                                      request_id=state.request_id, on_start=start)
+            except TimeoutError as exc:
+                state.trace.update(node, status="timeout", ms=_ms_since(started))
+                raise budget.expire() from exc
+            except BudgetExceeded as exc:
+                state.trace.update(node, status="refused", reason=str(exc))
+                raise
+            except ProxyError as exc:
+                state.trace.update(node, status="error", error=exc.message, ms=_ms_since(started))
+                raise
+            except asyncio.CancelledError:
+                state.trace.update(node, status="cancelled", ms=_ms_since(started))
+                raise
+            return await self._account(payload, body, n, seed, label, keep_tokens, echoed, node, started)
+        finally:
+            start.release()  # after the real usage is charged, so no other call sees neither
+
+    async def _account(self, payload: dict[str, Any], body: dict[str, Any], n: int, seed: int | None, label: str,
+                       keep_tokens: bool, echoed: str, node: int, started: float) -> list[Candidate]:
+        """A finished call's choices as candidates, its usage charged and traced."""
+        scope, state = self._scope, self._state
+        backend, budget = scope.backend, scope.budget
+        chat = "messages" in body
         parsed = parse_choices(payload, chat)
         if not parsed:
             state.trace.update(node, status="error", error="no choices")
@@ -406,6 +414,7 @@ class RunContext:
                                temperature=body.get("temperature"), max_tokens=body["max_tokens"], status="queued")
 
         started = time.monotonic()
+        start = _Start(self, node, body, 1)
         reader = TokenReader(backend.capabilities.kind == "llama_cpp")
         usage: dict[str, Any] | None = None
         text_parts: list[str] = []
@@ -415,7 +424,7 @@ class RunContext:
         try:
             async with asyncio.timeout_at(self._deadline()):
                 async with backend.stream(path, body, owner=state.owner, request_id=state.request_id,
-                                          on_start=self._starter(node)) as response:
+                                          on_start=start) as response:
                     async for data in _sse_data(response.aiter_lines()):
                         if isinstance(data.get("usage"), dict):
                             usage = data["usage"]
@@ -462,16 +471,15 @@ class RunContext:
             status = f"cut@{sum(len(p) for p in text_parts)}"
             raise
         finally:
-            key = _prompt_key(body)
+            start.release()
             estimated = False
             if usage is not None and usage.get("prompt_tokens") is not None:
                 prompt_tokens = int(usage["prompt_tokens"])
-                state.prompt_tokens[key] = prompt_tokens
+                state.prompt_tokens[_prompt_key(body)] = prompt_tokens
             elif status.startswith("cut@") or status == "cancelled":
                 # Cut before the engine reported usage: the same prompt's report from another call, else a
                 # character estimate (marked as estimated).
-                prompt_tokens = state.prompt_tokens.get(key, len(key) // 4)
-                estimated = key not in state.prompt_tokens
+                prompt_tokens, estimated = self._prompt_tokens(body)
             else:
                 prompt_tokens = 0
             completion_tokens = int((usage or {}).get("completion_tokens") or tokens) if status == "ok" else tokens
@@ -619,6 +627,33 @@ class RunContext:
             raise
         state.trace.update(node, status="ok", passed=passed)
         return passed
+
+
+class _Start:
+    """Run when a call gets its scheduler slot (`on_start`): the budget is checked again (calls that waited see
+    what the calls before them spent), the call's worst case (prompt + n × max_tokens) is reserved in the token
+    budget, its max_tokens cut to what is left, and only calls that really start are counted."""
+
+    def __init__(self, ctx: RunContext, node: int, body: dict[str, Any], n: int) -> None:
+        self._ctx, self._node, self._body, self._n = ctx, node, body, n
+        self._reserved = 0
+
+    def __call__(self) -> None:
+        budget = self._ctx._scope.budget
+        prompt, _ = self._ctx._prompt_tokens(self._body)
+        asked = int(self._body["max_tokens"])
+        granted = budget.reserve(prompt, asked, self._n)
+        self._reserved = prompt + self._n * granted
+        budget.charge(calls=1)
+        if granted < asked:
+            self._body["max_tokens"] = granted
+        self._ctx._state.trace.update(self._node, status="running",
+                                      **({"max_tokens": granted} if granted < asked else {}))
+
+    def release(self) -> None:
+        if self._reserved:
+            self._ctx._scope.budget.release(self._reserved)
+            self._reserved = 0
 
 
 def _prompt_key(body: Mapping[str, Any]) -> str:

@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -158,22 +158,28 @@ class PoolContext(RunContext):
         return pool
 
     def _serve(self, pool: SamplePool, positions: Sequence[int], min_success: int) -> list[Candidate]:
-        """The samples at these positions, each checked against the budget as the concurrent seeded live calls
-        that would draw them are: calls counted one by one as they start, tokens charged when they are done (so
-        the token check sees what was spent before this call). Stops where the budget does."""
+        """The samples at these positions, each admitted by the budget as the concurrent seeded live calls that
+        would draw them are: counted one by one as they start, each reserving its prompt and max_tokens (its
+        max_tokens cut to what is left, so the sample is cut there too), charged what it spent when all are done.
+        Stops where the budget does."""
         budget = self._scope.budget
+        prompt = round(pool.prompt_tokens_per_sample)
         served: list[Candidate] = []
-        for position in positions:
-            try:
-                budget.check()
-            except BudgetExceeded:
-                if len(served) < min_success:
-                    raise
-                break
-            budget.charge(calls=1)
-            served.append(pool.candidates[position])
-        budget.charge(prompt_tokens=round(pool.prompt_tokens_per_sample * len(served)),
-                      completion_tokens=sum(c.completion_tokens for c in served))
+        reserved = 0
+        try:
+            for position in positions:
+                try:
+                    granted = budget.reserve(prompt, self._scope.sampling.max_tokens, 1)
+                except BudgetExceeded:
+                    if len(served) < min_success:
+                        raise
+                    break
+                reserved += prompt + granted
+                budget.charge(calls=1)
+                served.append(_cut(pool.candidates[position], granted))
+        finally:
+            budget.release(reserved)
+        budget.charge(prompt_tokens=prompt * len(served), completion_tokens=sum(c.completion_tokens for c in served))
         return served
 
     async def generate(self, *, n: int = 1, messages: Sequence[dict[str, Any]] | None = None,
@@ -209,10 +215,11 @@ class PoolContext(RunContext):
             return
         (position,) = self._positions(conversation, 1, index)
         pool = await self._samples(conversation, [position])
-        candidate = pool.candidates[position]
         budget = self._scope.budget
-        budget.check()
+        prompt = round(pool.prompt_tokens_per_sample)
+        granted = budget.reserve(prompt, self._scope.sampling.max_tokens, 1)
         budget.charge(calls=1)
+        candidate = _cut(pool.candidates[position], granted)
         tokens = candidate.tokens or ()
         consumed = 0
         try:
@@ -223,7 +230,17 @@ class PoolContext(RunContext):
             yield StreamEvent("", None, candidate.finish_reason or "stop")
         finally:
             # As live: the prompt, and only what was generated before a trace was pruned mid-stream.
-            budget.charge(prompt_tokens=round(pool.prompt_tokens_per_sample), completion_tokens=consumed)
+            budget.release(prompt + granted)
+            budget.charge(prompt_tokens=prompt, completion_tokens=consumed)
+
+
+def _cut(candidate: Candidate, max_tokens: int) -> Candidate:
+    """The sample as a call with this max_tokens would have drawn it (same seed): its first tokens, cut off."""
+    if candidate.completion_tokens <= max_tokens or not candidate.tokens or len(candidate.tokens) <= max_tokens:
+        return candidate
+    end = candidate.tokens[max_tokens].offset
+    return replace(candidate, text=candidate.text[:end], tokens=candidate.tokens[:max_tokens],
+                   completion_tokens=max_tokens, finish_reason="length")
 
 
 def parse_strategy_string(model_string: str, registry: Mapping[str, type[Strategy]]) -> tuple[StrategySpec, str] | None:
