@@ -86,6 +86,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
     return body
@@ -94,7 +96,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 def _rewrite_model(payload: bytes, model: str) -> bytes:
     try:
         body = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return payload
     if isinstance(body, dict) and "model" in body:
         body["model"] = model

@@ -41,7 +41,7 @@ from .framework import (
     gather_all,
     gather_successes,
 )
-from .scoring import SCORER_NAMES, CheckParams, Scorer, make_scorer, needs_logprobs
+from .scoring import SCORER_NAMES, UNINFORMED, CheckParams, Scorer, make_scorer, needs_logprobs
 from .selection import Pool, select
 
 REFINE_PROMPT = ("Your answer above was scored {score:.2f} out of 1 by a checker. Answers found so far: {others}. "
@@ -348,7 +348,12 @@ class MctsRun:
     async def _score(self, candidate: Candidate, pool: Sequence[Candidate]) -> float:
         if candidate.truncated and not self.params.count_truncated:
             return 0.0  # cut off by max_tokens: no answer yet to score
-        return await self.scorer.score(candidate, pool, ctx=self.ctx)
+        try:
+            return await self.scorer.score(candidate, pool, ctx=self.ctx)
+        except BudgetExceeded:
+            # A scorer that asks the model (the judge) ran out: the answer is kept, unjudged, and the search ends.
+            self.round_budget_exhausted = True
+            return UNINFORMED
 
     def _add(self, parent: int | None, action: str, candidate: Candidate, score: float, depth: int) -> Node:
         node = Node(len(self.nodes), parent, action, candidate, score, depth)

@@ -18,11 +18,12 @@ information".
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from .answers import extract_answer
@@ -256,18 +257,26 @@ class AgreementScorer(PureScorer):
 
 @dataclass(frozen=True)
 class JudgeScorer:
-    """P(yes) from the model (or `judge_model`) for the candidate's extracted answer; needs ctx."""
+    """P(yes) from the model (or `judge_model`) for the candidate's extracted answer; needs ctx. One scorer serves
+    one run: each distinct answer is asked once (the question is asked at temperature 0, so asking again would
+    only spend the budget)."""
 
     judge_model: str | None = None
     name = "judge"
+    answered: dict[str, float] = field(default_factory=dict, compare=False)
+    asking: dict[str, asyncio.Lock] = field(default_factory=dict, compare=False)
 
     async def score(self, candidate: Candidate, pool: Sequence[Candidate], *,
                     ctx: StrategyContext | None = None) -> float:
         if ctx is None:
             raise ValueError("the judge scorer asks the model: it needs a context")
-        judge = Judge(ctx.for_model(self.judge_model) if self.judge_model else ctx)
-        value = await judge.p_yes(extract_answer(candidate.text))
-        return UNINFORMED if value is None else value
+        answer = extract_answer(candidate.text)
+        async with self.asking.setdefault(answer, asyncio.Lock()):  # the same answer's other nodes wait for it
+            if answer not in self.answered:
+                judge = Judge(ctx.for_model(self.judge_model) if self.judge_model else ctx)
+                value = await judge.p_yes(answer)
+                self.answered[answer] = UNINFORMED if value is None else value
+            return self.answered[answer]
 
 
 @dataclass(frozen=True)

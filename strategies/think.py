@@ -25,7 +25,14 @@ from .framework import (
     StrategyParams,
     StrategyResult,
     Token,
+    message_text,
 )
+
+
+# Room kept when budgeting the answer call: the close tag and answer cue appended to its prompt, and the chat
+# template's own tokens around the messages before an engine has reported a prompt's size.
+CUE_TOKENS = 16
+TEMPLATE_TOKENS = 32
 
 
 class ThinkParams(StrategyParams):
@@ -66,21 +73,32 @@ class BudgetForcing(Strategy):
         answer_reserve = params.answer_tokens or ctx.sampling.max_tokens
 
         def room() -> int:
-            """Thinking tokens the next call may spend: never the answer's share of the budget (one call, its
-            prompt and its tokens stay for it; the next thinking call pays a prompt as long too)."""
+            """Thinking tokens the next call may spend, never the answer's share of the budget: a thinking call
+            pays its prompt P and its t tokens, then the answer call pays P + t again as its prompt (the thinking is
+            part of it) and its own tokens, so t ≤ (left − 2P − answer) / 2."""
             left = ctx.budget
             if left.calls <= 1:
                 return 0
-            reserve = answer_reserve + 2 * next_prompt
-            return min(params.max_thinking_tokens - spent, left.tokens - reserve)
+            prompt = next_prompt or estimated_prompt()
+            return min(params.max_thinking_tokens - spent,
+                       (left.tokens - 2 * prompt - answer_reserve - CUE_TOKENS) // 2)
+
+        def estimated_prompt() -> int:
+            # Before any call reported its prompt: characters / 3 (English runs ~4 per token) and the template's
+            # own tokens, so the estimate errs high.
+            text = sum(len(message_text(m)) for m in ctx.messages) + len(thinking)
+            return text // 3 + TEMPLATE_TOKENS
 
         try:
             while True:
                 if room() <= 0:  # thinking wants another call the budget cannot spare
                     budget_exhausted = spent < params.max_thinking_tokens
                     break
-                (step,) = await ctx.continue_prefix(thinking, max_tokens=room(), stop=[params.close_tag],
+                allowed = room()
+                (step,) = await ctx.continue_prefix(thinking, max_tokens=allowed, stop=[params.close_tag],
                                                     label="thinking")
+                if step.finish_reason == "length" and allowed < params.max_thinking_tokens - spent:
+                    budget_exhausted = True  # the budget, not max_thinking_tokens, cut the thinking
                 spent += step.completion_tokens
                 next_prompt = step.prompt_tokens + step.completion_tokens
                 thinking += step.text

@@ -453,3 +453,33 @@ def test_think_returns_the_logprobs_of_its_answer(client, fake):
     content = completion.choices[0].logprobs.content
     assert completion.choices[0].message.content == "It is 42"
     assert "".join(e.token for e in content) == " It is 42" and all(len(e.top_logprobs) == 2 for e in content)
+
+
+@pytest.mark.parametrize("budget", [300, 600])
+def test_think_under_a_token_budget_keeps_room_for_its_answer(client, fake, budget):
+    # Thinking runs to whatever max_tokens it is given; the answer call's prompt holds all of that thinking, so the
+    # thinking may take only about half of what the answer leaves.
+    def script(body):
+        last = body["messages"][-1]["content"]
+        if body["messages"][-1]["role"] == "assistant" and "Final answer" not in last:
+            return FakeReply(texts=[" ".join(["step"] * body["max_tokens"])], finish_reason="length")
+        return FakeReply(texts=[" 42"])
+    fake.script = script
+    completion = client.chat.completions.create(model="think-fake-model", messages=user(), max_tokens=32,
+                                                extra_body={"ttc": {"budget": {"max_total_tokens": budget}}})
+    assert completion.choices[0].message.content.strip() == "42"
+    assert completion.usage.total_tokens <= budget
+    assert completion.choices[0].finish_reason == "length" and completion.ttc["budget_exhausted"] is True
+    assert 0 < completion.ttc["details"]["thinking_tokens"] < budget / 2
+
+
+def test_response_format_never_constrains_a_continued_prefix(client, fake):
+    # A grammar applies to what the engine generates, here a continuation of the thinking: it would force the
+    # thinking itself into JSON. So continuations go without it.
+    fake.script = lambda body: FakeReply(texts=['{"answer": 42}' if body["messages"][-1]["content"].endswith("answer:")
+                                                else "a long enough thought here"])
+    completion = client.chat.completions.create(model="think:min_thinking_tokens=3-fake-model", messages=user(),
+                                                response_format={"type": "json_object"})
+    continued = [r.body for r in fake.chat_requests() if r.body["messages"][-1]["role"] == "assistant"]
+    assert continued and all("response_format" not in body for body in continued)
+    assert completion.choices[0].message.content == '{"answer": 42}'

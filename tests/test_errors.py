@@ -40,6 +40,8 @@ def still_serving(server: ProxyServer, fake: FakeBackend | None = None) -> None:
     (b"[1, 2, 3]", "invalid_body"),
     (b"\"a string\"", "invalid_body"),
     (b"null", "invalid_body"),
+    (b"{\"model\": \"fake-model\", \"messages\": [], \"ttc\": " + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "invalid_json"),  # nested past the parser's recursion limit
 ])
 def test_unparseable_or_non_object_body(proxy, fake, body, code):
     assert_openai_error(chat(proxy, body), 400, code=code)

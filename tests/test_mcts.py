@@ -604,3 +604,26 @@ def test_trace_has_deepen_spans_linked_to_their_parents(client, fake):
     widen_calls = [n for n in nodes if n["label"] == "widen"]
     assert len(widen_calls) == completion.ttc["details"]["widened"]
     assert all(n["parent"] == 0 and n["kind"] == "call" for n in widen_calls)
+
+
+def is_judge(body: dict[str, Any]) -> bool:
+    return str(body["messages"][-1].get("content", "")).endswith("Is the proposed answer correct? Answer yes or no.")
+
+
+def test_the_judge_scorer_asks_once_per_distinct_answer(client, fake):
+    fake.script = lambda body: FakeReply(texts=["yes"] if is_judge(body) else ["The answer is 7."])
+    completion = client.chat.completions.create(model="mcts:score=judge,iterations=2,batch=4-fake-model",
+                                                messages=QUESTION)
+    assert completion.ttc["details"]["nodes"] == 8
+    judged = [b for b in engine_calls(fake) if is_judge(b)]
+    assert len(judged) == 1  # eight nodes, one answer ("7"): one question
+
+
+def test_a_judge_refused_by_the_budget_keeps_the_answers_drawn(client, fake):
+    fake.script = lambda body: FakeReply(texts=["yes"] if is_judge(body) else ["The answer is 7."])
+    completion = client.chat.completions.create(model="mcts:score=judge,iterations=2,batch=4-fake-model",
+                                                messages=QUESTION, extra_body={"ttc": {"budget": {"max_calls": 1}}})
+    # The four answers came in one call (n=4); their judge was refused, so they stand unjudged (score ½).
+    assert completion.ttc["budget_exhausted"] is True and completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content == "The answer is 7."
+    assert [n["score"] for n in completion.ttc["details"]["tree"]] == [0.5] * 4

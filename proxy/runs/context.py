@@ -359,6 +359,9 @@ class RunContext:
         backend = scope.backend
         body = chat_body(scope.model, [*conversation, {"role": "assistant", "content": prefix}], scope.sampling,
                          options, backend.capabilities.max_top_logprobs)
+        # A grammar would constrain the continuation alone, not the reply it ends (raw completions never carry
+        # response_format either); whole answers are checked against it afterwards.
+        body.pop("response_format", None)
         if backend.capabilities.kind == "vllm":
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
