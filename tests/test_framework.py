@@ -510,3 +510,21 @@ def test_scorers_judge_a_derived_answer_by_its_own_tokens():
     assert ConfidenceSpec("logprob").score(derived.answer_tokens) == pytest.approx(2.718281828 ** -2.0)
     plain = Candidate(reply, "stop", 3, tokens)
     assert plain.answer_tokens == tokens  # a plain reply is its own answer
+
+
+# ================================================================ token reservations
+
+
+async def test_a_call_reserves_its_worst_case_and_an_unseen_prompt_counts_the_learned_template(fake_backend, fake):
+    async with context(fake, budget={"max_total_tokens": 100}, max_tokens=16) as ctx:
+        await ctx.generate()  # reports its prompt: 5 fake tokens
+        assert fake.chat_requests()[-1].body["max_tokens"] == 16
+        state = ctx._state
+        assert state.prompt_overhead == 0  # the fake has no template: a report below characters / 4
+        state.learn_prompt("x" * 40, 30)  # an engine whose template adds 20 tokens to 10 characters' worth
+        assert state.prompt_overhead == 20
+        other = [{"role": "user", "content": "Something else entirely, never asked before?"}]
+        left = ctx.budget.tokens
+        await ctx.generate(messages=other, max_tokens=left)  # cut to what is left after its estimated prompt
+        estimated = len(json.dumps(other, sort_keys=True)) // 4 + 20
+        assert fake.chat_requests()[-1].body["max_tokens"] == left - estimated

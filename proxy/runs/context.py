@@ -72,8 +72,15 @@ class RunState:
     emitted: list[str] = field(default_factory=list)
     span_counts: dict[tuple[int, str], int] = field(default_factory=dict)
     rendered: dict[str, str] = field(default_factory=dict)  # render() results, per backend, model and conversation
-    # Prompt tokens the engine reported per prompt, for calls cut before it could report (a pruned stream).
+    # Prompt tokens the engine reported per prompt, for calls cut before it could report (a pruned stream) and for
+    # the budget's reservations; `prompt_overhead`: the most a report exceeded characters / 4 by (the template's own
+    # tokens), added to the estimate of a prompt not seen yet.
     prompt_tokens: dict[str, int] = field(default_factory=dict)
+    prompt_overhead: int = 0
+
+    def learn_prompt(self, key: str, tokens: int) -> None:
+        self.prompt_tokens[key] = tokens
+        self.prompt_overhead = max(self.prompt_overhead, tokens - len(key) // 4)
 
     @property
     def emitted_text(self) -> str:
@@ -165,9 +172,9 @@ class RunContext:
     def _prompt_tokens(self, body: Mapping[str, Any]) -> tuple[int, bool]:
         """The prompt's tokens as the engine reported them for this prompt before, else a character estimate
         (True: estimated)."""
-        key = _prompt_key(body)
+        key = prompt_key(body)
         known = self._state.prompt_tokens.get(key)
-        return (known, False) if known is not None else (len(key) // 4, True)
+        return (known, False) if known is not None else (len(key) // 4 + self._state.prompt_overhead, True)
 
     async def _in_budget(self, work: Awaitable[T]) -> T:
         """Engine work outside the scheduler (tokenizer, template, verifier, the echo probe) ends at the deadline
@@ -235,7 +242,7 @@ class RunContext:
             raise StrategyFailed(f"backend {backend.name} answered without choices")
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        state.prompt_tokens[_prompt_key(body)] = prompt_tokens
+        state.learn_prompt(prompt_key(body), prompt_tokens)
         reported = int(usage.get("completion_tokens") or 0)
         counts = completion_counts(parsed, reported, backend.capabilities.usage_counts_one_choice)
         estimated = counts is None
@@ -478,7 +485,7 @@ class RunContext:
             estimated = False
             if usage is not None and usage.get("prompt_tokens") is not None:
                 prompt_tokens = int(usage["prompt_tokens"])
-                state.prompt_tokens[_prompt_key(body)] = prompt_tokens
+                state.learn_prompt(prompt_key(body), prompt_tokens)
             elif status.startswith("cut@") or status == "cancelled":
                 # Cut before the engine reported usage: the same prompt's report from another call, else a
                 # character estimate (marked as estimated).
@@ -659,7 +666,7 @@ class _Start:
             self._reserved = 0
 
 
-def _prompt_key(body: Mapping[str, Any]) -> str:
+def prompt_key(body: Mapping[str, Any]) -> str:
     return json.dumps(body.get("messages", body.get("prompt")), sort_keys=True)
 
 

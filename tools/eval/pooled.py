@@ -28,7 +28,7 @@ from proxy.config import BackendConfig, CapabilityOverrides, StrategySettings
 from proxy.errors import ProxyError
 from proxy.routing import split_model_name
 from proxy.runs.accounting import BudgetScope
-from proxy.runs.context import RunContext, RunState, Scope
+from proxy.runs.context import RunContext, RunState, Scope, prompt_key
 from proxy.runs.validation import check_budget, check_spec
 from proxy.traces import Trace
 from strategies.framework import (
@@ -164,6 +164,7 @@ class PoolContext(RunContext):
         Stops where the budget does."""
         budget = self._scope.budget
         prompt = round(pool.prompt_tokens_per_sample)
+        self._state.learn_prompt(prompt_key({"messages": pool.conversation}), prompt)  # as its live call would
         served: list[Candidate] = []
         reserved = 0
         try:
@@ -217,6 +218,7 @@ class PoolContext(RunContext):
         pool = await self._samples(conversation, [position])
         budget = self._scope.budget
         prompt = round(pool.prompt_tokens_per_sample)
+        self._state.learn_prompt(prompt_key({"messages": pool.conversation}), prompt)
         granted = budget.reserve(prompt, self._scope.sampling.max_tokens, 1)
         budget.charge(calls=1)
         candidate = _cut(pool.candidates[position], granted)
