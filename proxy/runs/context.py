@@ -82,6 +82,13 @@ class RunState:
         self.prompt_tokens[key] = tokens
         self.prompt_overhead = max(self.prompt_overhead, tokens - len(key) // 4)
 
+    def prompt_size(self, body: Mapping[str, Any]) -> tuple[int, bool]:
+        """A call's prompt tokens as the engine reported them for this prompt before, else a character estimate
+        (True: estimated)."""
+        key = prompt_key(body)
+        known = self.prompt_tokens.get(key)
+        return (known, False) if known is not None else (len(key) // 4 + self.prompt_overhead, True)
+
     @property
     def emitted_text(self) -> str:
         return "".join(self.emitted)
@@ -169,13 +176,6 @@ class RunContext:
         loop = asyncio.get_running_loop()
         return loop.time() + (self._scope.budget.deadline - time.monotonic())
 
-    def _prompt_tokens(self, body: Mapping[str, Any]) -> tuple[int, bool]:
-        """The prompt's tokens as the engine reported them for this prompt before, else a character estimate
-        (True: estimated)."""
-        key = prompt_key(body)
-        known = self._state.prompt_tokens.get(key)
-        return (known, False) if known is not None else (len(key) // 4 + self._state.prompt_overhead, True)
-
     async def _in_budget(self, work: Awaitable[T]) -> T:
         """Engine work outside the scheduler (tokenizer, template, verifier, the echo probe) ends at the deadline
         too."""
@@ -208,7 +208,7 @@ class RunContext:
                                status="queued")
 
         started = time.monotonic()
-        start = _Start(self, node, body, n)
+        start = _Start(budget, state, node, body, n)
         try:
             try:
                 async with asyncio.timeout_at(self._deadline()):
@@ -228,7 +228,7 @@ class RunContext:
                 raise
             return await self._account(payload, body, n, seed, label, keep_tokens, echoed, node, started)
         finally:
-            start.release()  # after the real usage is charged, so no other call sees neither
+            start.release()  # only once the real usage is charged: other calls always see one or the other
 
     async def _account(self, payload: dict[str, Any], body: dict[str, Any], n: int, seed: int | None, label: str,
                        keep_tokens: bool, echoed: str, node: int, started: float) -> list[Candidate]:
@@ -424,7 +424,7 @@ class RunContext:
                                temperature=body.get("temperature"), max_tokens=body["max_tokens"], status="queued")
 
         started = time.monotonic()
-        start = _Start(self, node, body, 1)
+        start = _Start(budget, state, node, body, 1)
         reader = TokenReader(backend.capabilities.kind == "llama_cpp")
         usage: dict[str, Any] | None = None
         text_parts: list[str] = []
@@ -489,7 +489,7 @@ class RunContext:
             elif status.startswith("cut@") or status == "cancelled":
                 # Cut before the engine reported usage: the same prompt's report from another call, else a
                 # character estimate (marked as estimated).
-                prompt_tokens, estimated = self._prompt_tokens(body)
+                prompt_tokens, estimated = state.prompt_size(body)
             else:
                 prompt_tokens = 0
             completion_tokens = int((usage or {}).get("completion_tokens") or tokens) if status == "ok" else tokens
@@ -644,25 +644,24 @@ class _Start:
     what the calls before them spent), the call's worst case (prompt + n × max_tokens) is reserved in the token
     budget, its max_tokens cut to what is left, and only calls that really start are counted."""
 
-    def __init__(self, ctx: RunContext, node: int, body: dict[str, Any], n: int) -> None:
-        self._ctx, self._node, self._body, self._n = ctx, node, body, n
+    def __init__(self, budget: BudgetScope, state: RunState, node: int, body: dict[str, Any], n: int) -> None:
+        self._budget, self._state, self._node, self._body, self._n = budget, state, node, body, n
         self._reserved = 0
 
     def __call__(self) -> None:
-        budget = self._ctx._scope.budget
-        prompt, _ = self._ctx._prompt_tokens(self._body)
+        prompt, _ = self._state.prompt_size(self._body)  # now: a call that ran meanwhile may have reported it
         asked = int(self._body["max_tokens"])
-        granted = budget.reserve(prompt, asked, self._n)
+        granted = self._budget.reserve(prompt, asked, self._n)
         self._reserved = prompt + self._n * granted
-        budget.charge(calls=1)
+        self._budget.charge(calls=1)
         if granted < asked:
             self._body["max_tokens"] = granted
-        self._ctx._state.trace.update(self._node, status="running",
-                                      **({"max_tokens": granted} if granted < asked else {}))
+        self._state.trace.update(self._node, status="running",
+                                 **({"max_tokens": granted} if granted < asked else {}))
 
     def release(self) -> None:
         if self._reserved:
-            self._ctx._scope.budget.release(self._reserved)
+            self._budget.release(self._reserved)
             self._reserved = 0
 
 
