@@ -120,6 +120,8 @@ def test_load_tasks_question_messages_and_limit(tmp_path: Path) -> None:
     # A fixed subset keeps each task's file position: seeds follow it, so the subset draws the whole file's samples.
     half = load_tasks(path, every=2)
     assert [(t.id, t.index) for t in half] == [("a", 0), ("c", 2)]
+    other = load_tasks(path, every=2, start=1)  # the other half
+    assert [(t.id, t.index) for t in other] == [("7", 1)]
     from tools.eval.runner import RunSettings, request_kwargs
 
     assert request_kwargs("m", half[1], RunSettings(seed=10))["seed"] == 12

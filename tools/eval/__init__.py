@@ -83,6 +83,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--every", type=positive_int, default=1, metavar="N",
                         help="every N-th task of the file, from the first (a fixed subset; seeds follow the file "
                              "position, so the subset's samples are the whole file's)")
+    parser.add_argument("--start", type=int, default=0, metavar="K",
+                        help="begin at the file's K-th task, 0-based (default 0): --every 2 is one half of the "
+                             "file, --every 2 --start 1 the other")
     parser.add_argument("--concurrency", type=positive_int, default=4,
                         help="requests in flight at once (default 4); model strings run one after another")
     parser.add_argument("--timeout", type=positive_float, default=300.0,
@@ -136,7 +139,7 @@ def eval_command(args: argparse.Namespace) -> int:
             raise EvalError(f"--budget names model strings not in --models: {unknown}")
         if args.proxy and args.backend:
             raise EvalError("--backend configures the in-process proxy; it cannot be used with --proxy")
-        tasks = load_tasks(args.tasks, args.limit, args.every)
+        tasks = load_tasks(args.tasks, args.limit, args.every, args.start)
     except EvalError as exc:
         print(f"ttc-proxy eval: {exc}", file=sys.stderr)
         return 2

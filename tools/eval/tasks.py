@@ -63,9 +63,10 @@ def parse_task(raw: Any, where: str) -> Task:
     return Task(str(task_id), messages, answer_text, check)
 
 
-def load_tasks(path: str | Path, limit: int | None = None, every: int = 1) -> list[Task]:
-    """The tasks of a JSON Lines file (blank lines skipped): every `every`-th one from the first (a fixed,
-    type-stratified subset when the file is grouped by type), the first `limit` of those when given."""
+def load_tasks(path: str | Path, limit: int | None = None, every: int = 1, start: int = 0) -> list[Task]:
+    """The tasks of a JSON Lines file (blank lines skipped): every `every`-th one from task `start` (a fixed,
+    type-stratified subset when the file is grouped by type: `every=2` is one half, `every=2, start=1` the other),
+    the first `limit` of those when given."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -88,7 +89,7 @@ def load_tasks(path: str | Path, limit: int | None = None, every: int = 1) -> li
         if task.id in seen:
             raise EvalError(f"{where}: duplicate task id {task.id!r}")
         seen.add(task.id)
-        if index % every == 0:
+        if index >= start and (index - start) % every == 0:
             tasks.append(task)
     if not tasks:
         raise EvalError(f"{path}: no tasks")
