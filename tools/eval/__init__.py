@@ -29,7 +29,7 @@ from strategies.framework import Strategy
 from ..argtypes import positive_float, positive_int
 from .report import render_table, write_csv, write_json, write_plot
 from .pooled import parse_strategy_string
-from .runner import Progress, Record, RunSettings, proxy_endpoint, run_eval, run_pooled
+from .runner import Progress, Record, RunSettings, add_engine_arguments, proxy_endpoint, run_eval, run_pooled
 from .stats import ACCURACY_METHOD, DIFF_METHOD, summarise_all
 from .tasks import EvalError, Task, load_tasks
 
@@ -67,14 +67,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", required=True, metavar="MODEL",
                         help="model strings to compare, e.g. smollm2 sc:n=8-smollm2 'bon:n=8-smollm2'")
     parser.add_argument("--baseline", help="the model string the others are compared with (default: the first)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--proxy", metavar="URL", help="a running proxy, e.g. http://127.0.0.1:8000 "
-                                                      "(default: start one in-process)")
-    where.add_argument("--config", help="in-process proxy: config file (default: ./config.yaml if present, "
-                                        "else the embedded local engine)")
-    parser.add_argument("--backend", metavar="URL", help="in-process proxy: an OpenAI-compatible engine's base URL")
-    parser.add_argument("--api-key", help="the proxy's API key (default: the in-process config's first key, "
-                                          "else 'unused')")
+    add_engine_arguments(parser)
     parser.add_argument("--max-tokens", type=positive_int, default=48, help="max_tokens per request (default 48)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: not sent)")
     parser.add_argument("--seed", type=int, help="task i (0-based, file order) is sent with seed SEED+i, the same "
@@ -137,8 +130,6 @@ def eval_command(args: argparse.Namespace) -> int:
         unknown = [m for m, _ in args.budget if m not in models]
         if unknown:
             raise EvalError(f"--budget names model strings not in --models: {unknown}")
-        if args.proxy and args.backend:
-            raise EvalError("--backend configures the in-process proxy; it cannot be used with --proxy")
         tasks = load_tasks(args.tasks, args.limit, args.every, args.start)
     except EvalError as exc:
         print(f"ttc-proxy eval: {exc}", file=sys.stderr)

@@ -326,9 +326,23 @@ def proxy_base_url(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the proxy a tool talks through (`proxy_endpoint` reads them): eval, pts, calibrate."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--proxy", metavar="URL", help="a running proxy, e.g. http://127.0.0.1:8000 "
+                                                      "(default: start one in-process)")
+    where.add_argument("--config", help="in-process proxy: config file (default: ./config.yaml if present, "
+                                        "else the embedded local engine)")
+    parser.add_argument("--backend", metavar="URL", help="in-process proxy: an OpenAI-compatible engine's base URL")
+    parser.add_argument("--api-key", help="the proxy's API key (default: the in-process config's first key, "
+                                          "else 'unused')")
+
+
 @contextmanager
 def proxy_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """(base URL, API key) of the proxy to evaluate through: --proxy, else one started in-process."""
+    if args.proxy and args.backend:
+        raise EvalError("--backend configures the in-process proxy; it cannot be used with --proxy")
     if args.proxy:
         yield proxy_base_url(args.proxy), args.api_key or "unused"
         return
