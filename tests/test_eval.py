@@ -202,7 +202,7 @@ def test_progress_redraws_one_line() -> None:
     progress = Progress(3, stream=stream, min_interval=0.0)
     progress.start("m")
     for error in (None, "HTTP 500", None):
-        progress.advance(Record("t", "m", False, None, None, None, None, 1.0, error=error))
+        progress.advance(error is None)
     progress.close()
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n") and text.startswith("\r")

@@ -116,11 +116,13 @@ async def ask(client: Any, model: str, task: Task, settings: RunSettings) -> Rec
 
 
 class Progress:
-    """One line on stderr, redrawn with \\r: a bar, done/total, errors, elapsed seconds, the current model."""
+    """One line on stderr, redrawn with \\r: the command's name, a bar, done/total, errors, elapsed seconds, the
+    current model (for eval, pts and calibrate)."""
 
     def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True,
-                 min_interval: float | None = None) -> None:
+                 min_interval: float | None = None, name: str = "eval") -> None:
         self.total = total
+        self.name = name
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         if min_interval is None:  # a terminal redraws cheaply; a log file keeps every redraw
@@ -135,7 +137,7 @@ class Progress:
 
     def line(self) -> str:
         filled = int(24 * self.done / self.total) if self.total else 24
-        return (f"eval [{'#' * filled}{'.' * (24 - filled)}] {self.done}/{self.total}  errors {self.errors}  "
+        return (f"{self.name} [{'#' * filled}{'.' * (24 - filled)}] {self.done}/{self.total}  errors {self.errors}  "
                 f"{time.monotonic() - self.started:.1f} s  {self.label}")
 
     def draw(self, force: bool = False) -> None:
@@ -152,9 +154,10 @@ class Progress:
         self.label = label
         self.draw(force=True)
 
-    def advance(self, record: Record) -> None:
+    def advance(self, ok: bool = True) -> None:
+        """One item done (`ok`: without an error)."""
         self.done += 1
-        self.errors += 0 if record.answered else 1
+        self.errors += 0 if ok else 1
         self.draw(force=self.done == self.total)
 
     def close(self) -> None:
@@ -173,7 +176,7 @@ async def run_model(client: Any, model: str, tasks: Sequence[Task], settings: Ru
     async def one(index: int, task: Task) -> Record:
         async with gate:
             record = await ask(client, model, task, settings)
-        progress.advance(record)
+        progress.advance(record.answered)
         return record
 
     return list(await asyncio.gather(*(one(i, task) for i, task in enumerate(tasks))))
@@ -236,7 +239,7 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
                                 ttc={"details": outcome.details, "pooled": True, "live_calls": outcome.live_calls,
                                      "budget_exhausted": outcome.budget_exhausted})
             results[model][index] = record
-            progress.advance(record)
+            progress.advance(record.answered)
         for label, k in oracles.items():
             base, task_pools = next(iter(pools.items()))
             try:
