@@ -250,13 +250,13 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
-        checked = check_spec(route.spec, state.registry, state.config.strategies)
+        checked = check_spec(route.spec, state.registry, state.config.strategies, model=route.model)
         strategy, params = checked[0]
         check_strategy_request(strategy, parsed, body)
         for level, level_params in checked:
             check_capabilities(level, backend, level_params)
             check_references(level, level_params, state.config.verifiers,
-                             lambda model: state.backend_for(Route(None, model)))
+                             lambda model: state.backend_for(Route(None, model)), state.config.pivots)
         job = StrategyRequest(
             spec=route.spec,
             strategy=strategy,
@@ -272,7 +272,8 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         check_engine_fields(backend, set(sampling_of(parsed, body, state.config.strategies).extra))
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
                           backend_for=lambda model: state.backend_for(Route(None, model)),
-                          verifiers=state.verifiers)
+                          verifiers=state.verifiers,
+                          pivot_sets={name: pivots.records for name, pivots in state.config.pivots.items()})
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

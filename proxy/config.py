@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +108,30 @@ class StrategySettings(StrictModel):
     max_iterations: int = Field(default=64, ge=1)
     budget: Budget = Field(default_factory=Budget)
     defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Per-model parameter defaults measured by `ttc-proxy calibrate` (model -> file; a relative path is read from
+    # the config file's folder). They override `defaults` for that model; a request's own parameters win.
+    calibration: dict[str, str] = Field(default_factory=dict)
+    calibrated: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="after")
+    def _read_calibration(self) -> "StrategySettings":
+        for model, path in self.calibration.items():
+            if model in self.calibrated:
+                continue
+            try:
+                record = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"strategies.calibration.{model}: cannot read {path}: {exc}") from exc
+            defaults = record.get("defaults") if isinstance(record, dict) else None
+            if not isinstance(defaults, dict) or not all(isinstance(v, dict) for v in defaults.values()):
+                raise ValueError(f"strategies.calibration.{model}: {path} has no 'defaults' object of "
+                                 f"per-strategy parameters (write it with `ttc-proxy calibrate`)")
+            self.calibrated[model] = defaults
+        return self
+
+    def defaults_for(self, slug: str, model: str | None) -> dict[str, Any]:
+        """A strategy's configured parameter defaults for a model: the global ones, then the model's measured ones."""
+        return {**self.defaults.get(slug, {}), **(self.calibrated.get(model, {}).get(slug, {}) if model else {})}
 
 
 class Alias(StrictModel):
@@ -123,6 +148,37 @@ class VerifierEndpoint(StrictModel):
     url: str
     timeout: float = Field(default=10.0, gt=0)
     api_key_env: str | None = None
+
+
+class PivotSet(StrictModel):
+    """A pivotal-token dataset (the JSONL `ttc-proxy pts` writes, codelion/pts's record format) that
+    `pts:pivots=NAME` applies while decoding. Read once, when the config is loaded."""
+
+    path: str
+    records: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
+
+    @model_validator(mode="after")
+    def _read(self) -> "PivotSet":
+        if self.records:
+            return self
+        try:
+            lines = Path(self.path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read {self.path}: {exc}") from exc
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{self.path}:{number}: not JSON: {exc}") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("pivot_context"), str) \
+                    or not isinstance(record.get("pivot_token"), str) \
+                    or not isinstance(record.get("prob_delta"), (int, float)):
+                raise ValueError(f"{self.path}:{number}: a pivotal-token record needs pivot_context, pivot_token "
+                                 f"and prob_delta")
+            self.records.append(record)
+        return self
 
 
 class ServerSettings(StrictModel):
@@ -146,6 +202,7 @@ class ProxyConfig(StrictModel):
     strategies: StrategySettings = Field(default_factory=StrategySettings)
     aliases: dict[str, Alias] = Field(default_factory=dict)
     verifiers: dict[str, VerifierEndpoint] = Field(default_factory=dict)
+    pivots: dict[str, PivotSet] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_backend_names(self) -> "ProxyConfig":
@@ -165,9 +222,23 @@ class ConfigError(Exception):
 def load_config(path: str | Path) -> ProxyConfig:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(raw, dict):
+            _files_beside(raw, Path(path).resolve().parent)
         return ProxyConfig.model_validate(raw)
     except (OSError, yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _files_beside(raw: dict[str, Any], folder: Path) -> None:
+    """Relative paths of files the config names (calibrations, pivot sets) are read from the config's folder,
+    not from wherever the proxy was started."""
+    calibration = (raw.get("strategies") or {}).get("calibration")
+    if isinstance(calibration, dict):
+        raw["strategies"]["calibration"] = {m: str(folder / p) if isinstance(p, str) else p
+                                            for m, p in calibration.items()}
+    for pivot_set in (raw.get("pivots") or {}).values():
+        if isinstance(pivot_set, dict) and isinstance(pivot_set.get("path"), str):
+            pivot_set["path"] = str(folder / pivot_set["path"])
 
 
 DEFAULT_CONFIG = Path("config.yaml")

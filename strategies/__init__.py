@@ -10,12 +10,15 @@ from .bon import BestOfN
 from .cot import ChainOfThought
 from .deepconf import DeepConf
 from .deepthink import DeepThink
+from .entropy import EntropySampling
 from .framework import Strategy
 from .mcts import Mcts
+from .pts import PivotalTokenSearch
 from .sc import SelfConsistency
 from .think import BudgetForcing
 
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
     {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
-                                              ChainOfThought)}
+                                              ChainOfThought, EntropySampling,
+                                              PivotalTokenSearch)}
 )

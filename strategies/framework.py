@@ -409,6 +409,11 @@ class StrategyContext(Protocol):
         """Ask a verifier configured by name (outside the strategy: an HTTP check) whether a candidate is right."""
         ...
 
+    def pivots(self, name: str) -> Sequence[Mapping[str, Any]]:
+        """A pivotal-token dataset configured by name (`pivots:` in config): codelion/pts records with at least
+        pivot_context, pivot_token, prob_delta (and pivot_token_id, is_positive when known)."""
+        ...
+
     def for_model(self, model: str) -> StrategyContext:
         """This run (same budget, accounting, trace and progress) talking to another model, served by any
         configured backend; e.g. a judge that is not the model being sampled."""
@@ -454,7 +459,7 @@ class Strategy(ABC):
     @classmethod
     def references(cls, params: StrategyParams) -> Mapping[str, Sequence[str]]:
         """Configured things these parameters name, checked before the run starts: {"verifiers": [names],
-        "models": [model names]} (an HTTP verifier, a judge model)."""
+        "models": [model names], "pivots": [pivot set names]} (an HTTP verifier, a judge model, a pivot set)."""
         return {}
 
     @classmethod

@@ -283,16 +283,24 @@ class Backend:
     # ---- engine endpoints beside the OpenAI API (tokenizer, chat template) ----
 
     async def _engine_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A small POST to an engine endpoint (no generation, so no scheduler slot); errors as ProxyErrors."""
-        try:
-            async with self.client.post(f"{self.root_url}{path}", json=body, headers=self._headers,
-                                        timeout=self.timeout) as response:
-                raw = await response.read()
-                status = response.status
-        except TimeoutError as exc:
-            raise BackendTimeout(f"backend {self.name} timed out on {path}") from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
+        """A small POST to an engine endpoint (no generation, so no scheduler slot); errors as ProxyErrors.
+        Idempotent, so a stale pooled connection is retried once on a fresh one."""
+        for attempt in range(2):
+            try:
+                async with self.client.post(f"{self.root_url}{path}", json=body, headers=self._headers,
+                                            timeout=self.timeout) as response:
+                    raw = await response.read()
+                    status = response.status
+                break
+            except TimeoutError as exc:
+                raise BackendTimeout(f"backend {self.name} timed out on {path}") from exc
+            except _STALE_CONNECTION as exc:
+                if attempt == 0:
+                    log.debug("backend %s: stale pooled connection on %s (%r); retrying once", self.name, path, exc)
+                    continue
+                raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
+            except aiohttp.ClientError as exc:
+                raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
         try:
             payload = json.loads(raw)
         except ValueError:

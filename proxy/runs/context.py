@@ -64,6 +64,7 @@ class RunState:
     registry: Mapping[str, type[Strategy]]
     trace: Trace
     verifiers: VerifierClient | None = None
+    pivot_sets: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # config `pivots:`, by name
     # Resolves another model name to the backend serving it (None: only this run's backend is reachable).
     backend_for: Callable[[str], Backend] | None = None
     progress_sink: TextSink | None = None
@@ -567,7 +568,8 @@ class RunContext:
         elif params:
             spec = replace(spec, params={**spec.params, **params})
         scope, state = self._scope, self._state
-        checked = check_spec(spec, state.registry, state.settings, depth=scope.depth, fan_out=scope.fan_out)
+        checked = check_spec(spec, state.registry, state.settings, depth=scope.depth, fan_out=scope.fan_out,
+                             model=scope.model)
         for strategy_class, strategy_params in checked:
             check_capabilities(strategy_class, scope.backend, strategy_params)
         strategy, strategy_params = checked[0]
@@ -623,6 +625,14 @@ class RunContext:
 
     def note(self, key: str, value: Any) -> None:
         self._state.trace.nodes[self._scope.node].setdefault("notes", {})[key] = value
+
+    def pivots(self, name: str) -> Sequence[Mapping[str, Any]]:
+        records = self._state.pivot_sets.get(name)
+        if records is None:
+            known = ", ".join(sorted(self._state.pivot_sets)) or "none configured"
+            raise InvalidRequest(f"unknown pivot set {name!r}; configured pivot sets: {known}", param="ttc.params",
+                                 code="unknown_pivots")
+        return records
 
     async def verify(self, verifier: str, candidate: str, answer: str) -> bool:
         state = self._state

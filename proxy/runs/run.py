@@ -8,7 +8,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,14 +121,16 @@ class StrategyRun:
     def __init__(self, job: StrategyRequest, settings: StrategySettings,
                  registry: Mapping[str, type[Strategy]], traces: TraceStore,
                  backend_for: Callable[[str], Backend] | None = None,
-                 verifiers: VerifierClient | None = None) -> None:
+                 verifiers: VerifierClient | None = None,
+                 pivot_sets: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> None:
         self.job = job
         self.id = f"chatcmpl-ttc-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.trace = Trace(job.strategy.slug)
         traces.add(self.trace)
         self.state = RunState(owner=job.request_id, request_id=job.request_id, settings=settings,
-                              registry=registry, trace=self.trace, verifiers=verifiers, backend_for=backend_for)
+                              registry=registry, trace=self.trace, verifiers=verifiers, backend_for=backend_for,
+                              pivot_sets=pivot_sets or {})
         self.budget = BudgetScope(job.budget)
         self.scope = Scope(
             backend=job.backend, model=job.backend_model,

@@ -23,9 +23,11 @@ def strategy_of(slug: str, registry: Mapping[str, type[Strategy]]) -> type[Strat
     return strategy
 
 
-def check_params(strategy: type[Strategy], raw: Mapping[str, Any], settings: StrategySettings) -> StrategyParams:
-    """Validate a strategy's parameters (merged with configured defaults) and their configured maxima."""
-    merged = {**settings.defaults.get(strategy.slug, {}), **raw}
+def check_params(strategy: type[Strategy], raw: Mapping[str, Any], settings: StrategySettings,
+                 model: str | None = None) -> StrategyParams:
+    """Validate a strategy's parameters (merged with the configured defaults, the model's calibrated ones over
+    them) and their configured maxima."""
+    merged = {**settings.defaults_for(strategy.slug, model), **raw}
     try:
         params = strategy.Params.model_validate(merged)
     except ValidationError as exc:
@@ -53,7 +55,7 @@ def check_params(strategy: type[Strategy], raw: Mapping[str, Any], settings: Str
 
 
 def check_spec(spec: StrategySpec, registry: Mapping[str, type[Strategy]], settings: StrategySettings, *,
-               depth: int = 0, fan_out: int = 1) -> list[tuple[type[Strategy], StrategyParams]]:
+               depth: int = 0, fan_out: int = 1, model: str | None = None) -> list[tuple[type[Strategy], StrategyParams]]:
     """Every strategy of a composition, checked: known, valid parameters, able to run over the next one, at most
     MAX_COMPOSITION_DEPTH deep (counting the `depth` runs around it), and the product of fan-outs (with the
     `fan_out` of the runs around it) within strategies.max_samples. Outermost first."""
@@ -65,7 +67,7 @@ def check_spec(spec: StrategySpec, registry: Mapping[str, type[Strategy]], setti
             param="model", code="composition_too_deep")
     for i, level in enumerate(chain):
         strategy = strategy_of(level.slug, registry)
-        params = check_params(strategy, level.params, settings)
+        params = check_params(strategy, level.params, settings, model)
         if level.over is not None and not strategy.composable:
             composable = ", ".join(sorted(s for s, c in registry.items() if c.composable))
             raise InvalidRequest(
@@ -120,9 +122,14 @@ def check_engine_fields(backend: Backend, fields: set[str], where: str = "the re
 
 
 def check_references(strategy: type[Strategy], params: StrategyParams, verifiers: Mapping[str, Any],
-                     backend_for: Callable[[str], Backend]) -> None:
-    """The verifiers and models the parameters name exist (a 400 before anything is sent)."""
+                     backend_for: Callable[[str], Backend], pivot_sets: Mapping[str, Any] | None = None) -> None:
+    """The verifiers, models and pivot sets the parameters name exist (a 400 before anything is sent)."""
     named = strategy.references(params)
+    for name in named.get("pivots", ()):
+        if name not in (pivot_sets or {}):
+            known = ", ".join(sorted(pivot_sets or {})) or "none configured"
+            raise InvalidRequest(f"strategy {strategy.slug!r}: unknown pivot set {name!r}; configured pivot sets "
+                                 f"(`pivots:` in config): {known}", param="ttc.params", code="unknown_pivots")
     for name in named.get("verifiers", ()):
         if name not in verifiers:
             known = ", ".join(sorted(verifiers)) or "none configured"
