@@ -27,7 +27,15 @@ from .errors import (
     ProxyError,
     Unauthorized,
 )
-from .protocol import ChatCompletionRequest, CompletionRequest, validate_request
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    validate_request,
+)
 from .registry import load_registry
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
@@ -224,13 +232,65 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     async def completions(request: Request) -> Response:
         return await _serve(request, "/completions", CompletionRequest)
 
+    async def tokenize(request: Request) -> Response:
+        return await _tokenizer(request, detokenize=False)
+
+    async def detokenize(request: Request) -> Response:
+        return await _tokenizer(request, detokenize=True)
+
     # Plain Starlette routes: the handlers read raw requests, so FastAPI's per-request machinery is not needed.
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
+    for prefix in ("", "/v1"):  # at the root as vLLM serves them, and beside the OpenAI API for SDK base URLs
+        app.add_route(f"{prefix}/tokenize", tokenize, methods=["POST"])
+        app.add_route(f"{prefix}/detokenize", detokenize, methods=["POST"])
     return app
+
+
+def _tokenizer_backend(state: ProxyState, model: str, needs: tuple[str, ...]) -> tuple[Backend, str]:
+    """The backend serving a plain model name (a strategy name is a 400) and the model's name there, if the backend
+    offers `needs`."""
+    route = resolve_route(model, None, state.config, state.registry)
+    if route.spec is not None:
+        raise InvalidRequest(f"model {model!r} runs strategy {route.spec.slug!r}; tokenizing takes a plain model name",
+                             param="model", code="invalid_model")
+    backend = state.backend_for(route)
+    missing = [c for c in needs if not backend.capabilities.supports(c)]
+    if missing:
+        raise InvalidRequest(
+            f"backend {backend.name!r} ({backend.capabilities.kind}) does not offer {', '.join(missing)}; set its "
+            f"capabilities in config.yaml if it does", param="model", code="backend_capability_missing")
+    return backend, route.model
+
+
+async def _tokenizer(request: Request, *, detokenize: bool) -> Response:
+    """POST /tokenize and /detokenize (vLLM's shapes), routed by model like the completions endpoints. Engine
+    utility calls, not generation: they take no scheduler slot."""
+    state: ProxyState = request.app.state.proxy
+    try:
+        state.authorize(request.headers)
+        body = parse_json_object(await request.body())
+        if detokenize:
+            parsed = validate_request(DetokenizeRequest, body)
+            backend, model = _tokenizer_backend(state, parsed.model, ("tokenize",))
+            text = await backend.detokenize(model, parsed.tokens)
+            return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+        parsed = validate_request(TokenizeRequest, body)
+        messages = parsed.messages
+        backend, model = _tokenizer_backend(state, parsed.model, ("tokenize",) if messages is None
+                                            else ("tokenize", "render"))
+        text = parsed.prompt
+        if messages is not None:
+            text = await backend.render(model, [m.model_dump(exclude_none=True) for m in messages],
+                                        parsed.add_generation_prompt)
+        assert text is not None
+        ids = await backend.tokenize(model, text)
+        return JSONResponse(TokenizeResponse(tokens=ids, count=len(ids)).model_dump())
+    except ProxyError as exc:
+        return error_response(exc)
 
 
 async def _serve(request: Request, path: str, schema: type[Any]) -> Response:

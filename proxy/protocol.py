@@ -3,9 +3,9 @@ extras); responses the proxy makes itself carry the `ttc` object as a vendor ext
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from .errors import InvalidRequest
 
@@ -53,6 +53,39 @@ class CompletionRequest(OpenAIModel):
     n: int | None = Field(default=None, ge=1, le=128)
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+# ---------------------------------------------------------------- model-routed utilities (vLLM's shapes)
+
+
+class TokenizeRequest(OpenAIModel):
+    """`{model, prompt}` or `{model, messages, add_generation_prompt}`: the messages are rendered with the backend's
+    chat template first. Special-token text in the prompt is parsed; no BOS is added."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give 'prompt' (a string) or 'messages' (a non-empty list), exactly one of them")
+        return self
+
+
+class TokenizeResponse(OpenAIModel):
+    tokens: list[int]
+    count: int
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str
 
 
 # ---------------------------------------------------------------- responses the proxy makes (strategy runs)
