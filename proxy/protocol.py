@@ -110,10 +110,15 @@ class CompletionTokensDetails(OpenAIModel):
     reasoning_tokens: int = 0
 
 
+class PromptTokensDetails(OpenAIModel):
+    cached_tokens: int = 0  # served from the engine's prefix cache, summed over a strategy's calls
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: CompletionTokensDetails | None = None
 
 

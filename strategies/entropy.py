@@ -182,9 +182,12 @@ class EntropyPolicy:
                       tokens=(drawn_token,) if len(ids) == 1 else ())
 
     async def _choose(self, branches: list[Branch]) -> int:
+        """The best-scoring branch; one cut off by max_tokens has not reached its answer, so it competes only when
+        no branch finished (as in sc and bon)."""
         candidates = [b.as_candidate("") for b in branches]
         scores = [await self.scorer.score(c, candidates, ctx=self.ctx) for c in candidates]
-        best = max(range(len(branches)), key=lambda i: scores[i])
+        finished = [i for i, c in enumerate(candidates) if not c.truncated] or list(range(len(candidates)))
+        best = max(finished, key=lambda i: scores[i])
         await self.ctx.progress("branches: " + ", ".join(
             f"{b.alternative.text!r}…{b.text[len(b.alternative.text):][:24]!r} {s:.3f}"
             for b, s in zip(branches, scores)) + f"; kept {branches[best].alternative.text!r}")

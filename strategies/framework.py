@@ -208,6 +208,7 @@ class Usage:
     completion_tokens: int = 0
     calls: int = 0
     estimated: bool = False  # some completion tokens were counted by us, not reported by the engine
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the engine reported serving from its prefix cache
 
     @property
     def total_tokens(self) -> int:

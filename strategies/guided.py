@@ -17,6 +17,7 @@ what the client has already been sent; strategies (entropy, pts, pivots) supply 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -202,9 +203,31 @@ class GuidedDecoder:
                                          policy: Policy) -> tuple[Insert | None, Position | None]:
         """Stream from `prefix` (the chat itself when None), keeping tokens until the policy intervenes at one
         (the stream is cut at that token's offset; a fork reads the rest of it as its own branch) or the stream
-        ends. Returns an Insert to make, or None when the reply is finished."""
-        async with aclosing(self._open(prefix)) as events:
-            async for event in events:
+        ends. Returns an Insert to make, or None when the reply is finished.
+
+        The stream is read by its own task into a queue, so it keeps flowing (and frees its engine slot on time)
+        while a policy waits for calls of its own: a policy holding a stream it does not read while its rollouts
+        wait for slots would deadlock an engine with few slots."""
+        queue: asyncio.Queue[StreamEvent | Exception | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async with aclosing(self._open(prefix)) as events:
+                    async for event in events:
+                        queue.put_nowait(event)
+                queue.put_nowait(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the reader below, raised there
+                queue.put_nowait(exc)
+
+        async def next_event() -> StreamEvent | None:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        reader = asyncio.create_task(read())
+        try:
+            while (event := await next_event()) is not None:
                 if event.finish_reason:
                     self.finish_reason = event.finish_reason
                 if event.token is None:
@@ -218,15 +241,20 @@ class GuidedDecoder:
                     decision = None
                 if isinstance(decision, Fork):
                     self._record(decision.action, decision.why, position)
-                    await self._fork(decision, event, events)
+                    await self._fork(decision, event, next_event)
                     return None, position
                 if decision is not None:
-                    return decision, position
+                    return decision, position  # the reader is cancelled below: the cut
                 self._add(event.text, (event.token.id,) if event.token.id is not None else None, event.token)
                 await self._emit(event.text)
-        return None, None
+            return None, None
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
-    async def _fork(self, fork: Fork, event: StreamEvent, events: AsyncIterator[StreamEvent]) -> None:
+    async def _fork(self, fork: Fork, event: StreamEvent,
+                    next_event: Callable[[], Awaitable[StreamEvent | None]]) -> None:
         """Finish every alternative of the fork and keep the chosen branch. The streamed token's branch is the
         rest of the open stream; the others are continued from their exact token-id prefixes, concurrently."""
         assert event.token is not None
@@ -235,7 +263,7 @@ class GuidedDecoder:
 
         async def own() -> Branch:
             text, tokens, finish = event.text, [replace(event.token, offset=0)], None
-            async for later in events:
+            while (later := await next_event()) is not None:
                 finish = later.finish_reason or finish
                 if later.token is not None:
                     tokens.append(replace(later.token, offset=len(text)))
@@ -259,7 +287,6 @@ class GuidedDecoder:
             except Exception as exc:  # noqa: BLE001 - one branch's failure leaves the others
                 return exc
 
-        # The open stream is read in this task (it was opened here); the other branches run beside it.
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(caught(other(i, a))) for i, a in enumerate(fork.alternatives[1:], 1)]
             outcomes = [await caught(own()), *(await asyncio.gather(*tasks))]

@@ -361,3 +361,16 @@ def test_a_certain_reply_is_streamed_once_without_interventions(proxy, fake):
     assert completion.model_extra["ttc"]["details"]["interventions"] == []
     assert completion.model_extra["ttc"]["details"]["regimes"] == {"flowing": 4}
     assert completions(fake) == []
+
+
+def test_prompt_tokens_served_from_the_engine_cache_are_summed_and_reported(client, fake):
+    def script(body: dict[str, Any]) -> FakeReply:
+        if "prompt" in body:
+            return FakeReply(texts=[" is 42."], logprobs_fn=entries({}), cached_tokens=7)
+        return FakeReply(texts=["The answer is 42."], cached_tokens=2,
+                         logprobs_fn=entries({" is": [(" is", math.log(0.05)), *UNIFORM]}))
+
+    fake.script = script
+    completion = client.chat.completions.create(model=f"entropy:{PARAMS}-fake-model", messages=user())
+    assert completion.usage.prompt_tokens_details.cached_tokens == 9  # the first stream's 2, the continuation's 7
+    assert completion.usage.prompt_tokens > 9

@@ -34,6 +34,7 @@ class FakeReply:
     # Per-token logprobs by choice: (choice index, token index, token) -> [(token, logprob), ...], the sampled
     # token first, then its alternatives (truncated to the request's top_logprobs). Overrides token_logprob.
     logprobs_fn: Callable[[int, int, str], list[tuple[str, float]]] | None = None
+    cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens (llama-server does)
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -52,6 +53,10 @@ def _tokens(text: str) -> list[str]:
     if current:
         pieces.append(current)
     return pieces
+
+
+def _cached(reply: FakeReply) -> dict[str, Any]:
+    return {} if reply.cached_tokens is None else {"prompt_tokens_details": {"cached_tokens": reply.cached_tokens}}
 
 
 @dataclass
@@ -315,7 +320,7 @@ class FakeBackend:
             "id": "chatcmpl-fake", "object": "chat.completion" if is_chat else "text_completion",
             "created": int(time.time()), "model": body.get("model", self.model), "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                      "total_tokens": prompt_tokens + completion_tokens, **_cached(reply)},
         }
         await self._send(writer, 200, json.dumps(payload).encode())
         record.finished = True
@@ -395,7 +400,7 @@ class FakeBackend:
         if options.get("include_usage"):
             prompt_tokens = self._prompt_tokens(record.body)
             event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                                                    "total_tokens": prompt_tokens + len(tokens)}})
+                                                    "total_tokens": prompt_tokens + len(tokens), **_cached(reply)}})
         chunk(b"data: [DONE]\n\n")
         chunk(b"")
         await writer.drain()

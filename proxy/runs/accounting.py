@@ -119,12 +119,14 @@ class BudgetScope:
     def usage_attrs(self) -> dict[str, int]:
         """This scope's spending, as trace attributes."""
         return {"calls": self.usage.calls, "prompt_tokens": self.usage.prompt_tokens,
-                "completion_tokens": self.usage.completion_tokens}
+                "completion_tokens": self.usage.completion_tokens,
+                "cached_prompt_tokens": self.usage.cached_prompt_tokens}
 
     def charge(self, *, calls: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
-               estimated: bool = False) -> None:
+               estimated: bool = False, cached_prompt_tokens: int = 0) -> None:
         for scope in self.chain():
             scope.usage.calls += calls
             scope.usage.prompt_tokens += prompt_tokens
+            scope.usage.cached_prompt_tokens += cached_prompt_tokens
             scope.usage.completion_tokens += completion_tokens
             scope.usage.estimated |= estimated

@@ -259,7 +259,8 @@ class RunContext:
             make_candidate(choice, count, seed, label, merges, keep_tokens, echoed, prompt_tokens)
             for choice, count in zip(parsed, counts)
         ]
-        budget.charge(prompt_tokens=prompt_tokens, completion_tokens=sum(counts), estimated=estimated)
+        budget.charge(prompt_tokens=prompt_tokens, completion_tokens=sum(counts), estimated=estimated,
+                      cached_prompt_tokens=cached_prompt_tokens(usage))
         state.trace.update(node, status="ok", ms=_ms_since(started), prompt_tokens=prompt_tokens,
                            completion_tokens=sum(counts),
                            outputs=[c.text[:TRACE_TEXT_LIMIT] for c in candidates])
@@ -495,7 +496,8 @@ class RunContext:
                 prompt_tokens = 0
             completion_tokens = int((usage or {}).get("completion_tokens") or tokens) if status == "ok" else tokens
             if status != "refused":
-                budget.charge(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, estimated=estimated)
+                budget.charge(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, estimated=estimated,
+                              cached_prompt_tokens=cached_prompt_tokens(usage or {}))
             state.trace.update(node, status=status, ms=_ms_since(started), prompt_tokens=prompt_tokens,
                                completion_tokens=completion_tokens,
                                outputs=["".join(text_parts)[:TRACE_TEXT_LIMIT]])
@@ -673,6 +675,14 @@ class _Start:
         if self._reserved:
             self._budget.release(self._reserved)
             self._reserved = 0
+
+
+def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
+    """Prompt tokens the engine says it served from its prefix cache (OpenAI's usage.prompt_tokens_details,
+    which llama-server and vLLM fill too); 0 when it does not say."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and cached > 0 else 0
 
 
 def prompt_key(body: Mapping[str, Any]) -> str:

@@ -37,6 +37,7 @@ from ..protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     CompletionTokensDetails,
+    PromptTokensDetails,
     Delta,
     ResponseMessage,
     TokenLogprob,
@@ -181,6 +182,7 @@ class StrategyRun:
         return UsageInfo(
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens),
             completion_tokens_details=CompletionTokensDetails(
                 reasoning_tokens=max(0, usage.completion_tokens - answer_tokens)),
         )

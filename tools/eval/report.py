@@ -27,7 +27,7 @@ def _pct(value: float, signed: bool = False) -> str:
 
 def render_table(summaries: Sequence[Summary], baseline: str) -> str:
     headers = ["model", "tasks", "accuracy %", "95% CI", "Δ vs baseline (pp)", "95% CI", "prompt tok",
-               "compl tok", "calls", "p50 ms", "p95 ms", "errors"]
+               "cached", "compl tok", "calls", "p50 ms", "p95 ms", "errors"]
     rows = []
     for s in summaries:
         diff = s.diff_vs_baseline
@@ -35,7 +35,8 @@ def render_table(summaries: Sequence[Summary], baseline: str) -> str:
             s.model, str(s.tasks), _pct(s.accuracy.estimate), f"[{_pct(s.accuracy.low)}, {_pct(s.accuracy.high)}]",
             "(baseline)" if diff is None else _pct(diff.estimate, signed=True),
             "" if diff is None else f"[{_pct(diff.low, True)}, {_pct(diff.high, True)}]",
-            _num(s.mean_prompt_tokens), _num(s.mean_completion_tokens), _num(s.mean_backend_calls, 2),
+            _num(s.mean_prompt_tokens), _num(s.mean_cached_tokens), _num(s.mean_completion_tokens),
+            _num(s.mean_backend_calls, 2),
             _num(s.latency_p50_ms, 0), _num(s.latency_p95_ms, 0), str(s.errors),
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -46,8 +47,9 @@ def render_table(summaries: Sequence[Summary], baseline: str) -> str:
     lines = [
         ACCURACY_METHOD,
         f"Δ vs baseline {baseline}: {DIFF_METHOD}, in percentage points",
-        "tokens (from `usage`) and calls (`ttc.backend_calls`, 1 for pass-through) are means per answered task; "
-        "latency percentiles over answered requests",
+        "tokens (from `usage`; `cached`: of the prompt tokens, those the engine served from its prefix cache) and "
+        "calls (`ttc.backend_calls`, 1 for pass-through) are means per answered task; latency percentiles over "
+        "answered requests",
         "",
         fmt(headers),
         fmt(["-" * w for w in widths]),
@@ -70,7 +72,8 @@ def summary_row(s: Summary, baseline: str) -> dict[str, Any]:
         "diff_low": None if diff is None else _clean(diff.low),
         "diff_high": None if diff is None else _clean(diff.high),
         "mean_prompt_tokens": _clean(s.mean_prompt_tokens), "mean_completion_tokens": _clean(s.mean_completion_tokens),
-        "mean_total_tokens": _clean(s.mean_total_tokens), "mean_backend_calls": _clean(s.mean_backend_calls),
+        "mean_total_tokens": _clean(s.mean_total_tokens), "mean_cached_tokens": _clean(s.mean_cached_tokens),
+        "mean_backend_calls": _clean(s.mean_backend_calls),
         "latency_p50_ms": _clean(s.latency_p50_ms), "latency_p95_ms": _clean(s.latency_p95_ms),
     }
 

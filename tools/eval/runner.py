@@ -51,7 +51,14 @@ class Record:
         return self.error is None
 
     def tokens(self, kind: str) -> int | None:
-        value = (self.usage or {}).get(kind)
+        """A usage count: prompt_tokens, completion_tokens, total_tokens, or cached_tokens (of the prompt tokens,
+        those the engine served from its prefix cache; 0 when it does not say)."""
+        usage = self.usage or {}
+        if kind == "cached_tokens":
+            details = usage.get("prompt_tokens_details")
+            value = details.get("cached_tokens") if isinstance(details, dict) else None
+            return value if isinstance(value, int) else (0 if usage else None)
+        value = usage.get(kind)
         return value if isinstance(value, int) else None
 
 

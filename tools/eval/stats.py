@@ -77,6 +77,7 @@ class Summary:
     mean_prompt_tokens: float | None  # per answered task
     mean_completion_tokens: float | None
     mean_total_tokens: float | None
+    mean_cached_tokens: float | None  # of the prompt tokens, served from the engine's prefix cache
     mean_backend_calls: float | None
     latency_p50_ms: float | None  # over answered requests
     latency_p95_ms: float | None
@@ -103,6 +104,7 @@ def summarise(model: str, records: Sequence[Record], baseline: Sequence[Record] 
         mean_prompt_tokens=_mean([r.tokens("prompt_tokens") for r in answered]),
         mean_completion_tokens=_mean([r.tokens("completion_tokens") for r in answered]),
         mean_total_tokens=_mean([r.tokens("total_tokens") for r in answered]),
+        mean_cached_tokens=_mean([r.tokens("cached_tokens") for r in answered]),
         mean_backend_calls=_mean([r.backend_calls for r in answered]),
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
