@@ -297,6 +297,25 @@ def test_eval_against_the_fake(proxy: ProxyServer, fake: FakeBackend, tmp_path: 
         assert (out / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_stream_times_the_first_content_token_and_grades_the_streamed_reply(
+        proxy: ProxyServer, fake: FakeBackend, tmp_path: Path) -> None:
+    fake.script = script
+    tasks = write_tasks(tmp_path / "tasks.jsonl", TASKS)
+    out = tmp_path / "out"
+    assert run_eval(str(tasks), "--models", "fake-model", "sc:n=6-fake-model", "--proxy", proxy.url, "--stream",
+                    "--out", str(out)) == 0
+    document = json.loads((out / "results.json").read_text())
+    summary = {row["model"]: row for row in document["summary"]}
+    assert summary["fake-model"]["correct"] == 2 and summary["sc:n=6-fake-model"]["correct"] == 4  # as unstreamed
+    for row in summary.values():
+        assert 0 < row["ttft_p50_ms"] <= row["latency_p50_ms"]
+    by_key = {(r["model"], r["id"]): r for r in document["records"]}
+    assert by_key[("fake-model", "t4")]["reply"] == "I think 17"
+    assert by_key[("sc:n=6-fake-model", "t4")]["ttc"]["strategy"] == "sc"  # from the last chunk
+    assert by_key[("sc:n=6-fake-model", "t4")]["usage"]["prompt_tokens"] > 0  # from the usage chunk
+    assert all(r.body.get("stream") for r in fake.chat_requests() if "n" not in r.body)
+
+
 def test_eval_sends_seed_per_task_extra_body_and_temperature(proxy: ProxyServer, fake: FakeBackend,
                                                              tmp_path: Path) -> None:
     fake.script = script

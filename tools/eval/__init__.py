@@ -88,6 +88,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--budget", action="append", default=[], metavar="MODEL=JSON", type=_model_budget,
                         help="a ttc.budget for one model string, e.g. 'mcts-smollm2={\"max_total_tokens\": 555}' "
                              "(repeatable)")
+    parser.add_argument("--stream", action="store_true",
+                        help="stream every live request and report the time to its first content token (TTFT)")
     parser.add_argument("--pool", type=positive_int, metavar="N",
                         help="score strategy model strings on one pool of N samples per task (seeded, with "
                              "logprobs), so every strategy sees the same samples; plain model strings run live")
@@ -136,7 +138,7 @@ def eval_command(args: argparse.Namespace) -> int:
         return 2
     settings = RunSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                            timeout=args.timeout, concurrency=args.concurrency, extra_body=args.extra_body,
-                           budgets=dict(args.budget))
+                           budgets=dict(args.budget), stream=args.stream)
     progress = Progress(len(tasks) * len(models), enabled=not args.no_progress)
     started_at = datetime.now(timezone.utc)
     started = time.monotonic()

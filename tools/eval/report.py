@@ -27,7 +27,7 @@ def _pct(value: float, signed: bool = False) -> str:
 
 def render_table(summaries: Sequence[Summary], baseline: str) -> str:
     headers = ["model", "tasks", "accuracy %", "95% CI", "Δ vs baseline (pp)", "95% CI", "prompt tok",
-               "cached", "compl tok", "calls", "p50 ms", "p95 ms", "errors"]
+               "cached", "compl tok", "calls", "p50 ms", "p95 ms", "TTFT p50", "errors"]
     rows = []
     for s in summaries:
         diff = s.diff_vs_baseline
@@ -37,7 +37,7 @@ def render_table(summaries: Sequence[Summary], baseline: str) -> str:
             "" if diff is None else f"[{_pct(diff.low, True)}, {_pct(diff.high, True)}]",
             _num(s.mean_prompt_tokens), _num(s.mean_cached_tokens), _num(s.mean_completion_tokens),
             _num(s.mean_backend_calls, 2),
-            _num(s.latency_p50_ms, 0), _num(s.latency_p95_ms, 0), str(s.errors),
+            _num(s.latency_p50_ms, 0), _num(s.latency_p95_ms, 0), _num(s.ttft_p50_ms, 0), str(s.errors),
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
@@ -75,6 +75,7 @@ def summary_row(s: Summary, baseline: str) -> dict[str, Any]:
         "mean_total_tokens": _clean(s.mean_total_tokens), "mean_cached_tokens": _clean(s.mean_cached_tokens),
         "mean_backend_calls": _clean(s.mean_backend_calls),
         "latency_p50_ms": _clean(s.latency_p50_ms), "latency_p95_ms": _clean(s.latency_p95_ms),
+        "ttft_p50_ms": _clean(s.ttft_p50_ms),
     }
 
 

@@ -28,6 +28,7 @@ class RunSettings:
     concurrency: int = 4
     extra_body: dict[str, Any] = field(default_factory=dict)
     budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # a `ttc.budget` per model string
+    stream: bool = False  # stream each request and time its first content token
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Record:
     error: str | None = None
     seed: int | None = None
     ttc: dict[str, Any] | None = None
+    ttft_ms: float | None = None  # streamed requests: time to the first content token
 
     @property
     def answered(self) -> bool:
@@ -112,6 +114,12 @@ async def ask(client: Any, model: str, task: Task, settings: RunSettings) -> Rec
     seed = kwargs.get("seed")
     started = time.perf_counter()
     try:
+        if settings.stream:
+            body, first = await _streamed(client, kwargs)
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            record = record_from_response(model, task, body, latency_ms, seed)
+            record.ttft_ms = None if first is None else (first - started) * 1000.0
+            return record
         response = await client.chat.completions.create(**kwargs)
         body = response.model_dump()
         latency_ms = (time.perf_counter() - started) * 1000.0
@@ -120,6 +128,25 @@ async def ask(client: Any, model: str, task: Task, settings: RunSettings) -> Rec
         latency_ms = (time.perf_counter() - started) * 1000.0
         return Record(task.id, model, False, None, None, None, None, latency_ms,
                       error=describe_error(exc, settings.timeout), seed=seed)
+
+
+async def _streamed(client: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """A streamed request read to its end: a response body as a non-streamed one would have it (content, usage,
+    the `ttc` object of the last chunk), and when its first content arrived (perf_counter)."""
+    stream = await client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    pieces: list[str] = []
+    first: float | None = None
+    usage: dict[str, Any] | None = None
+    ttc: dict[str, Any] | None = None
+    async for chunk in stream:
+        data = chunk.model_dump()
+        usage = data.get("usage") or usage
+        ttc = data.get("ttc") if isinstance(data.get("ttc"), dict) else ttc
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first or time.perf_counter()
+                pieces.append(choice.delta.content)
+    return {"choices": [{"message": {"content": "".join(pieces)}}], "usage": usage, "ttc": ttc}, first
 
 
 class Progress:

@@ -81,6 +81,7 @@ class Summary:
     mean_backend_calls: float | None
     latency_p50_ms: float | None  # over answered requests
     latency_p95_ms: float | None
+    ttft_p50_ms: float | None = None  # streamed runs: time to the first content token
 
 
 def summarise(model: str, records: Sequence[Record], baseline: Sequence[Record] | None) -> Summary:
@@ -106,6 +107,7 @@ def summarise(model: str, records: Sequence[Record], baseline: Sequence[Record] 
         mean_total_tokens=_mean([r.tokens("total_tokens") for r in answered]),
         mean_cached_tokens=_mean([r.tokens("cached_tokens") for r in answered]),
         mean_backend_calls=_mean([r.backend_calls for r in answered]),
+        ttft_p50_ms=percentile([r.ttft_ms for r in answered if r.ttft_ms is not None], 50),
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
     )
