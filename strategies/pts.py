@@ -46,15 +46,15 @@ class PtsParams(StrategyParams):
     search: bool = Field(default=True, description="search low-confidence positions with rollouts")
     threshold: float = Field(default=0.5, gt=0, le=1, description="search where the top token's probability is "
                                                                   "below this")
-    alternatives: int = Field(default=3, ge=2, le=20, description="alternatives tried per searched position, the "
+    alternatives: int = Field(default=2, ge=2, le=20, description="alternatives tried per searched position, the "
                                                                   "streamed token's included")
     min_alternative_probability: float = Field(default=0.05, ge=0, le=1, description="less likely alternatives "
                                                                                       "are not tried")
-    rollouts: int = Field(default=4, ge=1, description="continuations per alternative")
+    rollouts: int = Field(default=3, ge=1, description="continuations per alternative")
     rollout_tokens: int = Field(default=24, ge=1, description="max tokens per rollout")
     rollout_temperature: float | None = Field(default=None, gt=0, le=2, description="rollout temperature "
                                                                                    "(default 0.8)")
-    max_searches: int = Field(default=2, ge=0, description="searched positions per reply")
+    max_searches: int = Field(default=1, ge=0, description="searched positions per reply")
     verifier: str | None = Field(default=None, description="score rollouts with this configured HTTP verifier "
                                                           "instead of agreement")
     pivots: str | None = Field(default=None, description="a configured pivotal-token set to apply while decoding")

@@ -212,7 +212,7 @@ def entries(logprobs: dict[str, list[tuple[str, float]]]):
 
 
 UNIFORM = [(f"u{j}", math.log(0.05)) for j in range(19)]
-PARAMS = "low_entropy=0.5,high_entropy=2.0,low_varentropy=0.5,high_varentropy=2.5"
+PARAMS = "mapping=entropix,low_entropy=0.5,high_entropy=2.0,low_varentropy=0.5,high_varentropy=2.5"
 
 
 def rendered_ids(fake, text: str) -> list[int]:
@@ -270,6 +270,28 @@ def test_fork_finishes_each_alternative_and_keeps_the_best_scoring_branch(client
     (intervention,) = completion.model_extra["ttc"]["details"]["interventions"]
     assert intervention["action"] == "branch ×2" and intervention["kept"] == " 41"
     assert intervention["offset"] == len("The answer is")
+
+
+def test_the_default_mapping_branches_at_the_first_position_that_is_not_flowing(client, fake):
+    def script(body: dict[str, Any]) -> FakeReply:
+        if "prompt" in body:
+            return FakeReply(texts=[" 40"], logprobs_fn=entries({}))
+        # " answer" is careful (uniform), " is" would be a middle position: the first one branches, nothing after
+        return FakeReply(texts=["The answer is 42"],
+                         logprobs_fn=entries({" answer": [(" answer", math.log(0.05)), *UNIFORM],
+                                              " is": [(" is", math.log(0.5)), (" was", math.log(0.5))]}))
+
+    fake.script = script
+    thresholds = PARAMS.replace("mapping=entropix,", "")
+    completion = client.chat.completions.create(model=f"entropy:{thresholds},branches=3-fake-model",
+                                                messages=user())
+    details = completion.model_extra["ttc"]["details"]
+    (intervention,) = details["interventions"]
+    assert intervention["action"] == "branch ×3" and intervention["token"] == " answer"
+    assert intervention["why"].startswith("careful")
+    assert len(completions(fake)) == 2  # the two other alternatives; the open stream finished its own
+    # the own branch (" answer is 42": ln .05 then three certain tokens) beats "u0 40" (ln .05, one certain token)
+    assert completion.choices[0].message.content == "The answer is 42"
 
 
 def test_a_redraw_that_differs_cuts_and_one_that_agrees_costs_nothing(client, fake):

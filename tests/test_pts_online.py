@@ -39,7 +39,7 @@ def test_search_tries_the_top_alternatives_and_keeps_the_one_whose_rollouts_agre
         return FakeReply(texts={" 42": ["!"], " 41": [""], " 40": [" no, 41"]}[last])
 
     fake.script = script
-    completion = client.chat.completions.create(model="pts:rollouts=4-fake-model", messages=user())
+    completion = client.chat.completions.create(model="pts:rollouts=4,alternatives=3-fake-model", messages=user())
     # majority answer 41 (8 of 12 rollouts): " 41" and " 40" agree fully; " 41" is the likelier token
     assert completion.choices[0].message.content == "The answer is 41."
     calls = completions(fake)
