@@ -41,7 +41,7 @@ from .framework import (
 from .guided import Branch, Decision, Fork, GuidedDecoder, Insert, Position, sample_alternative, same_token, \
     top_alternatives
 from .scoring import make_scorer
-from .uncertainty import DEFAULT_VOCAB_SIZE, Regime, Thresholds, token_uncertainty
+from .uncertainty import DEFAULT_VOCAB_SIZE, Regime, Thresholds, Uncertainty, token_uncertainty
 
 Action = Literal["keep", "pause", "branch", "resample", "adapt"]
 Mapping = Literal["branching", "entropix"]
@@ -153,18 +153,27 @@ class EntropyPolicy:
         self.base = base_temperature
         self.rng = rng
         self.pauses = 0
+        self.decoder: GuidedDecoder | None = None
         self.scorer = make_scorer(params.score, top_k=min(5, params.top_logprobs))
 
-    async def __call__(self, position: Position, decoder: GuidedDecoder) -> Decision:
-        measured = token_uncertainty(position.token, self.params.vocab_size)
+    def _measure(self, token: Token, index: int, offset: int, positions: list[dict[str, Any]],
+                 action: str = "keep") -> tuple[Regime, Uncertainty] | None:
+        measured = token_uncertainty(token, self.params.vocab_size)
         if measured is None:
             return None
         regime = self.thresholds.regime(measured)
+        positions.append({"position": index, "offset": offset, "token": token.text, **measured.as_dict(),
+                          "regime": regime, "action": action})
+        return regime, measured
+
+    async def __call__(self, position: Position, decoder: GuidedDecoder) -> Decision:
+        self.decoder = decoder
+        found = self._measure(position.token, position.index, len(position.text_before), decoder.positions)
+        if found is None:
+            return None
+        regime, measured = found
         action = self.params.action(regime)
-        record: dict[str, Any] = {"position": position.index, "offset": len(position.text_before),
-                                  "token": position.token.text, **measured.as_dict(), "regime": regime,
-                                  "action": "keep"}
-        decoder.positions.append(record)
+        record = decoder.positions[-1]
         if action == "keep" or not decoder.can_intervene:
             return None
         why = f"{regime} (entropy {measured.entropy:.2f}, varentropy {measured.varentropy:.2f})"
@@ -204,6 +213,11 @@ class EntropyPolicy:
         scores = [await self.scorer.score(c, candidates, ctx=self.ctx) for c in candidates]
         finished = [i for i, c in enumerate(candidates) if not c.truncated] or list(range(len(candidates)))
         best = max(finished, key=lambda i: scores[i])
+        if self.decoder is not None:  # the kept branch's positions after the fork, measured (no more actions)
+            fork = self.decoder.positions[-1]
+            for i, token in enumerate(branches[best].tokens[1:], 1):
+                self._measure(token, fork["position"] + i, fork["offset"] + token.offset, self.decoder.positions,
+                              "in kept branch")
         await self.ctx.progress("branches: " + ", ".join(
             f"{b.alternative.text!r}…{b.text[len(b.alternative.text):][:24]!r} {s:.3f}"
             for b, s in zip(branches, scores)) + f"; kept {branches[best].alternative.text!r}")

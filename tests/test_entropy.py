@@ -290,6 +290,8 @@ def test_the_default_mapping_branches_at_the_first_position_that_is_not_flowing(
     assert intervention["action"] == "branch ×3" and intervention["token"] == " answer"
     assert intervention["why"].startswith("careful")
     assert len(completions(fake)) == 2  # the two other alternatives; the open stream finished its own
+    # "The", the fork at " answer", and the kept branch's later positions: " is" (middle) and " 42"
+    assert details["regimes"] == {"flowing": 2, "careful": 1, "middle": 1}
     # the own branch (" answer is 42": ln .05 then three certain tokens) beats "u0 40" (ln .05, one certain token)
     assert completion.choices[0].message.content == "The answer is 42"
 
