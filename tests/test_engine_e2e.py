@@ -273,3 +273,58 @@ def test_deepthink_and_bon_over_cot(client: openai.OpenAI) -> None:
                                               messages=QUESTION, max_tokens=32, seed=9)
     ttc = composed.model_extra["ttc"]
     assert ttc["over"] == "cot" and ttc["backend_calls"] == 3 and composed.choices[0].message.content
+
+
+# ---- offline pivotal-token search (ttc-proxy pts) on the real engine, with hard caps ----
+
+
+def test_tokenize_endpoints_on_the_engine(engine_proxy: ProxyServer) -> None:
+    chat = httpx.post(f"{engine_proxy.url}/v1/tokenize", json={"model": "smollm2", "messages": QUESTION}).json()
+    assert chat["count"] == len(chat["tokens"]) > 5
+    text = httpx.post(f"{engine_proxy.url}/v1/detokenize", json={"model": "smollm2", "tokens": chat["tokens"]}).json()
+    assert text["prompt"].endswith("assistant\n") and QUESTION[0]["content"] in text["prompt"]
+    plain = httpx.post(f"{engine_proxy.url}/tokenize", json={"model": "smollm2", "prompt": text["prompt"]}).json()
+    assert plain["tokens"] == chat["tokens"]  # special-token text is parsed back to the same ids
+
+
+def test_offline_pts_on_the_engine(engine_proxy: ProxyServer, tmp_path) -> None:
+    import json
+
+    from tools import cli
+    from tools.pts.records import PivotalTokenRecord
+
+    tasks = tmp_path / "tasks.jsonl"
+    # Two dev-set questions SmolLM2 gets right about half the time (at 24 tokens).
+    tasks.write_text(
+        '{"id": "mul-1001-1", "question": "What is 3 times 8? Answer with just the number.", "answer": "24", '
+        '"check": "number"}\n'
+        '{"id": "mul-1001-19", "question": "What is 5 times 2? Answer with just the number.", "answer": "10", '
+        '"check": "number"}\n')
+    out = tmp_path / "pivots"
+    # Hard caps: 2 tasks, 4 rollouts per estimate, one reply searched per task, short replies. Every task is
+    # searched (p in [0, 1]).
+    status = cli.main(["pts", str(tasks), "--model", "smollm2", "--proxy", engine_proxy.url, "--out", str(out),
+                       "--rollouts", "4", "--min-p", "0", "--max-p", "1", "--answers-per-task", "1",
+                       "--max-tokens", "24", "--dpo-candidates", "2", "--seed", "3", "--no-progress"])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["tasks_done"], summary["tasks_searched"], summary["tasks_failed"]) == (2, 2, {})
+    assert all(t["samples"] == 4 and t["answers"] == 1 for t in summary["tasks"])
+    # Where the question's p is strictly between 0 and 1, the reply searched (its p is 0 or 1) differs from it by
+    # at least 0.25, so the subdivision measured prefixes beyond the question.
+    assert all(t["estimates"] > 1 for t in summary["tasks"] if 0 < t["p"] < 1)
+    spend = summary["this_run"]["spend"]
+    assert spend["calls"] >= 2 and spend["completion_tokens"] > 0
+    assert spend["cached_prompt_tokens"] is not None  # llama-server says how much of each prompt it had cached
+    lines = (out / "pivotal_tokens.jsonl").read_text().splitlines()
+    assert len(lines) == summary["pivots"]
+    for line in lines:
+        record = PivotalTokenRecord.from_dict(json.loads(line))
+        assert record.prob_before in (0, 0.25, 0.5, 0.75, 1) and abs(record.prob_delta) >= 0.2
+        assert record.pivot_context.startswith("<|im_start|>") and record.query in record.pivot_context
+        decoded = httpx.post(f"{engine_proxy.url}/v1/detokenize",
+                             json={"model": "smollm2", "tokens": [record.pivot_token_id]}).json()["prompt"]
+        assert decoded == record.pivot_token
+    for line in (out / "dpo_pairs.jsonl").read_text().splitlines():
+        pair = json.loads(line)
+        assert pair["chosen"] != pair["rejected"] and pair["prompt"].startswith("<|im_start|>")

@@ -222,6 +222,8 @@ class OutputDir:
                                   f"use another --out, or the same settings to continue it")
         self.done = {r["task"]: TaskDone.from_dict(r) for r in progress if r.get("event") == "done"}
         self._keep_finished()
+        for name in (PIVOTS_FILE, DPO_FILE):
+            (self.path / name).touch()  # there, if empty, when nothing is found
         self._append(PROGRESS_FILE, {"event": "start", "time": timestamp(), "settings": dict(settings)})
 
     def _keep_finished(self) -> None:
@@ -299,5 +301,6 @@ def summarise(done: Iterable[TaskDone], pivots: Iterable[Mapping[str, Any]], *, 
         "stopped": stopped,
         "settings": dict(settings),
         "tasks": [{"id": d.task, "status": d.status, "p": d.p, "samples": d.samples, "answers": d.answers,
-                   "pivots": d.pivots, "positive": d.positive, "dpo_pairs": d.dpo_pairs} for d in finished],
+                   "pivots": d.pivots, "positive": d.positive, "dpo_pairs": d.dpo_pairs, "estimates": d.estimates}
+                  for d in finished],
     }
