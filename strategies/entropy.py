@@ -80,6 +80,8 @@ class EntropyParams(StrategyParams):
     max_pauses: int = Field(default=1, ge=0, description="pauses per reply")
     branches: int = Field(default=4, ge=2, le=20, description="alternatives finished at a fork, the streamed "
                                                               "token's included")
+    branch_from: int = Field(default=0, ge=0, description="positions before this one are never branched (they "
+                                                          "stream at once: the first content is not held back)")
     min_branch_probability: float = Field(default=0.05, ge=0, le=1, description="an alternative below this "
                                                                                 "probability is not branched")
     score: Literal["logprob", "confidence"] = Field(default="logprob", description="how branches are compared "
@@ -192,6 +194,8 @@ class EntropyPolicy:
             ids = tuple(await self.ctx.tokenize(self.params.pause))
             return Insert(ids, self.params.pause, "pause", why)
         if action == "branch":
+            if position.index < self.params.branch_from:
+                return None
             alternatives = top_alternatives(token, self.params.branches, self.params.min_branch_probability)
             if len(alternatives) < 2:
                 return None

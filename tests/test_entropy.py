@@ -398,3 +398,18 @@ def test_prompt_tokens_served_from_the_engine_cache_are_summed_and_reported(clie
     completion = client.chat.completions.create(model=f"entropy:{PARAMS}-fake-model", messages=user())
     assert completion.usage.prompt_tokens_details.cached_tokens == 9  # the first stream's 2, the continuation's 7
     assert completion.usage.prompt_tokens > 9
+
+
+def test_branch_from_streams_the_first_positions_at_once(client, fake):
+    def script(body: dict[str, Any]) -> FakeReply:
+        if "prompt" in body:
+            return FakeReply(texts=[" 40"], logprobs_fn=entries({}))
+        uniform = lambda choice, index, token: [(token, math.log(0.05)), *UNIFORM]  # noqa: E731
+        return FakeReply(texts=["The answer is 42"], logprobs_fn=uniform)
+
+    fake.script = script
+    thresholds = PARAMS.replace("mapping=entropix,", "")
+    completion = client.chat.completions.create(model=f"entropy:{thresholds},branches=2,branch_from=2-fake-model",
+                                                messages=user())
+    (intervention,) = completion.model_extra["ttc"]["details"]["interventions"]
+    assert intervention["position"] == 2 and intervention["token"] == " is"  # "The", " answer" kept, unbranched
