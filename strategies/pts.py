@@ -8,10 +8,14 @@ alternative scores the share of its rollouts that agree with the majority answer
 without a cut) and the stream goes on from it; at most `max_searches` positions per reply.
 
 Pivot-guided decoding (`pts:pivots=NAME`): a pivotal-token dataset found offline (`ttc-proxy pts`, configured
-under `pivots:`) is applied as the reply is generated. Where the text before a position ends with a stored
-pivot's context (its last `match_chars` characters), the next token is drawn with `logit_bias` toward the
-pivot's token when it raised p(success), away from it when it lowered it; the stream goes on from that token.
-It needs no calls where no pivot matches or the streamed token already agrees with the pivots.
+under `pivots:`) is applied as the reply is generated. A stored `pivot_context` is the whole text before the
+pivot token, rendered prompt included (codelion/pts's meaning); where the rendered prompt plus the reply so far
+ends with a stored context's last `match_chars` characters, the pivots there are summed per token (their
+p(success) changes), and the next token is drawn with `logit_bias` toward the tokens that raised p(success) and
+away from those that lowered it; the stream goes on from that token. It needs no calls where no pivot matches or
+the streamed token already agrees with the pivots. A short `match_chars` makes pivots general (at 16, every
+pivot found at the start of a reply applies at the start of every reply); a long one keeps them to contexts
+like the one they were found in.
 """
 
 from __future__ import annotations
@@ -171,6 +175,7 @@ class PtsPolicy:
         self.index = index
         self.searches: list[dict[str, Any]] = []
         self.applied = 0
+        self.prompt: str | None = None
         self.question = message_text(next((m for m in reversed(ctx.messages) if m.get("role") == "user"), {}))
 
     async def __call__(self, position: Position, decoder: GuidedDecoder) -> Decision:
@@ -197,20 +202,23 @@ class PtsPolicy:
 
     async def _pivot(self, position: Position, decoder: GuidedDecoder) -> Decision:
         assert self.index is not None
-        matches = self.index.matching(position.text_before)
+        if self.prompt is None:  # stored contexts hold the rendered prompt before the reply: match like with like
+            self.prompt = await self.ctx.render()
+        matches = self.index.matching(self.prompt + position.text_before)
         if not matches:
             return None
         token = position.token
-        positive = [p for p in matches if p.delta > 0]
-        negative = [p for p in matches if p.delta < 0]
-        if any(_is(p, token.id, token.text) for p in positive) or \
-                (not positive and not any(_is(p, token.id, token.text) for p in negative)):
-            return None  # the stream already agrees with what the pivots say
-        bias: dict[str, float] = {}
-        for pivot, sign in [*((p, 1.0) for p in positive), *((p, -1.0) for p in negative)]:
+        net: dict[int, float] = {}  # token id -> summed p(success) change of the pivots naming it
+        for pivot in matches:
             ids = (pivot.token_id,) if pivot.token_id is not None else tuple(await self.ctx.tokenize(pivot.token))
             if len(ids) == 1:
-                bias[str(ids[0])] = sign * self.params.bias
+                net[ids[0]] = net.get(ids[0], 0.0) + pivot.delta
+        positive = {i for i, d in net.items() if d > 0}
+        negative = {i for i, d in net.items() if d < 0}
+        streamed = token.id if token.id is not None else next(iter(await self.ctx.tokenize(token.text)), None)
+        if streamed in positive or (not positive and streamed not in negative):
+            return None  # the stream already agrees with what the pivots say
+        bias = {str(i): (self.params.bias if i in positive else -self.params.bias) for i in positive | negative}
         if not bias:
             return None
         prefix = await decoder.prefix_ids()
@@ -276,9 +284,3 @@ class PtsPolicy:
                           if not c.truncated) or Counter(extract_answer(c.text) for _, cs in tried for c in cs)
         majority = answers.most_common(1)[0][0] if answers else ""
         return [sum(extract_answer(c.text) == majority for c in cs) / len(cs) if cs else 0.0 for _, cs in tried]
-
-
-def _is(pivot: StoredPivot, token_id: int | None, text: str) -> bool:
-    if pivot.token_id is not None and token_id is not None:
-        return pivot.token_id == token_id
-    return pivot.token == text
