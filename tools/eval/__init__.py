@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from proxy.errors import ProxyError
 from proxy.registry import load_registry
 from strategies.framework import Strategy
 
-from ..argtypes import positive_float, positive_int
+from ..argtypes import json_object, positive_float, positive_int
 from .report import render_table, write_csv, write_json, write_plot
 from .pooled import parse_strategy_string
 from .runner import Progress, Record, RunSettings, add_engine_arguments, proxy_endpoint, run_eval, run_pooled
@@ -36,21 +35,11 @@ from .tasks import EvalError, Task, load_tasks
 DEFAULT_OUT = Path("eval-results")
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
 def _model_budget(text: str) -> tuple[str, dict[str, Any]]:
     model, sep, budget = text.partition("={")  # model strings hold '=' but never '{'
     if not sep or not model:
         raise argparse.ArgumentTypeError("expected MODEL={...}")
-    return model, _json_object("{" + budget)
+    return model, json_object("{" + budget)
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -83,7 +72,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         help="requests in flight at once (default 4); model strings run one after another")
     parser.add_argument("--timeout", type=positive_float, default=300.0,
                         help="seconds per request before it counts as an error (default 300)")
-    parser.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
+    parser.add_argument("--extra-body", type=json_object, default={}, metavar="JSON",
                         help="a JSON object merged into every request body, e.g. '{\"top_k\": 20}'")
     parser.add_argument("--budget", action="append", default=[], metavar="MODEL=JSON", type=_model_budget,
                         help="a ttc.budget for one model string, e.g. 'mcts-smollm2={\"max_total_tokens\": 555}' "
