@@ -236,7 +236,14 @@ class GuidedDecoder:
                         await self._emit(event.text)
                     continue
                 position = Position(self.length, event.token, self.text)
-                decision = await policy(position, self)  # measured even when no intervention is left
+                try:
+                    decision = await policy(position, self)  # measured even when no intervention is left
+                except BudgetExceeded:
+                    # The budget refused the policy's own calls (rollouts, a draw): the open stream, already paid
+                    # for, finishes the reply; no further intervention is tried.
+                    self.budget_exhausted = True
+                    self.max_interventions = len(self.interventions)
+                    decision = None
                 if not self.can_intervene:
                     decision = None
                 if isinstance(decision, Fork):
@@ -294,7 +301,7 @@ class GuidedDecoder:
         errors = [e for e in outcomes if isinstance(e, Exception)]
         if errors:
             self.interventions[-1]["failed_branches"] = [str(e) for e in errors]
-            self.budget_exhausted = any(isinstance(e, BudgetExceeded) for e in errors)
+            self.budget_exhausted |= any(isinstance(e, BudgetExceeded) for e in errors)
         if not branches:
             raise next((e for e in errors if isinstance(e, BudgetExceeded)), errors[0])
         chosen = branches[await fork.choose(branches)]

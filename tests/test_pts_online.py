@@ -178,3 +178,16 @@ def test_a_pivot_file_that_is_not_pivotal_tokens_is_a_config_error(tmp_path):
                                      "pivots: {arith: {path: p.jsonl}}\n")
     with pytest.raises(ConfigError, match="pivot_context"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_search_the_budget_refuses_leaves_the_stream_to_finish_the_reply(client, fake):
+    # max_calls=1: the stream is the one call, so the rollouts at the unsure position are refused. The reply is the
+    # stream's (already paid for), not cut at that position; at the first position it is not a failed request.
+    for text, unsure in (("The answer is 42 indeed", " 42"), ("Maybe 42", "Maybe")):
+        fake.script = lambda body, text=text, unsure=unsure: FakeReply(
+            texts=[text], logprobs_fn=entries({unsure: [(unsure, math.log(0.4)), (" 41", math.log(0.35))]}))
+        completion = client.chat.completions.create(model="pts-fake-model", messages=user(),
+                                                    extra_body={"ttc": {"budget": {"max_calls": 1}}})
+        assert completion.choices[0].message.content == text
+        assert completion.model_extra["ttc"]["budget_exhausted"] is True
+        assert completion.model_extra["ttc"]["details"]["searches"] == []
