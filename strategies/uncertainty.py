@@ -66,10 +66,10 @@ def uncertainty(logprobs: Sequence[float], vocab_size: int = DEFAULT_VOCAB_SIZE)
         probs = [p / total for p in probs]
         total = 1.0
     tail = max(0.0, 1.0 - total)
-    low = _concentrated(probs, tail)
-    entropy = _entropy(low)
-    varentropy = sum(p * (-math.log(p) - entropy) ** 2 for p in low)
     rest = max(1, vocab_size - len(probs))
+    low = _concentrated(probs, tail, rest)
+    entropy = sum(count * -p * math.log(p) for p, count in low)
+    varentropy = sum(count * p * (-math.log(p) - entropy) ** 2 for p, count in low)
     high = _entropy(probs) + (-tail * math.log(tail / rest) if tail > 0 else 0.0)
     return Uncertainty(entropy, varentropy, entropy, max(entropy, high), tail, len(probs))
 
@@ -81,17 +81,21 @@ def token_uncertainty(token: Token, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Unc
     return uncertainty([a.logprob for a in token.top], vocab_size)
 
 
-def _concentrated(probs: Sequence[float], tail: float) -> list[float]:
-    """The listed probabilities plus the tail in pieces no larger than the smallest listed one."""
+def _concentrated(probs: Sequence[float], tail: float, room: int) -> list[tuple[float, int]]:
+    """The listed probabilities plus the tail in pieces no larger than the smallest listed one, as (probability,
+    count) pairs. At most `room` such pieces (the unlisted tokens): an engine's rounding (a top token reported at
+    p = 1 − 6e-8 in float32 beside alternatives of 1e-16) can leave a tail that no real distribution of that
+    ranking holds, and billions of pieces; what is left then is one larger piece, which only lowers the bound."""
     smallest = probs[-1]
-    completed = list(probs)
+    completed = [(p, 1) for p in probs]
     if tail <= 1e-12:
         return completed
-    whole = int(tail // smallest)
-    completed.extend([smallest] * whole)
+    whole = min(int(tail // smallest), room)
+    if whole:
+        completed.append((smallest, whole))
     remainder = tail - whole * smallest
     if remainder > 1e-12:
-        completed.append(remainder)
+        completed.append((remainder, 1))
     return completed
 
 

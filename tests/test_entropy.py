@@ -86,6 +86,20 @@ def test_bounds_hold_for_random_distributions_truncated_to_their_top_k():
         assert measured.entropy_high <= math.log(vocab) + 1e-9
 
 
+def test_a_rounded_confident_position_is_measured_at_once():
+    # float32 rounding: the top token at 1 - 6e-8 beside alternatives down to e^-36 leaves a tail (3.6e-8) that
+    # ~1.5e8 pieces of the smallest listed probability would hold; the vocabulary bounds the pieces (it took 40 s
+    # and 1 GB per position, on the event loop, when the completion was a list).
+    import time
+
+    logprobs = [math.log(0.99999994)] + [-18.0 - i for i in range(19)]
+    started = time.monotonic()
+    measured = uncertainty(logprobs)
+    assert time.monotonic() - started < 0.5
+    assert measured is not None and measured.entropy < 1e-5 and measured.entropy <= measured.entropy_high
+    assert measured.tail_mass == pytest.approx(3.59e-8, rel=0.01)
+
+
 def test_twenty_listed_tokens_cap_the_estimate_near_ln_20():
     measured = uncertainty([math.log(0.05)] * 20)
     assert measured is not None and measured.entropy == pytest.approx(math.log(20))
