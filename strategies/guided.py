@@ -244,8 +244,9 @@ class GuidedDecoder:
                     self.budget_exhausted = True
                     self.max_interventions = len(self.interventions)
                     decision = None
-                if not self.can_intervene:
-                    decision = None
+                if not self.can_intervene or (isinstance(decision, Insert)
+                                              and self.length + len(decision.ids) > self.max_tokens):
+                    decision = None  # none left, or the inserted tokens would not fit in max_tokens
                 if isinstance(decision, Fork):
                     self._record(decision.action, decision.why, position)
                     await self._fork(decision, event, next_event)
@@ -266,7 +267,6 @@ class GuidedDecoder:
         rest of the open stream; the others are continued from their exact token-id prefixes, concurrently."""
         assert event.token is not None
         before = await self.prefix_ids()
-        remaining = max(1, self.max_tokens - self.length - 1)
 
         async def own() -> Branch:
             text, tokens, finish = event.text, [replace(event.token, offset=0)], None
@@ -281,6 +281,9 @@ class GuidedDecoder:
             forced = await self.alternative_ids(alternative)
             forced_token = Token(alternative.text, alternative.logprob, forced[0] if len(forced) == 1 else None,
                                  alternative.bytes, offset=0)
+            remaining = self.max_tokens - self.length - len(forced)
+            if remaining < 1:  # the forced token fills the reply: nothing to continue
+                return Branch(alternative, alternative.text, (forced_token,), "length")
             (rest,) = await self.ctx.continue_prefix(
                 [*before, *forced], max_tokens=remaining, temperature=self.temperature, logprobs=True,
                 top_logprobs=self.top_logprobs, index=self.streams + i, label=f"branch {alternative.text!r}")

@@ -437,3 +437,32 @@ def test_a_json_response_format_is_refused_by_strategies_that_continue_token_ids
     fake.script = lambda body: FakeReply(texts=["42"], logprobs_fn=entries({}))
     ok = chat(proxy, {"model": "entropy-fake-model", "messages": user(), "response_format": {"type": "text"}})
     assert ok.status_code == 200
+
+
+def test_a_fork_at_the_last_allowed_position_keeps_max_tokens(client, fake):
+    # the other branch is its forced token alone (it had asked for one more token: 5 tokens of max_tokens=4)
+    fork = [(" 42", math.log(0.85)), (" 41", math.log(0.15 / 19))] + [(f"f{j}", math.log(0.15 / 19))
+                                                                      for j in range(18)]
+
+    def script(body: dict[str, Any]) -> FakeReply:
+        if "prompt" in body:
+            return FakeReply(texts=["!"], token_logprob=-0.05)
+        return FakeReply(texts=["The answer is 42"], finish_reason="length",
+                         logprobs_fn=entries({" 42": fork}))
+
+    fake.script = script
+    completion = client.chat.completions.create(
+        model=f"entropy:{PARAMS},branches=2,min_branch_probability=0.005-fake-model", messages=user(), max_tokens=4)
+    assert completion.choices[0].message.content in ("The answer is 41", "The answer is 42")
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_a_pause_that_does_not_fit_in_max_tokens_is_not_inserted(client, fake):
+    # " hold on" (2 tokens) at the last of 3 positions would make 4
+    fake.script = lambda body: FakeReply(texts=["The answer is"], finish_reason="length",
+                                         logprobs_fn=entries({" is": [(" is", math.log(0.05)), *UNIFORM]}))
+    params = dict(p.split("=") for p in PARAMS.split(","))
+    completion = client.chat.completions.create(
+        model="fake-model", messages=user(), max_tokens=3,
+        extra_body={"ttc": {"strategy": "entropy", "params": {**params, "pause": " hold on"}}})
+    assert completion.choices[0].message.content == "The answer is"
