@@ -17,7 +17,6 @@ what the client has already been sent; strategies (entropy, pts, pivots) supply 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -258,8 +257,13 @@ class GuidedDecoder:
             return None, None
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await reader
+            except asyncio.CancelledError:
+                # the reader's own cancellation, unless this task was cancelled meanwhile (the client left)
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
 
     async def _fork(self, fork: Fork, event: StreamEvent,
                     next_event: Callable[[], Awaitable[StreamEvent | None]]) -> None:

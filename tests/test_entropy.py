@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from proxy.config import ConfigError, load_config
-from strategies.framework import Token, TokenAlternative
+from strategies.framework import StreamEvent, Token, TokenAlternative
 from strategies.guided import sample_alternative, top_alternatives
 from strategies.uncertainty import Thresholds, uncertainty
 from tools.calibrate import calibration_record, thresholds_from
@@ -466,3 +466,46 @@ def test_a_pause_that_does_not_fit_in_max_tokens_is_not_inserted(client, fake):
         model="fake-model", messages=user(), max_tokens=3,
         extra_body={"ttc": {"strategy": "entropy", "params": {**params, "pause": " hold on"}}})
     assert completion.choices[0].message.content == "The answer is"
+
+
+def test_a_client_leaving_while_a_cut_stream_winds_down_stops_the_decoder():
+    # The cut stream's reader is awaited as it winds down; a cancellation (the client leaving) that arrives then
+    # must end the decoder, not be taken for the reader's own and let it open the next stream.
+    import asyncio
+
+    from strategies.guided import GuidedDecoder, Insert
+
+    opened: list[object] = []
+
+    class Ctx:
+        def stream(self, *, prefix=None, **_: object):
+            opened.append(prefix)
+
+            async def events():
+                try:
+                    yield StreamEvent("a", Token("a", -0.1, 1, top=(TokenAlternative("a", -0.1, 1),)))
+                    await asyncio.sleep(10)
+                finally:
+                    await asyncio.sleep(0.2)  # closing the engine's response takes a moment
+
+            return events()
+
+        async def emit(self, text: str) -> None:
+            pass
+
+        async def token_ids(self, tokens):
+            return [t.id for t in tokens]
+
+    async def policy(position, decoder):
+        return Insert((2,), "b", "pause", "test")
+
+    async def main() -> None:
+        decoder = GuidedDecoder(Ctx(), max_tokens=8, temperature=0.0, top_logprobs=2, max_interventions=3)
+        task = asyncio.create_task(decoder.run(policy))
+        await asyncio.sleep(0.1)  # the cut is made; the reader is winding down
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(opened) == 1
+
+    asyncio.run(main())
