@@ -82,8 +82,8 @@ pts-search: $(VENV)/.installed
 
 # Accuracy and tokens (live, 4 requests at a time), then time to first content (streamed, one at a time).
 ENTROPY_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 entropy-smollm2 entropy:branch_from=1-smollm2 \
-	entropy:mapping=entropix-smollm2 pts-smollm2 pts:pivots=smollm2-arith,search=false-smollm2 \
-	pts:pivots=smollm2-arith-smollm2
+	entropy:mapping=entropix-smollm2 pts-smollm2 pts:pivots=smollm2_arith,search=false-smollm2 \
+	pts:pivots=smollm2_arith-smollm2
 eval-entropy: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out eval-results/arith-dev-entropy --models $(ENTROPY_MODELS)

@@ -258,7 +258,8 @@ class PtsPolicy:
         tried, errors = await gather_successes(
             (lambda i=i, a=a: rollouts(i, a) for i, a in enumerate(alternatives)), min_success=1, what="rollout")
         scores = await self._scores(tried)
-        best = max(range(len(tried)), key=lambda i: (scores[i], i == 0, tried[i][0].logprob))
+        # ties go to the streamed token (no cut), then to the likelier alternative
+        best = max(range(len(tried)), key=lambda i: (scores[i], same_token(tried[i][0], token), tried[i][0].logprob))
         chosen = tried[best][0]
         search = {"position": position.index, "top_probability": round(top, 4),
                   "alternatives": {a.text: round(s, 3) for (a, _), s in zip(tried, scores)},
