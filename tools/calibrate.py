@@ -26,7 +26,7 @@ from strategies.uncertainty import Thresholds, Uncertainty, uncertainty
 
 from .argtypes import positive_int
 from .eval.runner import Progress, add_engine_arguments, proxy_endpoint
-from .eval.tasks import EvalError, Task, load_tasks
+from .eval.tasks import EvalError, Task, add_subset_arguments, load_tasks
 
 QUANTILES = (10, 25, 50, 75, 90, 95, 99)
 
@@ -41,9 +41,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="the model to calibrate (a plain model name)")
     parser.add_argument("--out", help="the file to write (default: calibration/MODEL.json)")
     add_engine_arguments(parser)
-    parser.add_argument("--every", type=positive_int, default=1, metavar="N", help="every N-th task (default 1)")
-    parser.add_argument("--start", type=int, default=0, metavar="K", help="from the K-th task, 0-based (default 0)")
-    parser.add_argument("--limit", type=positive_int, help="only the first N tasks (after --every/--start)")
+    add_subset_arguments(parser)
     parser.add_argument("--max-tokens", type=positive_int, default=48, help="max_tokens per prompt (default 48)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     parser.add_argument("--top-logprobs", type=positive_int, default=20,

@@ -30,7 +30,7 @@ from .report import render_table, write_csv, write_json, write_plot
 from .pooled import parse_strategy_string
 from .runner import Progress, Record, RunSettings, add_engine_arguments, proxy_endpoint, run_eval, run_pooled
 from .stats import ACCURACY_METHOD, DIFF_METHOD, summarise_all
-from .tasks import EvalError, Task, load_tasks
+from .tasks import EvalError, Task, add_subset_arguments, load_tasks
 
 DEFAULT_OUT = Path("eval-results")
 
@@ -61,13 +61,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: not sent)")
     parser.add_argument("--seed", type=int, help="task i (0-based, file order) is sent with seed SEED+i, the same "
                                                  "for every model string (default: no seed)")
-    parser.add_argument("--limit", type=positive_int, help="only the first N tasks (after --every)")
-    parser.add_argument("--every", type=positive_int, default=1, metavar="N",
-                        help="every N-th task of the file, from the first (a fixed subset; seeds follow the file "
-                             "position, so the subset's samples are the whole file's)")
-    parser.add_argument("--start", type=int, default=0, metavar="K",
-                        help="begin at the file's K-th task, 0-based (default 0): --every 2 is one half of the "
-                             "file, --every 2 --start 1 the other")
+    add_subset_arguments(parser)
     parser.add_argument("--concurrency", type=positive_int, default=4,
                         help="requests in flight at once (default 4); model strings run one after another")
     parser.add_argument("--timeout", type=positive_float, default=300.0,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass, replace
@@ -13,6 +14,7 @@ from typing import Any
 
 from strategies.answers import parse_number
 
+from ..argtypes import positive_int
 from .checks import CHECKS, Verdict, check_reply
 
 
@@ -61,6 +63,17 @@ def parse_task(raw: Any, where: str) -> Task:
         except re.error as exc:
             raise EvalError(f"{where}: `answer` is not a valid regular expression: {exc}") from exc
     return Task(str(task_id), messages, answer_text, check)
+
+
+def add_subset_arguments(parser: argparse.ArgumentParser) -> None:
+    """--every, --start, --limit: which tasks of the file a command uses (`load_tasks` takes them)."""
+    parser.add_argument("--every", type=positive_int, default=1, metavar="N",
+                        help="every N-th task of the file (a fixed subset; seeds follow the file position, so the "
+                             "subset's samples are the whole file's)")
+    parser.add_argument("--start", type=int, default=0, metavar="K",
+                        help="begin at the file's K-th task, 0-based (default 0): --every 2 is one half of the "
+                             "file, --every 2 --start 1 the other")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N tasks (after --every)")
 
 
 def load_tasks(path: str | Path, limit: int | None = None, every: int = 1, start: int = 0) -> list[Task]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..argtypes import json_object, positive_float, positive_int
 from ..eval.runner import Progress, add_engine_arguments, proxy_endpoint
-from ..eval.tasks import EvalError, Task, load_tasks
+from ..eval.tasks import EvalError, Task, add_subset_arguments, load_tasks
 from .engine import BudgetSpent, EngineError, ProxyEngine
 from .records import (
     DPO_FILE,
@@ -229,9 +229,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         help="top-K next tokens tried as a pivot's DPO counterpart (default 5; 0: no DPO pairs)")
     parser.add_argument("--max-tokens-total", type=positive_int, metavar="N",
                         help="token budget of this run (prompt + completion); stops cleanly when spent")
-    parser.add_argument("--every", type=positive_int, default=1, metavar="N", help="every N-th task (default 1)")
-    parser.add_argument("--start", type=int, default=0, metavar="K", help="from the K-th task, 0-based (default 0)")
-    parser.add_argument("--limit", type=positive_int, metavar="K", help="only the first K tasks (after --every)")
+    add_subset_arguments(parser)
     parser.add_argument("--seed", type=int, help="seed the rollouts (derived per task and prefix; default: none)")
     parser.add_argument("--concurrency", type=positive_int, default=2, help="tasks searched at once (default 2)")
     parser.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per request (default 300)")
