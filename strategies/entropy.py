@@ -113,7 +113,8 @@ class EntropyParams(StrategyParams):
 
 class EntropySampling(Strategy):
     slug = "entropy"
-    description = "entropix-style sampling: per-token entropy and varentropy choose keep, pause, branch or redraw"
+    description = "entropy-based sampling: per-token entropy and varentropy decide where to branch (or, with " \
+                  "mapping=entropix, to pause, branch or redraw)"
     Params = EntropyParams
     requires = frozenset({"logprobs", "completions", "tokenize", "render"})
     structured_output = False
