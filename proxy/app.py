@@ -21,6 +21,7 @@ from .backends import Backend, BackendResponse, new_client_session
 from .backends.engine import LocalEngine
 from .config import ProxyConfig
 from .errors import (
+    BackendConnectFailed,
     ClientDisconnected,
     InvalidRequest,
     NotFound,
@@ -58,20 +59,20 @@ class ProxyState:
     api_keys: frozenset[str] = frozenset()
     verifiers: VerifierClient | None = None
 
-    def backend_for(self, route: Route) -> Backend:
+    def backends_for(self, route: Route) -> list[Backend]:
+        """The backends serving the route's model, best first: healthy before passed-over ones, then the least
+        loaded (config order breaks ties). A name no backend serves is a 404 listing what is served."""
         if route.backend_name is not None:
-            return self.backends[route.backend_name]
-        for backend in self.backends.values():
-            if route.model in backend.config.models:
-                return backend
-        for backend in self.backends.values():
-            if not backend.config.models:
-                return backend
-        if len(self.backends) == 1:
-            return next(iter(self.backends.values()))
-        known = sorted({m for b in self.backends.values() for m in b.config.models})
-        raise NotFound(f"no backend serves model {route.model!r}; known models: {', '.join(known)}", param="model",
-                       code="model_not_found")
+            return [self.backends[route.backend_name]]
+        serving = [b for b in self.backends.values() if b.serves(route.model)]
+        if not serving:
+            known = sorted({m for b in self.backends.values() for m in b.served_models})
+            raise NotFound(f"no backend serves model {route.model!r}; served models: {', '.join(known)}",
+                           param="model", code="model_not_found")
+        return sorted(serving, key=lambda b: (not b.healthy, b.load))
+
+    def backend_for(self, route: Route) -> Backend:
+        return self.backends_for(route)[0]
 
     def authorize(self, headers: Mapping[str, str]) -> None:
         if not self.api_keys:
@@ -205,7 +206,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                 entries.append({"id": model_id, "object": "model", "created": created, "owned_by": owner, **extra})
 
         for backend in state.backends.values():
-            for model in backend.config.models or backend.discovered_models:
+            for model in backend.served_models:
                 add(model, backend.name)
                 for slug in sorted(state.registry):
                     add(f"{slug}-{model}", "ttc-proxy", ttc={"strategy": slug, "model": model})
@@ -263,7 +264,7 @@ def _tokenizer_backend(state: ProxyState, model: str, needs: tuple[str, ...]) ->
         raise InvalidRequest(
             f"backend {backend.name!r} ({backend.capabilities.kind}) does not offer {', '.join(missing)}; set its "
             f"capabilities in config.yaml if it does", param="model", code="backend_capability_missing")
-    return backend, route.model
+    return backend, backend.engine_model(route.model)
 
 
 async def _tokenizer(request: Request, *, detokenize: bool) -> Response:
@@ -304,9 +305,10 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         body = parse_json_object(await request.body())
         parsed = validate_request(schema, body)
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
-        backend = state.backend_for(route)
+        candidates = state.backends_for(route)
+        backend = candidates[0]
         if route.spec is None:
-            return await _pass_through(request, state, backend, path, body, route, request_id)
+            return await _pass_through(request, candidates, path, body, route, request_id)
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
@@ -326,7 +328,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             raw_body=body,
             client_model=parsed.model,
             backend=backend,
-            backend_model=route.model,
+            backend_model=backend.engine_model(route.model),
             request_id=request_id,
         )
         check_engine_fields(backend, set(sampling_of(parsed, body, state.config.strategies).extra))
@@ -345,14 +347,28 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         return Response(status_code=499)
 
 
-async def _pass_through(request: Request, state: ProxyState, backend: Backend, path: str, body: dict[str, Any],
-                        route: Route, request_id: str) -> Response:
+async def _pass_through(request: Request, candidates: list[Backend], path: str, body: dict[str, Any], route: Route,
+                        request_id: str) -> Response:
+    """The request to the first backend serving its model; one that refuses the connection (the request never
+    reached it) hands it to the next."""
+    for i, backend in enumerate(candidates):
+        try:
+            return await _pass_through_to(request, backend, path, dict(body), route, request_id)
+        except BackendConnectFailed:
+            if i + 1 == len(candidates):
+                raise
+            log.warning("backend %s refused the connection; trying %s", backend.name, candidates[i + 1].name)
+    raise AssertionError("no candidates")
+
+
+async def _pass_through_to(request: Request, backend: Backend, path: str, body: dict[str, Any], route: Route,
+                           request_id: str) -> Response:
     client_model = body["model"]
-    body["model"] = route.model
+    body["model"] = backend.engine_model(route.model)
     content = json.dumps(body).encode()
     n = body.get("n")
     cost = n if isinstance(n, int) and n > 0 else 1
-    renamed = client_model if client_model != route.model else None
+    renamed = client_model if client_model != body["model"] else None
     if body.get("stream"):
         call = backend.stream(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
         response = await until_disconnect(request.receive, call.__aenter__())

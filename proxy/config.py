@@ -74,6 +74,9 @@ class BackendConfig(StrictModel):
     base_url: str | None = None
     api_key_env: str | None = None
     models: list[str] = Field(default_factory=list)
+    # The name the engine wants for a model clients call by another: {client name: engine name} (e.g.
+    # `transformers serve` wants the model's folder path). A mapped name is served by this backend.
+    model_names: dict[str, str] = Field(default_factory=dict)
     capabilities: CapabilityOverrides = Field(default_factory=CapabilityOverrides)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     # Calls in flight at once; default: the engine's slot count for llama_cpp, else 64.

@@ -73,6 +73,11 @@ class BackendUnreachable(ProxyError):
     code = "backend_unreachable"
 
 
+class BackendConnectFailed(BackendUnreachable):
+    """No connection to the backend could be made: the request never reached it, so another backend serving the
+    same model may take it."""
+
+
 class BackendTimeout(ProxyError):
     status_code = 504
     error_type = "backend_error"

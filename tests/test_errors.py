@@ -139,7 +139,7 @@ def test_backend_error_on_streamed_pass_through(proxy, fake):
 
 def test_backend_error_on_completions(proxy, fake):
     fake.script = lambda body: FakeReply(status=404, error={"error": {"message": "no such model"}})
-    error = assert_openai_error(chat(proxy, {"model": "m", "prompt": "x"}, path="/v1/completions"), 404)
+    error = assert_openai_error(chat(proxy, {"model": "fake-model", "prompt": "x"}, path="/v1/completions"), 404)
     assert error["message"] == "no such model"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from types import MappingProxyType
 
 import httpx
@@ -13,14 +14,14 @@ import uvicorn
 from proxy.app import create_app
 from proxy.config import ProxyConfig
 from proxy.errors import InvalidRequest
-from tools.fakebackend import FakeBackend
+from tools.fakebackend import FakeBackend, FakeReply
 from proxy.routing import resolve_route, split_model_name
 from strategies import BUILTIN_STRATEGIES
 from strategies.framework import Strategy, StrategyParams, StrategyResult, StrategySpec
 from strategies.sc import SelfConsistency
 
 from .conftest import fake_config
-from .helpers import ProxyServer, assert_openai_error, chat, sync_client, user, validate_schema
+from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, sync_client, user, validate_schema
 
 
 class FirstSample(Strategy):
@@ -84,15 +85,17 @@ def test_prefix_with_params(client, fake):
     assert request.body["n"] == 3 and request.body["model"] == "fake-model"
 
 
-def test_model_with_dashes_after_prefix(client, fake):
-    client.chat.completions.create(model="sc:n=2-org-model-7b-q4", messages=user())
+def test_model_with_dashes_after_prefix(fake_backend, fake):
+    config = fake_config(fake_backend, backends=[backend_entry(fake_backend, models=["org-model-7b-q4"])])
+    with ProxyServer(config) as server, sync_client(server) as client:
+        client.chat.completions.create(model="sc:n=2-org-model-7b-q4", messages=user())
     assert fake.chat_requests()[0].body["model"] == "org-model-7b-q4"
 
 
 def test_plain_model_passes_through(client, fake):
-    completion = client.chat.completions.create(model="gpt-4o-mini", messages=user())
+    completion = client.chat.completions.create(model="fake-model", messages=user())
     (request,) = fake.chat_requests()
-    assert request.body == {"model": "gpt-4o-mini", "messages": user()}
+    assert request.body == {"model": "fake-model", "messages": user()}
     assert completion.id == "chatcmpl-fake"
     assert getattr(completion, "ttc", None) is None
 
@@ -314,3 +317,94 @@ def test_configured_models_route_to_their_backend(fake_backend, fake):
             assert {"fake-model", "other-model", "sc-fake-model", "sc-other-model"} <= set(ids)
     finally:
         other.stop_thread()
+
+
+# ---------------------------------------------------------------- which backend serves a model
+
+
+def test_a_name_the_backend_does_not_list_is_a_404_naming_what_is_served(proxy, fake):
+    # The fake lists "fake-model" on GET /v1/models, as --backend would learn it: a typo is not answered by it.
+    for stream in (False, True):
+        error = assert_openai_error(chat(proxy, {"model": "gpt-4o-typo", "messages": user(), "stream": stream}), 404,
+                                    param="model", code="model_not_found")
+        assert "gpt-4o-typo" in error["message"] and "fake-model" in error["message"]
+    assert fake.chat_requests() == []
+
+
+def test_a_backend_that_lists_no_models_takes_any_name():
+    silent = FakeBackend(model=None).start_in_thread()
+    try:
+        config = ProxyConfig.model_validate({"backends": [{"name": "b", "base_url": silent.base_url}]})
+        with ProxyServer(config) as server, sync_client(server) as client:
+            client.chat.completions.create(model="anything-at-all", messages=user())
+        assert silent.chat_requests()[0].body["model"] == "anything-at-all"
+    finally:
+        silent.stop_thread()
+
+
+def test_a_mapped_model_name_is_what_the_engine_gets_and_the_client_sees_its_own(fake_backend, fake):
+    entry = backend_entry(fake_backend, models=["fake-model"], model_names={"smol": "/models/SmolLM2"})
+    with ProxyServer(fake_config(fake_backend, backends=[entry])) as server, sync_client(server) as client:
+        completion = client.chat.completions.create(model="smol", messages=user())
+        client.chat.completions.create(model="sc:n=2-smol", messages=user())
+        listed = {m.id for m in client.models.list().data}
+    assert [r.body["model"] for r in fake.chat_requests()] == ["/models/SmolLM2", "/models/SmolLM2"]
+    assert completion.model == "smol"
+    assert {"smol", "fake-model", "sc-smol"} <= listed
+
+
+def two_fakes() -> tuple[FakeBackend, FakeBackend]:
+    return FakeBackend(model="shared").start_in_thread(), FakeBackend(model="shared").start_in_thread()
+
+
+def test_a_model_served_twice_goes_to_the_less_loaded_backend():
+    first, second = two_fakes()
+    try:
+        first.script = lambda body: FakeReply(texts=["slow"], delay=1.0)
+        config = ProxyConfig.model_validate({"backends": [
+            {"name": "a", "base_url": first.base_url, "max_in_flight": 1},
+            {"name": "b", "base_url": second.base_url, "max_in_flight": 1}]})
+        with ProxyServer(config) as server:
+            slow = threading.Thread(target=lambda: chat(server, {"model": "shared", "messages": user()}))
+            slow.start()
+            deadline = time.monotonic() + 5
+            while not first.chat_requests() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            response = chat(server, {"model": "shared", "messages": user()})  # "a" is busy: "b" takes it
+            slow.join()
+        assert response.status_code == 200
+        assert len(first.chat_requests()) == 1 and len(second.chat_requests()) == 1
+    finally:
+        first.stop_thread()
+        second.stop_thread()
+
+
+def test_a_backend_refusing_connections_fails_over_and_is_passed_over_for_a_while():
+    from proxy.backends.engine import free_port
+
+    up = FakeBackend(model="shared").start_in_thread()
+    down_url = f"http://127.0.0.1:{free_port('127.0.0.1')}/v1"  # nothing listens
+    try:
+        config = ProxyConfig.model_validate({"backends": [
+            {"name": "down", "base_url": down_url, "models": ["shared"]},
+            {"name": "up", "base_url": up.base_url, "models": ["shared"]}]})
+        with ProxyServer(config) as server:
+            for stream in (False, True):
+                response = chat(server, {"model": "shared", "messages": user(), "stream": stream})
+                assert response.status_code == 200, response.text
+            health = httpx.get(f"{server.url}/health").json()
+        assert len(up.chat_requests()) == 2
+        assert "down" in health["backends"]
+    finally:
+        up.stop_thread()
+
+
+def test_the_only_backend_refusing_connections_is_a_502_naming_it():
+    from proxy.backends.engine import free_port
+
+    config = ProxyConfig.model_validate({"backends": [
+        {"name": "down", "base_url": f"http://127.0.0.1:{free_port('127.0.0.1')}/v1", "models": ["m"]}]})
+    with ProxyServer(config) as server:
+        error = assert_openai_error(chat(server, {"model": "m", "messages": user()}), 502,
+                                    code="backend_unreachable")
+        assert "down" in error["message"]

@@ -108,7 +108,7 @@ class FakeBackend:
     """llama-server-like by default: /props reports `slots`, n above it is a 400, usage counts one choice."""
 
     def __init__(self, *, slots: int = 4, owned_by: str = "llamacpp", usage_counts_one_choice: bool = True,
-                 model: str = "fake-model", echo_prefill: bool = True) -> None:
+                 model: str | None = "fake-model", echo_prefill: bool = True) -> None:
         self.slots = slots
         self.owned_by = owned_by
         self.usage_counts_one_choice = usage_counts_one_choice
@@ -214,7 +214,9 @@ class FakeBackend:
         if method == "GET":
             self.get_paths.append(path)
         if method == "GET" and path.endswith("/models"):
-            listing = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": self.owned_by}]}
+            # model None: an engine that lists no models (and takes any name)
+            listing = {"object": "list", "data": [] if self.model is None else
+                       [{"id": self.model, "object": "model", "owned_by": self.owned_by}]}
             await self._send(writer, 200, json.dumps(listing).encode())
             return True
         if method == "GET" and path == "/props":

@@ -57,8 +57,8 @@ def bench_strategy_command(args: argparse.Namespace) -> int:
     with InProcessProxy(config, args.log_level) as server:
         state = server.server.config.app.state.proxy  # the running app's backends: where the engine listens
         backend = next(iter(state.backends.values()))
-        pairs = asyncio.run(measure(server.base_url, backend.base_url, backend.config.models[0] if
-                                    backend.config.models else "default", [t.messages[-1]["content"] for t in tasks],
+        model = next(iter(backend.served_models), "default")  # a backend that lists nothing takes any name
+        pairs = asyncio.run(measure(server.base_url, backend.base_url, model, [t.messages[-1]["content"] for t in tasks],
                                     args.n, strategy, args.max_tokens, args.top_logprobs))
     direct = [d for d, _ in pairs]
     proxied = [p for _, p in pairs]

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,13 +15,14 @@ import aiohttp
 from yarl import URL
 
 from ..config import BackendConfig
-from ..errors import BackendError, BackendTimeout, BackendUnreachable, error_from_backend
+from ..errors import BackendConnectFailed, BackendError, BackendTimeout, BackendUnreachable, error_from_backend
 from .capabilities import PRESETS, Capabilities, cap_from_n_error, kind_from_models_listing
 from .scheduler import FairScheduler
 
 log = logging.getLogger("ttc_proxy.backends")
 
 DEFAULT_MAX_IN_FLIGHT = 64
+DOWN_SECONDS = 5.0  # how long a backend that refused a connection is passed over when another serves the model
 # Raised before any response byte when the server had closed a pooled keep-alive connection.
 _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the 5 s idle timeout of uvicorn and llama-server, so the pool rarely reuses a connection they closed.
@@ -122,6 +124,7 @@ class Backend:
         )
         self.scheduler = FairScheduler(config.max_in_flight or DEFAULT_MAX_IN_FLIGHT, config.max_queue)
         self.discovered_models: list[str] = []
+        self.down_until = 0.0  # monotonic time before which a backend that refused a connection is passed over
         self._headers = {"content-type": "application/json"}
         api_key = api_key or config.api_key()
         if api_key:
@@ -135,6 +138,36 @@ class Backend:
         if self.config.chat_template is not None:
             capabilities = dataclasses.replace(capabilities, render=True)
         return capabilities.with_overrides(self.config.capabilities)
+
+    # ---- which models it serves, and how busy and healthy it is ----
+
+    @property
+    def served_models(self) -> list[str]:
+        """The names clients may use: configured, else what its GET /models listed, plus mapped names. Empty: the
+        backend listed nothing and takes any name."""
+        return list(dict.fromkeys([*(self.config.models or self.discovered_models), *self.config.model_names]))
+
+    def serves(self, model: str) -> bool:
+        served = self.served_models
+        return not served or model in served
+
+    def engine_model(self, model: str) -> str:
+        """The name this engine wants for a model clients call `model`."""
+        return self.config.model_names.get(model, model)
+
+    @property
+    def load(self) -> float:
+        """Calls in flight and queued, per slot."""
+        return (self.scheduler.in_use + self.scheduler.queued) / max(1, self.scheduler.capacity)
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def mark_down(self) -> None:
+        """It refused a connection: pass it over for a while (a later request tries it again)."""
+        self.down_until = time.monotonic() + DOWN_SECONDS
+        log.warning("backend %s refused a connection; passed over for %g s", self.name, DOWN_SECONDS)
 
     # ---- learning what the backend can do (free endpoints only) ----
 
@@ -195,6 +228,9 @@ class Backend:
                                                   timeout=self.timeout)
             except TimeoutError as exc:
                 raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
+            except aiohttp.ClientConnectorError as exc:
+                self.mark_down()
+                raise BackendConnectFailed(f"backend {self.name} is unreachable: {exc!r}") from exc
             except _STALE_CONNECTION as exc:
                 # A pooled keep-alive connection the server closed just as we reused it: the request never
                 # reached the engine (no response began), so sending it once more on a fresh one is safe.

@@ -559,7 +559,7 @@ class RunContext:
             backend = self._state.backend_for(model)
         except NotFound as exc:
             raise InvalidRequest(exc.message, param="ttc.params", code="model_not_found") from exc
-        return self._with(replace(scope, backend=backend, model=model))
+        return self._with(replace(scope, backend=backend, model=backend.engine_model(model)))
 
     async def run_strategy(self, spec: StrategySpec | str, params: Mapping[str, Any] | None = None, *,
                            messages: Sequence[dict[str, Any]] | None = None,
