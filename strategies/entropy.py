@@ -38,7 +38,7 @@ from .framework import (
     StrategyResult,
     Token,
 )
-from .guided import Branch, Decision, Fork, GuidedDecoder, Insert, Position, sample_alternative, same_token, \
+from .guided import NEEDS, Branch, Decision, Fork, GuidedDecoder, Insert, Position, sample_alternative, same_token, \
     top_alternatives
 from .scoring import make_scorer
 from .uncertainty import DEFAULT_VOCAB_SIZE, Regime, Thresholds, Uncertainty, token_uncertainty
@@ -116,7 +116,7 @@ class EntropySampling(Strategy):
     description = "entropy-based sampling: per-token entropy and varentropy decide where to branch (or, with " \
                   "mapping=entropix, to pause, branch or redraw)"
     Params = EntropyParams
-    requires = frozenset({"logprobs", "completions", "tokenize", "render"})
+    requires = NEEDS
     structured_output = False
 
     @classmethod

@@ -33,6 +33,11 @@ from .framework import (
 )
 
 
+# What the decoder needs of an engine: streamed logprobs, raw completions of token ids, and the tokenizer and chat
+# template that turn a conversation into those ids. A strategy built on it requires these.
+NEEDS = frozenset({"logprobs", "completions", "tokenize", "render"})
+
+
 @dataclass(frozen=True)
 class Position:
     """A position of the reply as the stream reached it: its index (in tokens of the reply so far), the token

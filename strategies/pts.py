@@ -41,7 +41,7 @@ from .framework import (
     gather_successes,
     message_text,
 )
-from .guided import Decision, GuidedDecoder, Insert, Position, same_token, top_alternatives
+from .guided import NEEDS, Decision, GuidedDecoder, Insert, Position, same_token, top_alternatives
 
 
 class PtsParams(StrategyParams):
@@ -115,7 +115,7 @@ class PivotalTokenSearch(Strategy):
     description = "pivotal-token search while generating (rollouts at unsure positions), or decoding guided by a " \
                   "stored pivotal-token set (pivots=NAME)"
     Params = PtsParams
-    requires = frozenset({"logprobs", "completions", "tokenize", "render"})
+    requires = NEEDS
     structured_output = False
 
     @classmethod
