@@ -84,6 +84,9 @@ class BackendConfig(StrictModel):
     max_queue: int = Field(default=1024, ge=0)
     embedded: EmbeddedEngine | None = None
     chat_template: ChatTemplate | None = None  # for raw prompts, when the engine cannot render its own
+    # Measure what the engine supports at start-up (`ttc-proxy probe`'s checks, a few tokens) instead of trusting
+    # the kind's preset; `capabilities` overrides still win.
+    probe: bool = False
 
     @model_validator(mode="after")
     def _needs_an_address(self) -> "BackendConfig":

@@ -328,3 +328,26 @@ def test_offline_pts_on_the_engine(engine_proxy: ProxyServer, tmp_path) -> None:
     for line in (out / "dpo_pairs.jsonl").read_text().splitlines():
         pair = json.loads(line)
         assert pair["chosen"] != pair["rejected"] and pair["prompt"].startswith("<|im_start|>")
+
+
+def test_probe_measures_llama_server(engine_proxy: ProxyServer, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tools import cli
+
+    backend = engine_proxy.server.config.app.state.proxy.backends["local"]
+    assert cli.main(["probe", backend.base_url, "--json"]) == 0
+    checks = {c["name"]: c["value"] for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["kind"] == "llama_cpp" and checks["models"] == ["smollm2"]
+    assert checks["max_n"] == 8 and checks["usage_counts_one_choice"] is True
+    assert checks["logprobs"] is True and checks["max_top_logprobs"] == 20 and checks["token_ids"] is True
+    assert checks["prefill"] is True and checks["prefill_echo"] is True
+    assert checks["completions"] is True and checks["completions_token_ids"] is True
+    assert checks["tokenize"] is True and checks["render"] is True and checks["logit_bias"] is True
+    assert checks["stream_done"] is True and checks["stream_usage"] is True
+    assert checks["error_shape"].startswith("HTTP 400, OpenAI shape")
+    # What the preset assumes for llama_cpp is what was measured.
+    measured = {k: checks[k] for k in ("logprobs", "prefill", "completions", "tokenize", "render", "token_ids",
+                                       "logit_bias", "usage_counts_one_choice")}
+    assumed = {k: getattr(backend.capabilities, k) for k in measured}
+    assert measured == assumed

@@ -1,4 +1,4 @@
-"""The `ttc-proxy` command: serve (the proxy), and the tools: eval, bench, bench-strategy, calibrate, pts."""
+"""The `ttc-proxy` command: serve (the proxy), and the tools: eval, bench, bench-strategy, calibrate, probe, pts."""
 
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--log-level", default="info")
     serve_parser.set_defaults(handler=serve)
 
-    from . import bench, calibrate, pts, strategy_bench
+    from . import bench, calibrate, probe, pts, strategy_bench
     from . import eval as evaluation
 
-    for command in (bench, calibrate, evaluation, pts, strategy_bench):
+    for command in (bench, calibrate, evaluation, probe, pts, strategy_bench):
         command.add_parser(commands)
 
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ class FakeReply:
     # token first, then its alternatives (truncated to the request's top_logprobs). Overrides token_logprob.
     logprobs_fn: Callable[[int, int, str], list[tuple[str, float]]] | None = None
     cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens (llama-server does)
+    ignore_n: bool = False  # answer one choice whatever `n` asks (as transformers serve does)
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -296,6 +297,8 @@ class FakeBackend:
             await self._send(writer, 400, json.dumps(error).encode())
             record.finished = True
             return True
+        if reply.ignore_n:
+            n = 1
         texts = [reply.texts[i % len(reply.texts)] for i in range(n)]
         is_chat = record.path.endswith("/chat/completions")
         messages = body.get("messages") or []

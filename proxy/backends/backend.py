@@ -17,6 +17,7 @@ from yarl import URL
 from ..config import BackendConfig
 from ..errors import BackendConnectFailed, BackendError, BackendTimeout, BackendUnreachable, error_from_backend
 from .capabilities import PRESETS, Capabilities, cap_from_n_error, kind_from_models_listing
+from .probe import probe
 from .scheduler import FairScheduler
 
 log = logging.getLogger("ttc_proxy.backends")
@@ -127,6 +128,7 @@ class Backend:
         self.down_until = 0.0  # monotonic time before which a backend that refused a connection is passed over
         self._headers = {"content-type": "application/json"}
         api_key = api_key or config.api_key()
+        self._api_key = api_key
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._urls: dict[str, URL] = {}  # parsed once per path
@@ -196,6 +198,22 @@ class Backend:
                     self.capabilities = dataclasses.replace(self.capabilities, max_n=slots)
                 if self.config.max_in_flight is None:
                     self.scheduler.capacity = slots
+        if self.config.probe:
+            await self._probe()
+
+    async def _probe(self) -> None:
+        """`probe: true`: measure the engine (proxy/backends/probe.py) and use what was measured over the preset;
+        configured `capabilities` still win."""
+        model = next(iter(self.config.models or self.discovered_models), None)
+        report = await probe(self.client, self.base_url, model, api_key=self._api_key,
+                             timeout=self.config.timeouts.read)
+        if not report.value("chat"):
+            log.warning("backend %s: the probe's chat request failed; keeping the %s preset", self.name,
+                        self.capabilities.kind)
+            return
+        self.capabilities = report.capabilities(self.capabilities).with_overrides(self.config.capabilities)
+        log.info("backend %s probed: %s", self.name,
+                 ", ".join(f"{c.name}={c.value}" for c in report.checks if c.name != "models"))
 
     async def _get_json(self, url: str) -> Any:
         try:
