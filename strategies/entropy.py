@@ -207,6 +207,7 @@ class EntropyPolicy:
         drawn = sample_alternative(token, temperature, self.rng)
         if drawn is None or same_token(drawn, token):
             return None  # the redraw agrees with the stream: nothing to cut
+        drawn = await self.decoder.with_text(drawn) if self.decoder is not None else drawn
         ids = (drawn.id,) if drawn.id is not None else tuple(await self.ctx.tokenize(drawn.text))
         drawn_token = Token(drawn.text, drawn.logprob, drawn.id, drawn.bytes, top=token.top)
         return Insert(ids, drawn.text, f"{action} at T={temperature:.2f}", why,

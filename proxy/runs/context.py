@@ -454,7 +454,10 @@ class RunContext:
                             entries = logprob_entries(choice) or []
                             if reasoning:
                                 yield StreamEvent("", None, None, reasoning)
-                            if entries:
+                            if entries and finish and not text:
+                                # the stop token's own entry (vLLM lists <|im_end|>): counted, not part of the reply
+                                tokens += len(entries)
+                            elif entries:
                                 for entry in entries:
                                     token, piece = reader.read(entry)
                                     tokens += 1

@@ -112,7 +112,11 @@ def _token_id(entry: Mapping[str, Any]) -> int | None:
 def _token_bytes(entry: Mapping[str, Any]) -> bytes | None:
     raw = entry.get("bytes")
     if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
-        return bytes(raw)
+        value = bytes(raw)
+        token = entry.get("token")
+        if isinstance(token, str) and token.startswith("token_id:") and value == token.encode():
+            return None  # vLLM gives a top alternative the bytes of its "token_id:N" name, not of its text
+        return value
     return None
 
 
@@ -157,6 +161,7 @@ class TokenReader:
         piece = self._decoder.decode(raw)
         self._offset += len(piece)
         top = tuple(
+            # text "" when the engine named only the id (vLLM's alternatives): see GuidedDecoder.alternative_text
             TokenAlternative(text=_token_text(alt, _token_bytes(alt)), logprob=_logprob(alt.get("logprob")),
                              id=_token_id(alt), bytes=_token_bytes(alt))
             for alt in entry.get("top_logprobs") or () if isinstance(alt, dict)
