@@ -67,7 +67,9 @@ PRESETS: dict[BackendKind, Capabilities] = {
     # max_n is learned from /props (total_slots); 1 is the safe value until then.
     "llama_cpp": Capabilities("llama_cpp", 1, True, 20, True, True, True, True, True, True, True, _LLAMA_CPP_FIELDS),
     "vllm": Capabilities("vllm", 64, True, 20, True, True, False, True, True, True, True, _VLLM_FIELDS),
-    "transformers": Capabilities("transformers", 1, False, 0, False, False, False, False, False, False, False,
+    # Measured (`ttc-proxy probe`, transformers 5.19): n ignored (one choice), no logprobs, no prefill, raw
+    # /v1/completions of a text prompt, no tokenizer or template endpoint (a configured chat_template renders).
+    "transformers": Capabilities("transformers", 1, False, 0, False, True, False, False, False, False, False,
                                  frozenset()),
     "openai": Capabilities("openai", 8, True, 20, False, False, False, False, False, False, True,
                            frozenset({"logit_bias", "response_format"})),

@@ -44,6 +44,10 @@ def engine_command(kind: str, port: int, folder: Path = MODEL_FOLDER) -> tuple[l
                 "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", "2048",
                 "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)], env
     if kind == "transformers":
+        # It scans the Hugging Face cache at start and fails when there is none; nothing is fetched (offline).
+        cache = ROOT / "build" / "hf-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
         return [str(ENGINES_VENV / "bin" / "transformers"), "serve", str(folder), "--host", "127.0.0.1",
                 "--port", str(port), "--device", "cpu"], env
     raise EngineError(f"unknown engine {kind!r}; known: {', '.join(KINDS)}")
@@ -111,6 +115,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def engine_command_line(args: argparse.Namespace) -> int:
+    # SIGTERM (a service manager, `kill`) stops the engine too: the context manager's exit runs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         started = time.monotonic()
         with running_engine(args.kind, port=args.port, log=Path(args.log) if args.log else None) as base_url:
