@@ -114,9 +114,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a service manager, `kill`) stops the engine too: raising here runs the context manager's exit."""
+    raise KeyboardInterrupt
+
+
 def engine_command_line(args: argparse.Namespace) -> int:
-    # SIGTERM (a service manager, `kill`) stops the engine too: the context manager's exit runs.
-    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         started = time.monotonic()
         with running_engine(args.kind, port=args.port, log=Path(args.log) if args.log else None) as base_url:
