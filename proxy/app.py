@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from .errors import (
     InvalidRequest,
     NotFound,
     ProxyError,
+    RequestTooLarge,
     Unauthorized,
 )
 from .protocol import (
@@ -78,9 +80,27 @@ class ProxyState:
         if not self.api_keys:
             return
         supplied = headers.get("authorization", "")
-        key = supplied[7:] if supplied.lower().startswith("bearer ") else headers.get("api-key", "")
-        if key not in self.api_keys:
+        key = (supplied[7:] if supplied.lower().startswith("bearer ") else headers.get("api-key", "")).encode()
+        # compared in constant time with every key, so timing tells nothing about how much of a key matched
+        if not any([hmac.compare_digest(key, known.encode()) for known in self.api_keys]):
             raise Unauthorized("invalid or missing API key for this proxy")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) above `server.max_body_bytes` before or while it is read."""
+        limit = self.config.server.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"the request body is {int(declared):,} bytes; the limit is {limit:,} "
+                                  f"(server.max_body_bytes)")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"the request body is over the limit of {limit:,} bytes "
+                                      f"(server.max_body_bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def error_response(exc: ProxyError, request_id: str | None = None) -> JSONResponse:
@@ -181,6 +201,10 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
 
     async def health(request: Request) -> JSONResponse:
         state: ProxyState = request.app.state.proxy
+        try:
+            state.authorize(request.headers)
+        except Unauthorized:  # liveness for anyone; which backends, where and how busy only for key holders
+            return JSONResponse({"status": "ok"})
         return JSONResponse({
             "status": "ok",
             "backends": {
@@ -273,7 +297,7 @@ async def _tokenizer(request: Request, *, detokenize: bool) -> Response:
     state: ProxyState = request.app.state.proxy
     try:
         state.authorize(request.headers)
-        body = parse_json_object(await request.body())
+        body = parse_json_object(await state.read_body(request))
         if detokenize:
             parsed = validate_request(DetokenizeRequest, body)
             backend, model = _tokenizer_backend(state, parsed.model, ("tokenize",))
@@ -302,7 +326,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
     request_id = client_id if usable else uuid.uuid4().hex
     try:
         state.authorize(request.headers)
-        body = parse_json_object(await request.body())
+        body = parse_json_object(await state.read_body(request))
         parsed = validate_request(schema, body)
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
         candidates = state.backends_for(route)

@@ -194,6 +194,7 @@ class ServerSettings(StrictModel):
     api_keys_env: str | None = "TTC_PROXY_API_KEYS"
     keepalive_seconds: float = Field(default=5.0, gt=0)
     trace_store_size: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # a larger request body is a 413, unread
 
     def accepted_keys(self) -> frozenset[str]:
         keys = set(self.api_keys)

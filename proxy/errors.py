@@ -46,6 +46,12 @@ class Unauthorized(ProxyError):
     code = "invalid_api_key"
 
 
+class RequestTooLarge(ProxyError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class NotFound(ProxyError):
     status_code = 404
     error_type = "invalid_request_error"

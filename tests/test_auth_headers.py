@@ -145,3 +145,43 @@ def test_unforwardable_request_id_is_replaced(proxy, fake, model):
     returned = re.search(rb"x-request-id: ([0-9a-f]{32})\r\n", head)
     assert returned, head  # a generated id instead of a 500 for a header we could not forward
     assert {r.headers["x-request-id"] for r in fake.chat_requests()} == {returned.group(1).decode()}
+
+
+def test_health_shows_backends_only_to_key_holders(locked):
+    anonymous = httpx.get(locked.url + "/health")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}  # liveness, no URLs
+    with_key = httpx.get(locked.url + "/health", headers={"authorization": "Bearer proxy-key-2"}).json()
+    assert with_key["backends"]["fake"]["url"].startswith("http://127.0.0.1:")
+
+
+def test_keys_are_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    from proxy.app import ProxyState
+    from proxy.errors import Unauthorized
+    from proxy.traces import TraceStore
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    state = ProxyState(config=None, registry={}, traces=TraceStore(1), api_keys=frozenset(KEYS))  # type: ignore[arg-type]
+    state.authorize({"authorization": "Bearer proxy-key-1"})
+    assert len(compared) == len(KEYS)  # every key compared, the matching one too
+    with pytest.raises(Unauthorized):
+        state.authorize({"authorization": "Bearer proxy-key-"})
+
+
+def test_a_body_over_the_limit_is_a_413_before_anything_is_sent(fake_backend, fake):
+    config = fake_config(fake_backend, server={"max_body_bytes": 4096})
+    big = {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 5000}]}
+    with ProxyServer(config) as server:
+        error = assert_openai_error(chat(server, big), 413, code="request_too_large")
+        assert "4,096" in error["message"]
+        # a chunked body (no content-length) is cut off while it is read
+        raw = json.dumps(big).encode()
+        chunked = httpx.post(server.url + "/v1/chat/completions", content=iter([raw[:3000], raw[3000:]]),
+                             headers={"content-type": "application/json"})
+        assert_openai_error(chunked, 413, code="request_too_large")
+        small = chat(server, {"model": "fake-model", "messages": user()})
+        assert small.status_code == 200
+    assert len(fake.chat_requests()) == 1
