@@ -60,6 +60,10 @@ class ProxyState:
     backends: dict[str, Backend] = field(default_factory=dict)
     api_keys: frozenset[str] = frozenset()
     verifiers: VerifierClient | None = None
+    pivot_sets: dict[str, list[dict[str, Any]]] = field(init=False)  # config `pivots:`, by name, for every run
+
+    def __post_init__(self) -> None:
+        self.pivot_sets = {name: pivots.records for name, pivots in self.config.pivots.items()}
 
     def backends_for(self, route: Route) -> list[Backend]:
         """The backends serving the route's model, best first: healthy before passed-over ones, then the least
@@ -359,7 +363,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
                           backend_for=lambda model: state.backend_for(Route(None, model)),
                           verifiers=state.verifiers,
-                          pivot_sets={name: pivots.records for name, pivots in state.config.pivots.items()})
+                          pivot_sets=state.pivot_sets)
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

@@ -164,7 +164,10 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
     compared = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
-    state = ProxyState(config=None, registry={}, traces=TraceStore(1), api_keys=frozenset(KEYS))  # type: ignore[arg-type]
+    from proxy.config import ProxyConfig
+
+    config = ProxyConfig.model_validate({"backends": [{"name": "b", "base_url": "http://127.0.0.1:9"}]})
+    state = ProxyState(config=config, registry={}, traces=TraceStore(1), api_keys=frozenset(KEYS))
     state.authorize({"authorization": "Bearer proxy-key-1"})
     assert len(compared) == len(KEYS)  # every key compared, the matching one too
     with pytest.raises(Unauthorized):

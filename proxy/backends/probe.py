@@ -7,6 +7,7 @@ check that fails says why and counts as "not supported".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,6 @@ class ProbeReport:
 
     def capabilities(self, base: Capabilities) -> Capabilities:
         """`base` (the kind's preset) with every measured capability replaced by what was measured."""
-        import dataclasses
-
         measured = {
             "max_n": self.value("max_n"), "logprobs": self.value("logprobs"),
             "max_top_logprobs": self.value("max_top_logprobs"), "prefill": self.value("prefill"),
