@@ -11,6 +11,10 @@ class ProxyError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     code: str | None = None
+    # Sent as `x-should-retry`, which the official SDKs obey over their status-code rule (they retry 408, 409,
+    # 429 and 5xx twice by default): False for an error that would repeat, so one request costs one run.
+    # None: no header, the SDK's rule decides (a full queue, a backend that is down for now).
+    should_retry: bool | None = None
 
     def __init__(
         self,
@@ -28,7 +32,15 @@ class ProxyError(Exception):
             self.code = code
         if status_code is not None:
             self.status_code = status_code
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if self.should_retry is not None:
+            self.headers.setdefault("x-should-retry", "true" if self.should_retry else "false")
+
+    def not_to_be_retried(self) -> "ProxyError":
+        """Mark this error as one a retry would repeat (e.g. it ended a strategy run, which a retry would pay
+        for again in full); returns it."""
+        self.headers["x-should-retry"] = "false"
+        return self
 
     def to_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
@@ -84,6 +96,15 @@ class BackendConnectFailed(BackendUnreachable):
     same model may take it."""
 
 
+class BackendDown(ProxyError):
+    """Every backend serving the model is marked down (failed health checks or refused connections): nothing is
+    sent; `Retry-After` says when the next check may bring one back."""
+
+    status_code = 503
+    error_type = "backend_error"
+    code = "backend_down"
+
+
 class BackendTimeout(ProxyError):
     status_code = 504
     error_type = "backend_error"
@@ -94,6 +115,7 @@ class BudgetExhausted(ProxyError):
     """A strategy hit its token, call or wall-time budget."""
 
     status_code = 429
+    should_retry = False
     error_type = "budget_exceeded"
     code = "budget_exhausted"
 
@@ -104,6 +126,7 @@ class StrategyFailed(ProxyError):
     status_code = 502
     error_type = "strategy_error"
     code = "strategy_failed"
+    should_retry = False
 
 
 class ClientDisconnected(Exception):

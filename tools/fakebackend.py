@@ -36,6 +36,7 @@ class FakeReply:
     logprobs_fn: Callable[[int, int, str], list[tuple[str, float]]] | None = None
     cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens (llama-server does)
     ignore_n: bool = False  # answer one choice whatever `n` asks (as transformers serve does)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. Retry-After on a 429)
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -206,10 +207,11 @@ class FakeBackend:
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, payload: bytes,
-                    content_type: str = "application/json") -> None:
+                    content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         writer.write(
-            f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
-            + payload
+            f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {len(payload)}\r\n{extra}"
+            f"\r\n".encode() + payload
         )
         await writer.drain()
 
@@ -291,7 +293,7 @@ class FakeBackend:
             return True
         if reply.status >= 400:
             error = reply.error or {"error": {"message": "scripted failure", "type": "server_error", "code": 500}}
-            await self._send(writer, reply.status, json.dumps(error).encode())
+            await self._send(writer, reply.status, json.dumps(error).encode(), headers=reply.headers)
             record.finished = True
             return True
         if n > self.slots:

@@ -28,6 +28,8 @@ DOWN_SECONDS = 5.0  # how long a backend that refused a connection is passed ove
 _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Below the 5 s idle timeout of uvicorn and llama-server, so the pool rarely reuses a connection they closed.
 DEFAULT_KEEPALIVE_SECONDS = 4.0
+# Response headers of an engine's error passed on to the client: the engine's own word on retrying.
+_RETRY_HEADERS = ("retry-after", "x-should-retry")
 # A prefill no reply of one token can contain: whether the engine echoes it shows in its answer (see
 # Backend.prefill_echoes).
 _ECHO_PROBE = "Echo probe 7Q3:"
@@ -273,6 +275,9 @@ class Backend:
         except ValueError:
             payload = None
         error = error_from_backend(response.status_code, payload, raw.decode("utf-8", "replace")[:2000])
+        for header in _RETRY_HEADERS:  # the engine's own word on when (or whether) to try again
+            if header in response.headers:
+                error.headers[header] = response.headers[header]
         requested_n = body.get("n") if body else None
         if response.status_code == 400 and isinstance(requested_n, int) and requested_n > 1:
             self.lower_n_cap(error.message, requested_n)

@@ -28,7 +28,7 @@ from strategies.framework import (
 
 from ..backends import Backend
 from ..config import Budget, StrategySettings
-from ..errors import BudgetExhausted, InvalidRequest, ProxyError, StrategyFailed
+from ..errors import BackendDown, BudgetExhausted, InvalidRequest, Overloaded, ProxyError, StrategyFailed
 from ..protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -151,8 +151,7 @@ class StrategyRun:
             try:
                 result = await self.job.strategy().run(RunContext(self.state, self.scope), self.job.params)
             except BudgetExceeded as exc:
-                raise BudgetExhausted(f"{exc}; the strategy had no answer yet",
-                                      headers={"x-should-retry": "false"}) from exc
+                raise BudgetExhausted(f"{exc}; the strategy had no answer yet") from exc
             except StrategyInputError as exc:
                 raise InvalidRequest(str(exc), code="unsupported_by_strategy") from exc
             except StrategyError as exc:
@@ -164,6 +163,8 @@ class StrategyRun:
                 raise StrategyFailed(f"strategy {self.job.strategy.slug!r} returned no answer")
         except ProxyError as exc:
             self.trace.update(0, status="error", error=exc.message, ms=self._wall_ms(), **self.budget.usage_attrs())
+            if not isinstance(exc, (Overloaded, BackendDown)):  # capacity, for now; anything else would repeat
+                exc.not_to_be_retried()
             raise
         except asyncio.CancelledError:
             self.trace.update(0, status="cancelled", ms=self._wall_ms(), **self.budget.usage_attrs())

@@ -1,0 +1,89 @@
+"""Defects found by reading the code (issue 11), each pinned by a test that failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tools.fakebackend import FakeBackend, FakeReply
+
+from .conftest import fake_config
+from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, user
+
+
+# ---- retry amplification: an error that will repeat says so, so the official SDK does not run it again ----
+
+@pytest.fixture()
+def retrying_sdk(proxy: ProxyServer, fake: FakeBackend) -> Iterator[tuple[openai.OpenAI, list[str]]]:
+    """The official SDK at its default max_retries (2), and the list of HTTP attempts it made."""
+    attempts: list[str] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: attempts.append(str(request.url))]}, timeout=30)
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", http_client=http) as sdk:
+        assert sdk.max_retries == 2
+        yield sdk, attempts
+
+
+def test_a_failed_strategy_costs_one_run(retrying_sdk, fake):
+    sdk, attempts = retrying_sdk
+    fake.script = lambda body: FakeReply(status=500)
+    with pytest.raises(openai.InternalServerError) as caught:  # the backend's 500, as every sample failed
+        sdk.chat.completions.create(model="sc:n=4-fake-model", messages=user(), seed=1)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(attempts) == 1 and len(fake.chat_requests()) == 4
+
+
+def test_a_strategy_with_too_few_survivors_costs_one_run(retrying_sdk, fake):
+    sdk, attempts = retrying_sdk
+    fake.script = lambda body: FakeReply(status=500) if body["seed"] % 2 else FakeReply()
+    with pytest.raises(openai.InternalServerError) as caught:
+        sdk.chat.completions.create(model="sc:n=4,min_success=3-fake-model", messages=user(), seed=1)
+    assert caught.value.status_code == 502 and caught.value.code == "strategy_failed"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(attempts) == 1 and len(fake.chat_requests()) == 4
+
+
+def test_a_spent_budget_costs_one_run(retrying_sdk, fake):
+    sdk, attempts = retrying_sdk
+    fake.script = lambda body: FakeReply(status=500)
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.chat.completions.create(model="sc:n=4-fake-model", messages=user(), seed=1,
+                                    extra_body={"ttc": {"budget": {"max_calls": 1}}})
+    assert caught.value.code == "budget_exhausted"
+    assert len(attempts) == 1 and len(fake.chat_requests()) == 1
+
+
+def test_a_backend_timeout_inside_a_strategy_costs_one_run(fake):
+    config = fake_config(fake, backends=[backend_entry(fake, timeouts={"read": 0.2})])
+    fake.script = lambda body: FakeReply(delay=1.0)
+    attempts: list[str] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: attempts.append(str(request.url))]}, timeout=30)
+    with ProxyServer(config) as server, openai.OpenAI(base_url=server.url + "/v1", api_key="x",
+                                                      http_client=http) as sdk:
+        with pytest.raises(openai.APIStatusError) as caught:
+            sdk.chat.completions.create(model="sc:n=2-fake-model", messages=user(), seed=1)
+    assert caught.value.status_code >= 500
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(attempts) == 1 and len(fake.chat_requests()) == 2
+
+
+def test_a_strategy_refused_by_the_backend_with_a_4xx_is_not_retried(retrying_sdk, fake):
+    sdk, attempts = retrying_sdk
+    fake.script = lambda body: FakeReply(status=409, error={"error": {"message": "conflict", "type": "x"}})
+    with pytest.raises(openai.ConflictError) as caught:  # the SDK retries 409 unless told not to
+        sdk.chat.completions.create(model="sc:n=2-fake-model", messages=user(), seed=1)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(attempts) == 1 and len(fake.chat_requests()) == 2
+
+
+def test_a_backend_429_passed_through_keeps_its_retry_after(proxy, fake):
+    fake.script = lambda body: FakeReply(status=429, headers={"Retry-After": "7"},
+                                         error={"error": {"message": "slow down", "type": "rate_limit_error"}})
+    response = chat(proxy, {"model": "fake-model", "messages": user()})
+    assert_openai_error(response, 429)
+    assert response.headers["retry-after"] == "7"
