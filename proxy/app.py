@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from strategies.framework import Strategy
 
-from .backends import Backend, BackendResponse, new_client_session
+from .backends import Backend, new_client_session
 from .backends.engine import LocalEngine
 from .config import ProxyConfig
 from .errors import (
@@ -44,6 +45,7 @@ from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
 from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
 from .runs.verifier import VerifierClient
+from .sse import relay_events
 from .streaming import EventStreamResponse, until_disconnect
 from .traces import TraceStore
 
@@ -135,28 +137,6 @@ def _rewrite_model(payload: bytes, model: str) -> bytes:
         body["model"] = model
         return json.dumps(body, separators=(",", ":")).encode()
     return payload
-
-
-async def _relay_events(response: BackendResponse, client_model: str | None) -> AsyncIterator[bytes]:
-    """The backend's SSE bytes as they arrive; with an alias, each event's `model` is put back to the client's.
-
-    A backend that breaks off or stalls mid-stream raises BackendUnreachable or BackendTimeout from the response's
-    iterator: a backend error (sent as an error event), not an internal one.
-    """
-    if client_model is None:
-        async for chunk in response.aiter_raw():
-            yield chunk
-        return
-    buffer = b""
-    async for chunk in response.aiter_raw():
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            if event.startswith(b"data: {"):
-                event = b"data: " + _rewrite_model(event[6:], client_model)
-            yield event + b"\n\n"
-    if buffer:
-        yield buffer
 
 
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None = None) -> FastAPI:
@@ -401,7 +381,9 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
         call = backend.stream(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
         response = await until_disconnect(request.receive, call.__aenter__())
         return EventStreamResponse(  # type: ignore[return-value]
-            _relay_events(response, renamed), {"x-request-id": request_id},
+            relay_events(response.aiter_raw(), backend.name,
+                         None if renamed is None else functools.partial(_rewrite_model, model=renamed)),
+            {"x-request-id": request_id},
             on_close=lambda: call.__aexit__(None, None, None),
         )
     response, payload = await until_disconnect(

@@ -87,3 +87,47 @@ def test_a_backend_429_passed_through_keeps_its_retry_after(proxy, fake):
     response = chat(proxy, {"model": "fake-model", "messages": user()})
     assert_openai_error(response, 429)
     assert response.headers["retry-after"] == "7"
+
+
+# ---- framing: events end at a blank line however the backend ends its lines (\r\n, \r or \n) ----
+
+@pytest.fixture(scope="module")
+def aliased(fake_backend: FakeBackend) -> Iterator[ProxyServer]:
+    """The proxy with the fake's model also served as `alias-model`, so streamed events are rewritten."""
+    entry = backend_entry(fake_backend, model_names={"alias-model": "fake-model"})
+    with ProxyServer(fake_config(fake_backend, backends=[entry])) as server:
+        yield server
+
+
+def timed_events(server: ProxyServer, body: dict[str, Any]) -> list[tuple[float, str]]:
+    """(seconds since the request, data) of each streamed event, as the client receives them."""
+    started = time.monotonic()
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append((time.monotonic() - started, line[6:]))
+    return events
+
+
+@pytest.mark.parametrize("line_end", ["\r\n", "\r", "\n"])
+def test_an_aliased_stream_is_relayed_event_by_event_whatever_its_line_endings(aliased, fake, line_end):
+    fake.script = lambda body: FakeReply(texts=["one two three four"], chunk_delay=0.25, sse_line_end=line_end)
+    events = timed_events(aliased, {"model": "alias-model", "messages": user(), "stream": True})
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert all(chunk["model"] == "alias-model" for chunk in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "one two three four"
+    first_token = next(t for (t, _), c in zip(events, chunks) if c["choices"][0]["delta"].get("content"))
+    assert events[-1][0] - first_token > 0.5  # the first token came while the others were still being made
+
+
+@pytest.mark.parametrize("line_end", ["\r\n", "\r"])
+def test_a_strategy_reads_a_stream_whatever_its_line_endings(proxy, fake, line_end):
+    fake.script = lambda body: FakeReply(texts=["It is 7"], sse_line_end=line_end)
+    response = chat(proxy, {"model": "deepconf:n=3,warmup=2,window=2-fake-model", "messages": user(), "seed": 1})
+    assert response.status_code == 200, response.text
+    details = response.json()["ttc"]["details"]
+    assert details["answer"] == "7" and details["failed"] == 0
+    assert [c["tokens"] for c in details["candidates"]] == [3, 3, 3]

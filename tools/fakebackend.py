@@ -37,6 +37,7 @@ class FakeReply:
     cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens (llama-server does)
     ignore_n: bool = False  # answer one choice whatever `n` asks (as transformers serve does)
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. Retry-After on a 429)
+    sse_line_end: str = "\n"  # how a stream's lines end: "\n", "\r\n" or "\r" (all valid SSE)
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -379,8 +380,10 @@ class FakeBackend:
         def chunk(data: bytes) -> None:
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
 
+        line_end = reply.sse_line_end.encode()
+
         def event(payload: dict[str, Any]) -> None:
-            chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            chunk(b"data: " + json.dumps(payload).encode() + line_end * 2)
 
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": record.body.get("model", self.model)}
@@ -417,7 +420,7 @@ class FakeBackend:
             prompt_tokens = self._prompt_tokens(record.body)
             event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                                                     "total_tokens": prompt_tokens + len(tokens), **_cached(reply)}})
-        chunk(b"data: [DONE]\n\n")
+        chunk(b"data: [DONE]" + line_end * 2)
         chunk(b"")
         await writer.drain()
         record.finished = True

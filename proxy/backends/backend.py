@@ -46,7 +46,7 @@ def new_client_session(limit: int = 1024, keepalive: float = DEFAULT_KEEPALIVE_S
 
 
 class BackendResponse:
-    """A backend's response as the proxy reads it: status, headers and body (whole, raw chunks or lines).
+    """A backend's response as the proxy reads it: status, headers and body (whole or as raw chunks).
 
     A backend that breaks off or stalls while the body is read raises BackendUnreachable or BackendTimeout.
     """
@@ -86,19 +86,6 @@ class BackendResponse:
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._error(exc) from exc
-
-    async def aiter_lines(self) -> AsyncIterator[str]:
-        """The body's lines as text, without their line endings."""
-        buffer = b""
-        async for chunk in self.aiter_raw():
-            buffer += chunk
-            if b"\n" not in buffer:
-                continue
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                yield line.rstrip(b"\r").decode("utf-8", "replace")
-        if buffer:
-            yield buffer.rstrip(b"\r").decode("utf-8", "replace")
 
     def close(self) -> None:
         """Done with the response: the connection goes back to the pool if the body was read to its end, else

@@ -30,6 +30,7 @@ from strategies.framework import (
 from ..backends import Backend
 from ..config import StrategySettings
 from ..errors import InvalidRequest, NotFound, ProxyError, StrategyFailed
+from ..sse import DONE, event_data, sse_events
 from ..traces import Trace
 from .accounting import BudgetScope
 from .sampling import (
@@ -437,7 +438,7 @@ class RunContext:
             async with asyncio.timeout_at(self._deadline()):
                 async with backend.stream(path, body, owner=state.owner, request_id=state.request_id,
                                           on_start=start) as response:
-                    async for data in _sse_data(response.aiter_lines()):
+                    async for data in _sse_data(response.aiter_raw(), backend.name):
                         if isinstance(data.get("usage"), dict):
                             usage = data["usage"]
                         for choice in data.get("choices") or []:
@@ -699,12 +700,13 @@ def _ask_token_ids(backend: Backend, body: dict[str, Any]) -> None:
         body["return_tokens_as_token_ids"] = True
 
 
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
-    async for line in lines:
-        if not line.startswith("data:"):
+async def _sse_data(chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a backend's stream until `[DONE]`; an error event fails the call."""
+    async for lines in sse_events(chunks, source):
+        data = event_data(lines)
+        if data is None:
             continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        if data == DONE:
             return
         try:
             parsed = json.loads(data)

@@ -1,0 +1,79 @@
+"""Server-sent events as the spec frames them: lines end in \\r\\n, \\n or \\r, and a blank line ends an event.
+
+Engines mostly send \\n\\n; one that sends \\r\\n\\r\\n (or \\r\\r) is read event by event all the same, not buffered
+to the end of its stream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+
+from .errors import BackendUnreachable
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+DONE = b"[DONE]"
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The lines of a byte stream, without their endings; an unterminated last line comes last."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        start = 0
+        for match in _LINE_END.finditer(buffer):
+            if match.group() == b"\r" and match.end() == len(buffer):
+                break  # maybe the first half of a \r\n split between chunks: wait for the next one
+            yield buffer[start:match.start()]
+            start = match.end()
+        buffer = buffer[start:]
+    if buffer:
+        yield buffer.rstrip(b"\r")
+
+
+async def sse_events(chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[list[bytes]]:
+    """Each event's lines, as soon as the blank line ending it arrives.
+
+    A stream that ends inside an event lost it (the spec drops an unfinished event): BackendUnreachable naming
+    `source`, unless all that is unfinished is the `data: [DONE]` terminator."""
+    lines: list[bytes] = []
+    async for line in sse_lines(chunks):
+        if line:
+            lines.append(line)
+        elif lines:
+            yield lines
+            lines = []
+    if lines:
+        if event_data(lines) == DONE:
+            yield lines
+            return
+        raise BackendUnreachable(f"backend {source} ended its stream in the middle of an event "
+                                 f"({sum(len(line) for line in lines)} bytes of it)")
+
+
+def event_data(lines: list[bytes]) -> bytes | None:
+    """An event's data (its `data:` lines joined by newlines), None if it has none (a comment, a keep-alive)."""
+    data = [line[6:] if line.startswith(b"data: ") else line[5:] for line in lines if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
+
+
+async def relay_events(chunks: AsyncIterator[bytes], source: str,
+                       rewrite: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
+    """A backend's stream passed on event by event, framed with \\n\\n; `rewrite` changes each JSON data payload.
+
+    It always ends with `data: [DONE]` (an engine that ends without one, as transformers serve does, gets one);
+    a stream cut inside an event raises BackendUnreachable (sent to the client as an error event)."""
+    done = False
+    async for lines in sse_events(chunks, source):  # read to the end, so the connection can be reused
+        data = event_data(lines)
+        if done:
+            continue
+        if data == DONE:
+            done = True
+            yield b"data: [DONE]\n\n"
+        elif rewrite is not None and data is not None and data.startswith(b"{"):
+            yield b"data: " + rewrite(data) + b"\n\n"
+        else:
+            yield b"\n".join(lines) + b"\n\n"
+    if not done:
+        yield b"data: [DONE]\n\n"
