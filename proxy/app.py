@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -47,7 +48,8 @@ from .runs.validation import check_budget, check_capabilities, check_engine_fiel
 from .runs.verifier import VerifierClient
 from .sse import relay_events
 from .streaming import EventStreamResponse, until_disconnect
-from .traces import TraceStore
+from .replicas import share_bounds
+from .traces import TraceStore, open_trace_store
 
 log = logging.getLogger("ttc_proxy.app")
 
@@ -82,14 +84,16 @@ class ProxyState:
     def backend_for(self, route: Route) -> Backend:
         return self.backends_for(route)[0]
 
-    def authorize(self, headers: Mapping[str, str]) -> None:
+    def authorize(self, headers: Mapping[str, str]) -> str | None:
+        """The id of the proxy key the request carries (key_id: a digest, never the key); None without keys."""
         if not self.api_keys:
-            return
+            return None
         supplied = headers.get("authorization", "")
         key = (supplied[7:] if supplied.lower().startswith("bearer ") else headers.get("api-key", "")).encode()
         # compared in constant time with every key, so timing tells nothing about how much of a key matched
         if not any([hmac.compare_digest(key, known.encode()) for known in self.api_keys]):
             raise Unauthorized("invalid or missing API key for this proxy")
+        return key_id(key)
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused (413) above `server.max_body_bytes` before or while it is read."""
@@ -107,6 +111,11 @@ class ProxyState:
                                       f"(server.max_body_bytes)")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def key_id(key: bytes) -> str:
+    """A proxy key's name in traces and logs: enough of its SHA-256 to tell keys apart, nothing to recover it."""
+    return "key-" + hashlib.sha256(key).hexdigest()[:16]
 
 
 def error_response(exc: ProxyError, request_id: str | None = None) -> JSONResponse:
@@ -145,10 +154,9 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         strategies = registry if registry is not None else load_registry()[0]
-        state = ProxyState(config, strategies, TraceStore(config.server.trace_store_size),
-                           api_keys=config.server.accepted_keys())
         engines: list[LocalEngine] = []
-        async with new_client_session(limit=1024) as client:
+        async with new_client_session(limit=1024) as client, open_trace_store(config.server) as traces:
+            state = ProxyState(config, strategies, traces, api_keys=config.server.accepted_keys())
             state.verifiers = VerifierClient(config.verifiers, client)
             try:
                 for backend_config in config.backends:
@@ -161,6 +169,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                     assert base_url is not None
                     backend = Backend(backend_config, base_url, client)
                     await backend.discover()
+                    share_bounds(backend.name, backend.scheduler, config.server.sharing())
                     state.backends[backend.name] = backend
                     log.info("backend %s at %s: %s", backend.name, backend.base_url, backend.capabilities)
                 app.state.proxy = state
@@ -226,14 +235,14 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
         state: ProxyState = request.app.state.proxy
         trace_id = request.path_params["trace_id"]
         try:
-            state.authorize(request.headers)
-            trace = state.traces.get(trace_id)
+            owner = state.authorize(request.headers)
+            trace = await state.traces.get(trace_id, owner)  # another key's trace is absent, as an unknown id
             if trace is None:
-                raise NotFound(f"no trace {trace_id!r} (the store keeps the latest {state.traces.capacity})",
+                raise NotFound(f"no trace {trace_id!r} for this key ({state.traces.describe()})",
                                param="trace_id", code="trace_not_found")
         except ProxyError as exc:
             return error_response(exc)
-        return JSONResponse(trace.to_dict())
+        return Response(trace, media_type="application/json")
 
     async def chat_completions(request: Request) -> Response:
         return await _serve(request, "/chat/completions", ChatCompletionRequest)
@@ -309,7 +318,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
     usable = client_id and len(client_id) <= 256 and client_id.isascii() and client_id.isprintable()
     request_id = client_id if usable else uuid.uuid4().hex
     try:
-        state.authorize(request.headers)
+        key = state.authorize(request.headers)
         body = parse_json_object(await state.read_body(request))
         parsed = validate_request(schema, body)
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
@@ -338,6 +347,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             backend=backend,
             backend_model=backend.engine_model(route.model),
             request_id=request_id,
+            key_id=key,
         )
         check_engine_fields(backend, set(sampling_of(parsed, body, state.config.strategies).extra))
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,

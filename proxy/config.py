@@ -195,6 +195,24 @@ class ServerSettings(StrictModel):
     keepalive_seconds: float = Field(default=5.0, gt=0)
     trace_store_size: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # a larger request body is a 413, unread
+    # Where traces are kept: `memory` (this process; bounded by trace_store_size and trace_store_bytes) or a Redis
+    # URL (redis://host:port/db, rediss://, unix://) every replica shares. Either way each trace is cut to
+    # trace_max_bytes and expires trace_ttl_seconds after its last snapshot.
+    trace_store: str = Field(default="memory", pattern=r"^(memory|rediss?://.*|unix://.*)$")
+    trace_store_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    trace_max_bytes: int = Field(default=1024 * 1024, ge=4096)
+    trace_ttl_seconds: float = Field(default=3600.0, gt=0)
+    # Proxy processes started by `ttc-proxy serve` (uvicorn workers; `--workers` overrides), and in all sharing
+    # the backends (other hosts' included; default: workers). Each process takes 1/replicas of every backend's
+    # in-flight and queue bounds, so together they keep the engine's limit.
+    workers: int = Field(default=1, ge=1)
+    replicas: int | None = Field(default=None, ge=1)
+    # On SIGTERM: stop accepting, let requests in flight (streams included) finish for at most this, then exit.
+    shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    def sharing(self) -> int:
+        """How many proxy processes share each backend's bounds."""
+        return self.replicas or self.workers
 
     def accepted_keys(self) -> frozenset[str]:
         keys = set(self.api_keys)

@@ -159,7 +159,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
 
     from proxy.app import ProxyState
     from proxy.errors import Unauthorized
-    from proxy.traces import TraceStore
+    from proxy.traces import MemoryTraceStore
 
     compared = []
     real = hmac.compare_digest
@@ -167,7 +167,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
     from proxy.config import ProxyConfig
 
     config = ProxyConfig.model_validate({"backends": [{"name": "b", "base_url": "http://127.0.0.1:9"}]})
-    state = ProxyState(config=config, registry={}, traces=TraceStore(1), api_keys=frozenset(KEYS))
+    state = ProxyState(config=config, registry={}, traces=MemoryTraceStore(1), api_keys=frozenset(KEYS))
     state.authorize({"authorization": "Bearer proxy-key-1"})
     assert len(compared) == len(KEYS)  # every key compared, the matching one too
     with pytest.raises(Unauthorized):

@@ -8,6 +8,8 @@ import sys
 
 from proxy.config import ConfigError, resolve_config
 
+from .argtypes import positive_int
+
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -21,7 +23,14 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, access_log=False)
+    workers = args.workers or config.server.workers
+    if workers > 1:
+        from proxy.replicas import WorkerSetup, run_workers
+
+        run_workers(config, WorkerSetup(args.config, args.backend, workers, args.log_level), host=host, port=port)
+        return 0
+    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=config.server.shutdown_timeout_seconds)
     return 0
 
 
@@ -35,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--host")
     serve_parser.add_argument("--port", type=int)
     serve_parser.add_argument("--log-level", default="info")
+    serve_parser.add_argument("--workers", type=positive_int,
+                              help="proxy worker processes (default: server.workers, 1); each takes 1/N of every "
+                                   "backend's bounds; an embedded engine is started once, shared")
     serve_parser.set_defaults(handler=serve)
 
     from . import bench, calibrate, engines, probe, pts, strategy_bench

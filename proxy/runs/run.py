@@ -74,6 +74,7 @@ class StrategyRequest:
     backend: Backend
     backend_model: str
     request_id: str
+    key_id: str | None = None  # the proxy key that asked (its id): its trace is readable with that key alone
 
 
 def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequest, raw: Mapping[str, Any]) -> None:
@@ -131,8 +132,8 @@ class StrategyRun:
         self.job = job
         self.id = f"chatcmpl-ttc-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.trace = Trace(job.strategy.slug)
-        traces.add(self.trace)
+        self.trace = Trace(job.strategy.slug, owner=job.key_id)
+        self.traces = traces
         self.state = RunState(owner=job.request_id, request_id=job.request_id, settings=settings,
                               registry=registry, trace=self.trace, verifiers=verifiers, backend_for=backend_for,
                               pivot_sets=pivot_sets or {})
@@ -147,6 +148,13 @@ class StrategyRun:
                           **({"over": job.spec.over.describe()} if job.spec.over else {}))
 
     async def execute(self) -> StrategyResult:
+        await self.traces.save(self.trace)  # readable while it runs
+        try:
+            return await self._execute()
+        finally:  # a cancelled run's too: the store's writer finishes a write its saver stopped waiting for
+            await self.traces.save(self.trace)
+
+    async def _execute(self) -> StrategyResult:
         try:
             try:
                 result = await self.job.strategy().run(RunContext(self.state, self.scope), self.job.params)
