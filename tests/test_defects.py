@@ -131,3 +131,78 @@ def test_a_strategy_reads_a_stream_whatever_its_line_endings(proxy, fake, line_e
     details = response.json()["ttc"]["details"]
     assert details["answer"] == "7" and details["failed"] == 0
     assert [c["tokens"] for c in details["candidates"]] == [3, 3, 3]
+
+
+# ---- aborted streams are paid for: their prompt, and the tokens that came before the abort ----
+
+PROMPT_TOKENS = 5  # "What is 6 times 7?" in the fake's word pieces
+
+
+def test_a_stream_the_backend_breaks_off_still_counts_its_prompt_and_tokens(client, fake):
+    def script(body: dict[str, Any]) -> FakeReply:
+        broken = body.get("stream") and body["seed"] == 3  # the one online trace
+        return FakeReply(texts=["It is 7 and so on"], fail_after_chunks=2 if broken else None)
+
+    fake.script = script
+    completion = client.chat.completions.create(model="deepconf:n=3,warmup=2,window=2-fake-model",
+                                                messages=user(), seed=1)
+    assert completion.ttc["details"]["failed"] == 1 and completion.ttc["backend_calls"] == 3
+    assert completion.usage.prompt_tokens == 3 * PROMPT_TOKENS
+    assert completion.usage.completion_tokens == 2 * 6 + 2
+
+
+def test_a_stream_pruned_by_the_proxy_counts_its_prompt(client, fake):
+    from .test_deepconf import script_by_seed
+
+    fake.script = script_by_seed({105, 106, 107})
+    completion = client.chat.completions.create(model="deepconf:n=8,warmup=4,window=3-fake-model",
+                                                messages=user(), seed=100, max_tokens=64)
+    assert completion.ttc["details"]["pruned"] == 3
+    assert completion.usage.prompt_tokens == 8 * PROMPT_TOKENS
+
+
+def test_a_queued_stream_is_checked_against_the_budget_when_it_starts(fake):
+    config = fake_config(fake, backends=[backend_entry(fake, max_in_flight=1)])
+    fake.script = lambda body: FakeReply(texts=["It is 7"], chunk_delay=0.05)
+    with ProxyServer(config) as server:
+        response = chat(server, {"model": "deepconf:n=5,warmup=2,window=2-fake-model", "messages": user(),
+                                 "seed": 1, "ttc": {"budget": {"max_calls": 3}}})
+    body = response.json()
+    assert response.status_code == 200, body
+    # three online traces queue for the one slot; the budget lets one start, the other two are refused there
+    assert body["ttc"]["backend_calls"] == 3 == len(fake.chat_requests())
+    assert body["ttc"]["budget_exhausted"] is True
+    assert body["usage"]["prompt_tokens"] == 3 * PROMPT_TOKENS
+
+
+def test_a_stream_cut_by_the_deadline_counts_its_prompt_and_a_queued_one_nothing(fake):
+    config = fake_config(fake, backends=[backend_entry(fake, max_in_flight=1)])
+    fake.script = lambda body: FakeReply(texts=["It is 7 and so on and on"], chunk_delay=0.3 if body.get("stream")
+                                         else 0)
+    with ProxyServer(config) as server:
+        response = chat(server, {"model": "deepconf:n=4,warmup=2,window=2-fake-model", "messages": user(),
+                                 "seed": 1, "ttc": {"budget": {"max_seconds": 1.0}}})
+    body = response.json()
+    assert response.status_code == 200, body
+    # two warm-up calls, then one trace streams (slowly, 2 tokens before the deadline) while the other waits
+    assert body["ttc"]["backend_calls"] == 3 == len(fake.chat_requests())
+    assert body["ttc"]["budget_exhausted"] is True
+    assert body["usage"]["prompt_tokens"] == 3 * PROMPT_TOKENS
+
+
+# ---- deepconf: a trace without logprobs has no confidence, which is reported as such, not a 500 ----
+
+def test_deepconf_with_a_trace_without_logprobs(client, fake):
+    fake.script = lambda body: FakeReply(texts=["It is 7"], logprobs=not body.get("stream"))
+    completion = client.chat.completions.create(model="deepconf:n=3,warmup=2,window=2-fake-model",
+                                                messages=user(), seed=1)
+    assert "confidence n/a" in completion.choices[0].message.reasoning_content
+    candidates = completion.ttc["details"]["candidates"]
+    assert [c["confidence"] is None for c in candidates] == [False, False, True]
+
+
+def test_deepconf_with_no_logprobs_at_all_is_an_openai_error(proxy, fake):
+    fake.script = lambda body: FakeReply(texts=["It is 7"], logprobs=False)
+    response = chat(proxy, {"model": "deepconf:n=3,warmup=2-fake-model", "messages": user(), "seed": 1})
+    error = assert_openai_error(response, 502, code="strategy_failed")
+    assert "logprobs" in error["message"]

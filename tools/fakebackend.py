@@ -38,6 +38,7 @@ class FakeReply:
     ignore_n: bool = False  # answer one choice whatever `n` asks (as transformers serve does)
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. Retry-After on a 429)
     sse_line_end: str = "\n"  # how a stream's lines end: "\n", "\r\n" or "\r" (all valid SSE)
+    logprobs: bool = True  # False: no logprobs even when asked for
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -321,7 +322,7 @@ class FakeBackend:
                                           "finish_reason": reply.finish_reason}
             else:
                 choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
-            if body.get("logprobs"):
+            if body.get("logprobs") and reply.logprobs:
                 choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
             choices.append(choice)
         counted = [len(_tokens(t)) for t in texts]
@@ -403,7 +404,7 @@ class FakeBackend:
                 choice: dict[str, Any] = {"index": 0, "delta": {"content": content}, "finish_reason": None}
             else:
                 choice = {"index": 0, "text": token, "finish_reason": None}
-            if record.body.get("logprobs"):
+            if record.body.get("logprobs") and reply.logprobs:
                 choice["logprobs"] = {"content": self._logprob_entries(token, reply, record.body)}
             event({**base, "choices": [choice]})
             await writer.drain()

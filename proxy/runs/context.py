@@ -492,14 +492,15 @@ class RunContext:
             if usage is not None and usage.get("prompt_tokens") is not None:
                 prompt_tokens = int(usage["prompt_tokens"])
                 state.learn_prompt(prompt_key(body), prompt_tokens)
-            elif status.startswith("cut@") or status == "cancelled":
-                # Cut before the engine reported usage: the same prompt's report from another call, else a
+            elif start.started:
+                # Sent, and ended before the engine reported usage (cut, cancelled, timed out, broken off): the
+                # engine read the prompt all the same. The same prompt's report from another call, else a
                 # character estimate (marked as estimated).
                 prompt_tokens, estimated = state.prompt_size(body)
             else:
-                prompt_tokens = 0
+                prompt_tokens = 0  # never sent: refused by the budget, or cancelled while it waited for a slot
             completion_tokens = int((usage or {}).get("completion_tokens") or tokens) if status == "ok" else tokens
-            if status != "refused":
+            if start.started:
                 budget.charge(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, estimated=estimated,
                               cached_prompt_tokens=cached_prompt_tokens(usage or {}))
             state.trace.update(node, status=status, ms=_ms_since(started), prompt_tokens=prompt_tokens,
@@ -663,6 +664,7 @@ class _Start:
     def __init__(self, budget: BudgetScope, state: RunState, node: int, body: dict[str, Any], n: int) -> None:
         self._budget, self._state, self._node, self._body, self._n = budget, state, node, body, n
         self._reserved = 0
+        self.started = False  # it got its slot and passed the budget: it is sent
 
     def __call__(self) -> None:
         prompt, _ = self._state.prompt_size(self._body)  # now: a call that ran meanwhile may have reported it
@@ -670,6 +672,7 @@ class _Start:
         granted = self._budget.reserve(prompt, asked, self._n)
         self._reserved = prompt + self._n * granted
         self._budget.charge(calls=1)
+        self.started = True
         if granted < asked:
             self._body["max_tokens"] = granted
         self._state.trace.update(self._node, status="running",
