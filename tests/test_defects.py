@@ -206,3 +206,38 @@ def test_deepconf_with_no_logprobs_at_all_is_an_openai_error(proxy, fake):
     response = chat(proxy, {"model": "deepconf:n=3,warmup=2-fake-model", "messages": user(), "seed": 1})
     error = assert_openai_error(response, 502, code="strategy_failed")
     assert "logprobs" in error["message"]
+
+
+# ---- nesting: no request shape escapes the composition limits or the budget ----
+
+def nested_over(depth: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"strategy": "sc", "params": {"n": 2}}
+    for _ in range(depth - 1):
+        spec = {"strategy": "sc", "params": {"n": 2}, "over": spec}
+    return spec
+
+
+@pytest.mark.parametrize("depth", [4, 50, 900])
+def test_a_deep_ttc_composition_is_a_400(proxy, fake, depth):
+    outer = nested_over(depth)
+    body = {"model": "fake-model", "messages": user(), "ttc": outer}
+    error = assert_openai_error(chat(proxy, body), 400)
+    assert error["code"] in ("composition_too_deep", "invalid_json"), error
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("depth", [4, 10_000])
+def test_a_deep_model_name_composition_is_a_400(proxy, fake, depth):
+    model = ">".join(["sc:n=2"] * depth) + "-fake-model"
+    error = assert_openai_error(chat(proxy, {"model": model, "messages": user()}), 400)
+    assert error["code"] == "composition_too_deep"
+    assert len(error["message"]) < 2_000  # names the limit without echoing the whole composition
+    assert fake.requests == []
+
+
+def test_a_nested_composition_cannot_exceed_max_calls(client, fake):
+    fake.script = lambda body: FakeReply(delay=0.02)
+    completion = client.chat.completions.create(
+        model="sc:n=8>sc:n=8-fake-model", messages=user(), seed=3, extra_body={"ttc": {"budget": {"max_calls": 2}}})
+    assert completion.ttc["backend_calls"] == 2 == len(fake.chat_requests())
+    assert completion.ttc["budget_exhausted"] is True

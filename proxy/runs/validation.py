@@ -62,8 +62,11 @@ def check_spec(spec: StrategySpec, registry: Mapping[str, type[Strategy]], setti
     checked = []
     chain = spec.chain()
     if depth + len(chain) > MAX_COMPOSITION_DEPTH:
+        described = spec.describe()
+        if len(described) > 200:  # not echoed whole: a request may nest thousands
+            described = described[:200] + "..."
         raise InvalidRequest(
-            f"'{spec.describe()}' nests {depth + len(chain)} strategy runs; the limit is {MAX_COMPOSITION_DEPTH}",
+            f"'{described}' nests {depth + len(chain)} strategy runs; the limit is {MAX_COMPOSITION_DEPTH}",
             param="model", code="composition_too_deep")
     for i, level in enumerate(chain):
         strategy = strategy_of(level.slug, registry)
