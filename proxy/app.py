@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import json
@@ -24,7 +23,6 @@ from .backends import Backend, new_client_session
 from .backends.engine import LocalEngine
 from .config import ProxyConfig
 from .errors import (
-    BackendConnectFailed,
     ClientDisconnected,
     InvalidRequest,
     NotFound,
@@ -41,12 +39,12 @@ from .protocol import (
     TokenizeResponse,
     validate_request,
 )
+from .passthrough import pass_through
 from .registry import load_registry
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
 from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
 from .runs.verifier import VerifierClient
-from .sse import relay_events
 from .streaming import EventStreamResponse, until_disconnect
 from .replicas import share_bounds
 from .traces import TraceStore, open_trace_store
@@ -135,17 +133,6 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
     return body
-
-
-def _rewrite_model(payload: bytes, model: str) -> bytes:
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):
-        return payload
-    if isinstance(body, dict) and "model" in body:
-        body["model"] = model
-        return json.dumps(body, separators=(",", ":")).encode()
-    return payload
 
 
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None = None) -> FastAPI:
@@ -325,7 +312,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         candidates = state.backends_for(route)
         backend = candidates[0]
         if route.spec is None:
-            return await _pass_through(request, candidates, path, body, route, request_id)
+            return await pass_through(request, candidates, path, body, route, request_id)
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
@@ -363,44 +350,3 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         return error_response(exc, request_id)
     except ClientDisconnected:
         return Response(status_code=499)
-
-
-async def _pass_through(request: Request, candidates: list[Backend], path: str, body: dict[str, Any], route: Route,
-                        request_id: str) -> Response:
-    """The request to the first backend serving its model; one that refuses the connection (the request never
-    reached it) hands it to the next."""
-    for i, backend in enumerate(candidates):
-        try:
-            return await _pass_through_to(request, backend, path, dict(body), route, request_id)
-        except BackendConnectFailed:
-            if i + 1 == len(candidates):
-                raise
-            log.warning("backend %s refused the connection; trying %s", backend.name, candidates[i + 1].name)
-    raise AssertionError("no candidates")
-
-
-async def _pass_through_to(request: Request, backend: Backend, path: str, body: dict[str, Any], route: Route,
-                           request_id: str) -> Response:
-    client_model = body["model"]
-    body["model"] = backend.engine_model(route.model)
-    content = json.dumps(body).encode()
-    n = body.get("n")
-    cost = n if isinstance(n, int) and n > 0 else 1
-    renamed = client_model if client_model != body["model"] else None
-    if body.get("stream"):
-        call = backend.stream(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
-        response = await until_disconnect(request.receive, call.__aenter__())
-        return EventStreamResponse(  # type: ignore[return-value]
-            relay_events(response.aiter_raw(), backend.name,
-                         None if renamed is None else functools.partial(_rewrite_model, model=renamed)),
-            {"x-request-id": request_id},
-            on_close=lambda: call.__aexit__(None, None, None),
-        )
-    response, payload = await until_disconnect(
-        request.receive, backend.call(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
-    )
-    if renamed is not None:
-        payload = _rewrite_model(payload, renamed)
-    return Response(payload, status_code=response.status_code,
-                    media_type=response.headers.get("content-type", "application/json"),
-                    headers={"x-request-id": request_id})

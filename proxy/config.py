@@ -32,6 +32,7 @@ class CapabilityOverrides(StrictModel):
     render: bool | None = None
     token_ids: bool | None = None
     logit_bias: bool | None = None
+    stop_kept: bool | None = None
     # Engine fields (beyond the OpenAI standard) a strategy call may carry; unset: whatever the kind's preset says.
     engine_fields: list[str] | None = None
 

@@ -133,6 +133,14 @@ class ClientDisconnected(Exception):
     """The client went away; every backend call made for it is cancelled."""
 
 
+def _detail_text(detail: Any) -> str:
+    """FastAPI's `detail`: a string, or validation errors [{"loc": [...], "msg": ...}, ...]."""
+    if isinstance(detail, list) and all(isinstance(d, dict) and "msg" in d for d in detail):
+        return "; ".join(": ".join(x for x in (".".join(map(str, d.get("loc") or ())), str(d["msg"])) if x)
+                         for d in detail)
+    return str(detail)
+
+
 def error_from_backend(status_code: int, payload: Any, text: str = "") -> BackendError:
     """Normalise any backend error body (OpenAI, llama.cpp, FastAPI `detail`, plain text) to OpenAI shape."""
     message: str | None = None
@@ -142,18 +150,20 @@ def error_from_backend(status_code: int, payload: Any, text: str = "") -> Backen
     if isinstance(payload, dict):
         err = payload.get("error", payload)
         if isinstance(err, dict):
-            message = err.get("message") or err.get("detail")
+            message = err.get("message") or (_detail_text(err["detail"]) if err.get("detail") else None)
             error_type = err.get("type")
             param = err.get("param")
             code = err.get("code")
         elif isinstance(err, str):
             message = err
         if message is None and "detail" in payload:
-            message = str(payload["detail"])
+            message = _detail_text(payload["detail"])
         if message is None and isinstance(payload.get("message"), str):
             message = payload["message"]
     if not message:
         message = text.strip() or f"backend answered HTTP {status_code}"
+    if status_code == 422:  # FastAPI engines (transformers serve) refuse a request so; the OpenAI API says 400
+        status_code = 400
     error = BackendError(
         str(message),
         param=param if isinstance(param, str) else None,

@@ -98,7 +98,8 @@ def test_unknown_path_and_method(proxy, fake):
 def test_backend_error_status_and_message_pass_through(proxy, fake, status):
     fake.script = lambda body: FakeReply(status=status, error={
         "error": {"message": f"backend says {status}", "type": "weird_type", "param": "messages", "code": "E1"}})
-    error = assert_openai_error(chat(proxy, {"model": "fake-model", "messages": user()}), status)
+    # 422 is how FastAPI engines (transformers serve) refuse a request; the OpenAI API's status for it is 400
+    error = assert_openai_error(chat(proxy, {"model": "fake-model", "messages": user()}), 400 if status == 422 else status)
     assert error["message"] == f"backend says {status}"
     assert error["param"] == "messages" and error["code"] == "E1" and error["type"] == "weird_type"
     still_serving(proxy, fake)
@@ -107,6 +108,8 @@ def test_backend_error_status_and_message_pass_through(proxy, fake, status):
 @pytest.mark.parametrize(("payload", "message"), [
     ({"error": {"code": 500, "message": "llama.cpp shaped", "type": "server_error"}}, "llama.cpp shaped"),
     ({"detail": "fastapi shaped"}, "fastapi shaped"),
+    ({"detail": [{"loc": ["body", "top_k"], "msg": "extra fields not permitted", "type": "x"}]},
+     "body.top_k: extra fields not permitted"),
     ({"error": "just a string"}, "just a string"),
     ({"message": "top-level message"}, "top-level message"),
     ({"object": "error", "message": "vllm shaped", "type": "BadRequestError", "code": 400}, "vllm shaped"),
@@ -245,10 +248,14 @@ def test_n_error_lowers_the_remembered_cap(fake_backend, fake):
         assert [r.body["n"] for r in fake.chat_requests()] == [4, 4]
 
 
-def test_pass_through_n_error_is_the_clients(client, fake):
-    with pytest.raises(openai.BadRequestError, match="n must be <= 4"):
-        client.chat.completions.create(model="fake-model", messages=user(), n=6)
-    assert [r.body["n"] for r in fake.chat_requests()] == [6]  # the client's own n: forwarded, not split
+def test_pass_through_n_above_the_engines_cap_is_split(client, fake):
+    """The fake, like llama-server, takes n up to its 4 slots: n=6 is two calls at once, one reply."""
+    response = client.chat.completions.create(model="fake-model", messages=user(), n=6, seed=5)
+    assert sorted(r.body.get("n", 1) for r in fake.chat_requests()) == [2, 4]
+    assert sorted(r.body["seed"] for r in fake.chat_requests()) == [5, 6]  # each call samples afresh
+    assert [c.index for c in response.choices] == list(range(6))
+    calls = [r.body for r in fake.chat_requests()]
+    assert response.usage.prompt_tokens > 0 and len(calls) == 2
 
 
 def test_health(proxy):

@@ -38,6 +38,7 @@ class FakeReply:
     ignore_n: bool = False  # answer one choice whatever `n` asks (as transformers serve does)
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. Retry-After on a 429)
     sse_line_end: str = "\n"  # how a stream's lines end: "\n", "\r\n" or "\r" (all valid SSE)
+    send_done: bool = True  # end a stream with data: [DONE] (transformers serve does not)
     logprobs: bool = True  # False: no logprobs even when asked for
 
 
@@ -421,7 +422,8 @@ class FakeBackend:
             prompt_tokens = self._prompt_tokens(record.body)
             event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                                                     "total_tokens": prompt_tokens + len(tokens), **_cached(reply)}})
-        chunk(b"data: [DONE]" + line_end * 2)
+        if reply.send_done:
+            chunk(b"data: [DONE]" + line_end * 2)
         chunk(b"")
         await writer.drain()
         record.finished = True

@@ -193,7 +193,8 @@ class Backend:
     async def _probe(self) -> None:
         """`probe: true`: measure the engine (proxy/backends/probe.py) and use what was measured over the preset;
         configured `capabilities` still win."""
-        model = next(iter(self.config.models or self.discovered_models), None)
+        served = next(iter(self.served_models), None)
+        model = self.engine_model(served) if served is not None else None
         report = await probe(self.client, self.base_url, model, api_key=self._api_key,
                              timeout=self.config.timeouts.read)
         if not report.value("chat"):

@@ -28,6 +28,7 @@ class Capabilities:
     logit_bias: bool
     # Engine fields beyond the OpenAI standard that a call may carry; None: not known, anything is forwarded.
     engine_fields: frozenset[str] | None
+    stop_kept: bool = False  # a `stop` string that ended the reply stays in it (the proxy cuts it)
 
     def with_overrides(self, overrides: CapabilityOverrides) -> Capabilities:
         changes = {k: v for k, v in overrides.model_dump().items() if v is not None}
@@ -68,9 +69,10 @@ PRESETS: dict[BackendKind, Capabilities] = {
     "llama_cpp": Capabilities("llama_cpp", 1, True, 20, True, True, True, True, True, True, True, _LLAMA_CPP_FIELDS),
     "vllm": Capabilities("vllm", 64, True, 20, True, True, False, True, True, True, True, _VLLM_FIELDS),
     # Measured (`ttc-proxy probe`, transformers 5.19): n ignored (one choice), no logprobs, no prefill, raw
-    # /v1/completions of a text prompt, no tokenizer or template endpoint (a configured chat_template renders).
+    # /v1/completions of a text prompt, no tokenizer or template endpoint (a configured chat_template renders),
+    # the stop string left in the reply.
     "transformers": Capabilities("transformers", 1, False, 0, False, True, False, False, False, False, False,
-                                 frozenset()),
+                                 frozenset(), stop_kept=True),
     "openai": Capabilities("openai", 8, True, 20, False, False, False, False, False, False, True,
                            frozenset({"logit_bias", "response_format"})),
     "generic": Capabilities("generic", 1, False, 0, False, False, False, False, False, False, False, None),

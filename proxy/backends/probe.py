@@ -285,6 +285,16 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
         _content(_choices(first[1])[0]) == _content(_choices(second[1])[0])
     report.add("seed_determinism", bool(same), "two seeded samples at temperature 1")
 
+    status, payload, _ = await engine.post(chat, body(max_tokens=6))
+    free = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
+    stop = free.strip()[1:3] if len(free.strip()) >= 3 else ""  # text the greedy reply goes through
+    if stop:
+        status, payload, _ = await engine.post(chat, body(max_tokens=6, stop=[stop]))
+        cut = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
+        report.add("stop_kept", stop in cut, f"stop {stop!r} in the greedy {free!r}: the reply was {cut!r}")
+    else:
+        report.add("stop_kept", None, f"not measurable: the greedy reply {free!r} is too short")
+
     done, usage, note = await engine.stream_tail(body(stream=True, stream_options={"include_usage": True}))
     report.add("stream_done", done, f"the stream ends with data: [DONE] ({note})")
     report.add("stream_usage", usage, "stream_options.include_usage gives a usage chunk")
@@ -295,7 +305,7 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
 
 
 CONFIG_FIELDS = ("max_n", "logprobs", "max_top_logprobs", "prefill", "completions", "usage_counts_one_choice",
-                 "tokenize", "render", "token_ids", "logit_bias")
+                 "tokenize", "render", "token_ids", "logit_bias", "stop_kept")
 
 
 def config_block(report: ProbeReport, name: str = "probed") -> str:

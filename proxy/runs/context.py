@@ -28,6 +28,7 @@ from strategies.framework import (
 )
 
 from ..backends import Backend
+from ..backends.stops import StreamedStopCutter, cut_stops_in_reply, stop_strings
 from ..config import StrategySettings
 from ..errors import InvalidRequest, NotFound, ProxyError, StrategyFailed
 from ..sse import DONE, event_data, sse_events
@@ -238,6 +239,8 @@ class RunContext:
         scope, state = self._scope, self._state
         backend, budget = scope.backend, scope.budget
         chat = "messages" in body
+        if backend.capabilities.stop_kept:
+            cut_stops_in_reply(payload, stop_strings(body))
         parsed = parse_choices(payload, chat)
         if not parsed:
             state.trace.update(node, status="error", error="no choices")
@@ -429,6 +432,8 @@ class RunContext:
         started = time.monotonic()
         start = _Start(budget, state, node, body, 1)
         reader = TokenReader(backend.capabilities.kind == "llama_cpp")
+        stops = stop_strings(body) if backend.capabilities.stop_kept else []
+        cutter = StreamedStopCutter(stops) if stops else None
         usage: dict[str, Any] | None = None
         text_parts: list[str] = []
         tokens = 0
@@ -466,9 +471,17 @@ class RunContext:
                                     yield StreamEvent(piece, token)
                             elif text:
                                 tokens += 1
-                                text_parts.append(text)
-                                yield StreamEvent(text)
+                                text = cutter.feed(0, text) if cutter is not None else text
+                                if text:
+                                    text_parts.append(text)
+                                    yield StreamEvent(text)
                             if finish:
+                                if cutter is not None:
+                                    rest = cutter.flush(0)
+                                    if rest:
+                                        text_parts.append(rest)
+                                        yield StreamEvent(rest)
+                                    finish = "stop" if 0 in cutter.stopped else finish
                                 yield StreamEvent("", None, finish)
             status = "ok"
         except TimeoutError as exc:

@@ -8,6 +8,7 @@ serving a Hugging Face folder converted from the packaged SmolLM2 GGUF (tools/en
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,8 @@ ENGINES_VENV = ROOT / ".venv-engines"
 MODEL_FOLDER = ROOT / "build" / "smollm2-hf"
 SERVED_NAME = "smollm2"
 KINDS = ("vllm", "transformers")
+SMOLLM2_CHATML = {"message": "<|im_start|>{role}\n{content}<|im_end|>\n",
+                  "generation_prompt": "<|im_start|>assistant\n"}
 
 
 class EngineError(Exception):
@@ -57,9 +60,12 @@ def backend_entry(kind: str, base_url: str, folder: Path = MODEL_FOLDER) -> str:
     """The config.yaml `backends:` entry for a started engine."""
     if kind == "vllm":
         return f"  - name: vllm\n    kind: vllm\n    base_url: {base_url}\n    models: [{SERVED_NAME}]"
-    # transformers serve wants the folder path as the model name; clients keep using "smollm2".
+    # transformers serve wants the folder path as the model name; clients keep using "smollm2". It has no
+    # template endpoint: SmolLM2's ChatML, configured, lets the strategies that continue a reply use its raw
+    # /v1/completions (SmolLM2's own template also adds a default system message when there is none).
     return (f"  - name: transformers\n    kind: transformers\n    base_url: {base_url}\n"
-            f"    model_names: {{{SERVED_NAME}: {folder}}}")
+            f"    model_names: {{{SERVED_NAME}: {folder}}}\n"
+            f"    chat_template: {json.dumps(SMOLLM2_CHATML)}")
 
 
 @contextmanager

@@ -1,0 +1,271 @@
+"""Pass-through: a request without a strategy goes to the engine as the client wrote it and the engine's answer
+comes back as it was sent, byte for byte where nothing needs changing. What does change, and only where the engine
+needs it:
+
+* the model's name, where the engine wants another (`backends[].model_names`: transformers serve wants a path);
+* `n` above what one call can draw (transformers serve ignores `n`, llama-server caps it at its slots): several
+  calls at once, one reply with the choices numbered in order and the usage summed;
+* a stop string the engine leaves in the reply (Capabilities.stop_kept): cut, as the OpenAI API does;
+* a stream the engine ends without `data: [DONE]`: ended with one (proxy/sse.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from strategies.framework import gather_all
+
+from .backends import Backend, BackendResponse
+from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
+from .errors import BackendConnectFailed, BackendUnreachable
+from .routing import Route
+from .sse import DONE, event_data, relay_events, sse_events
+from .streaming import EventStreamResponse, until_disconnect
+
+log = logging.getLogger("ttc_proxy.passthrough")
+
+
+async def pass_through(request: Request, candidates: list[Backend], path: str, body: dict[str, Any], route: Route,
+                       request_id: str) -> Response:
+    """The request to the first backend serving its model; one that refuses the connection (the request never
+    reached it) hands it to the next."""
+    for i, backend in enumerate(candidates):
+        try:
+            return await _pass_through_to(request, backend, path, dict(body), route, request_id)
+        except BackendConnectFailed:
+            if i + 1 == len(candidates):
+                raise
+            log.warning("backend %s refused the connection; trying %s", backend.name, candidates[i + 1].name)
+    raise AssertionError("no candidates")
+
+
+def split_n(n: int, max_n: int) -> list[int]:
+    """`n` choices as calls of at most `max_n` each."""
+    return [max_n] * (n // max_n) + ([n % max_n] if n % max_n else [])
+
+
+def part_bodies(body: dict[str, Any], parts: list[int]) -> list[dict[str, Any]]:
+    """One body per call; a seeded request's calls get seeds of their own (the same seed would repeat samples)."""
+    bodies = []
+    for i, part in enumerate(parts):
+        one = {k: v for k, v in body.items() if k != "n"}
+        if part > 1:
+            one["n"] = part
+        if isinstance(body.get("seed"), int) and i:
+            one["seed"] = body["seed"] + i
+        bodies.append(one)
+    return bodies
+
+
+def rewrite_model(payload: bytes, model: str) -> bytes:
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return payload
+    if isinstance(body, dict) and "model" in body:
+        body["model"] = model
+        return json.dumps(body, separators=(",", ":")).encode()
+    return payload
+
+
+async def _pass_through_to(request: Request, backend: Backend, path: str, body: dict[str, Any], route: Route,
+                           request_id: str) -> Response:
+    client_model = body["model"]
+    body["model"] = backend.engine_model(route.model)
+    renamed = client_model if client_model != body["model"] else None
+    stops = stop_strings(body) if backend.capabilities.stop_kept else []
+    n = body.get("n")
+    max_n = backend.capabilities.max_n
+    if isinstance(n, int) and n > max_n:
+        return await _fan_out(request, backend, path, body, split_n(n, max_n), client_model, stops, request_id)
+    content = json.dumps(body).encode()
+    cost = n if isinstance(n, int) and n > 0 else 1
+    if body.get("stream"):
+        call = backend.stream(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
+        response = await until_disconnect(request.receive, call.__aenter__())
+        rewrite = _chunk_rewriter(renamed, stops)
+        return EventStreamResponse(  # type: ignore[return-value]
+            relay_events(response.aiter_raw(), backend.name, rewrite), {"x-request-id": request_id},
+            on_close=lambda: call.__aexit__(None, None, None),
+        )
+    response, payload = await until_disconnect(
+        request.receive, backend.call(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
+    )
+    if stops and response.status_code == 200:
+        payload = _rewrite_reply(payload, lambda reply: cut_stops_in_reply(reply, stops))
+    if renamed is not None:
+        payload = rewrite_model(payload, renamed)
+    return Response(payload, status_code=response.status_code,
+                    media_type=response.headers.get("content-type", "application/json"),
+                    headers={"x-request-id": request_id})
+
+
+def _rewrite_reply(payload: bytes, change: Callable[[dict[str, Any]], object]) -> bytes:
+    try:
+        reply = json.loads(payload)
+    except (ValueError, RecursionError):
+        return payload
+    if not isinstance(reply, dict):
+        return payload
+    change(reply)
+    return json.dumps(reply, separators=(",", ":")).encode()
+
+
+def _chunk_rewriter(renamed: str | None, stops: list[str]) -> Callable[[bytes], bytes] | None:
+    """Each streamed JSON payload with the client's model name and stop strings cut; None: nothing to change."""
+    if not stops:
+        return None if renamed is None else lambda data: rewrite_model(data, renamed)
+    cutter = StreamedStopCutter(stops)
+
+    def rewrite(data: bytes) -> bytes:
+        def change(chunk: dict[str, Any]) -> None:
+            cut_stops_in_chunk(chunk, cutter)
+            if renamed is not None and "model" in chunk:
+                chunk["model"] = renamed
+        return _rewrite_reply(data, change)
+
+    return rewrite
+
+
+# ---- n above what one call draws ----
+
+def _merge_replies(replies: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    merged = dict(replies[0], model=model)
+    choices: list[Any] = []
+    for reply in replies:
+        for choice in sorted((c for c in reply.get("choices") or () if isinstance(c, dict)),
+                             key=lambda c: c.get("index", 0)):
+            choices.append(dict(choice, index=len(choices)))
+    merged["choices"] = choices
+    usages = [r["usage"] for r in replies if isinstance(r.get("usage"), dict)]
+    if usages:
+        merged["usage"] = _sum_usage(usages)
+    return merged
+
+
+def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every call processed the prompt: the sums are what was spent."""
+    total: dict[str, Any] = {}
+    for usage in usages:
+        for key, value in usage.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+            elif isinstance(value, dict):
+                total[key] = _sum_usage([total.get(key) or {}, value])
+    return total
+
+
+async def _fan_out(request: Request, backend: Backend, path: str, body: dict[str, Any], parts: list[int],
+                   client_model: str, stops: list[str], request_id: str) -> Response:
+    bodies = part_bodies(body, parts)
+    if body.get("stream"):
+        # Every call is open (or refused, with its own status) before the client's stream starts.
+        stack = AsyncExitStack()
+        try:
+            streams = await until_disconnect(request.receive, _open_streams(stack, backend, path, bodies, request_id))
+        except BaseException:
+            await stack.aclose()
+            raise
+        offsets = [sum(b.get("n", 1) for b in bodies[:i]) for i in range(len(bodies))]
+        return EventStreamResponse(  # type: ignore[return-value]
+            _merged_streams(backend.name, streams, offsets, client_model, stops), {"x-request-id": request_id},
+            on_close=stack.aclose)
+
+    async def one(part: dict[str, Any]) -> tuple[int, bytes]:
+        response, payload = await backend.call(path, part, owner=request_id, cost=part.get("n", 1),
+                                               request_id=request_id)
+        return response.status_code, payload
+
+    answers = await until_disconnect(request.receive, gather_all(one(part) for part in bodies))
+    replies = []
+    for status, payload in answers:
+        try:
+            reply = json.loads(payload)
+        except ValueError as exc:
+            raise BackendUnreachable(f"backend {backend.name} sent a body that is not JSON: {payload[:200]!r}") \
+                from exc
+        if status != 200 or not isinstance(reply, dict):
+            return Response(payload, status_code=status, media_type="application/json",
+                            headers={"x-request-id": request_id})
+        if stops:
+            cut_stops_in_reply(reply, stops)
+        replies.append(reply)
+    return Response(json.dumps(_merge_replies(replies, client_model), separators=(",", ":")).encode(),
+                    media_type="application/json", headers={"x-request-id": request_id})
+
+
+async def _open_streams(stack: AsyncExitStack, backend: Backend, path: str, bodies: list[dict[str, Any]],
+                        request_id: str) -> list[BackendResponse]:
+    return [await stack.enter_async_context(backend.stream(path, part, owner=request_id, cost=part.get("n", 1),
+                                                           request_id=request_id))
+            for part in bodies]
+
+
+async def _merged_streams(source: str, streams: list[BackendResponse], offsets: list[int], client_model: str,
+                          stops: list[str]) -> AsyncIterator[bytes]:
+    """The calls' streams as one: chunks as they come, choices renumbered after the calls before, one id, usage
+    summed into a last chunk, one [DONE]. A call that breaks off ends the stream with an error event."""
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | Exception | None]] = asyncio.Queue()
+    cutter = StreamedStopCutter(stops) if stops else None
+    usages: list[dict[str, Any]] = []
+    first: dict[str, Any] = {}
+
+    async def read(part: int, response: BackendResponse) -> None:
+        try:
+            async for lines in sse_events(response.aiter_raw(), source):
+                data = event_data(lines)
+                if data is None or data == DONE:
+                    continue
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    continue
+                if isinstance(chunk, dict):
+                    await queue.put((part, chunk))
+        except Exception as exc:  # noqa: BLE001 - handed to the merging loop, which raises it
+            await queue.put((part, exc))
+        await queue.put((part, None))
+
+    readers = [asyncio.create_task(read(i, response)) for i, response in enumerate(streams)]
+    try:
+        open_parts = len(readers)
+        while open_parts:
+            part, item = await queue.get()
+            if item is None:
+                open_parts -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            chunk = item
+            if "error" in chunk:
+                yield b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+                return
+            first = first or chunk
+            if isinstance(chunk.get("usage"), dict):
+                usages.append(chunk.pop("usage"))
+            if not chunk.get("choices"):
+                continue
+            for choice in chunk["choices"]:
+                if isinstance(choice, dict):
+                    choice["index"] = offsets[part] + int(choice.get("index") or 0)
+            if cutter is not None:
+                cut_stops_in_chunk(chunk, cutter)
+            chunk.update(id=first.get("id", chunk.get("id")), model=client_model)
+            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    if usages:
+        last = {k: first[k] for k in ("id", "object", "created", "system_fingerprint") if k in first}
+        last.update(model=client_model, choices=[], usage=_sum_usage(usages))
+        yield b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
