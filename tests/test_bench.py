@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tools import bench
+from tools.rawhttp import carries_content
 from proxy.backends import Backend, new_client_session
 from tools.cli import main
 from proxy.config import config_for_backend_url
@@ -64,11 +65,11 @@ def test_load_generator_parses_sse_content_events() -> None:
     role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
     token = b'data: {"choices":[{"index":0,"delta":{"content":"The"}}]}'
     text = b'data: {"choices":[{"index":0,"text":"4"}]}'
-    assert not bench._carries_content(role)
-    assert bench._carries_content(token)
-    assert bench._carries_content(text)
-    assert not bench._carries_content(b"data: [DONE]")
-    assert not bench._carries_content(b": keep-alive")
+    assert not carries_content(role)
+    assert carries_content(token)
+    assert carries_content(text)
+    assert not carries_content(b"data: [DONE]")
+    assert not carries_content(b": keep-alive")
 
 
 def test_bad_sizes_are_refused() -> None:

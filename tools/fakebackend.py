@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 
 @dataclass
@@ -71,6 +72,14 @@ class RecordedRequest:
     headers: dict[str, str]
     aborted: bool = False
     finished: bool = False
+    # When the call arrived and when it ended (answered, or its connection closed), on the monotonic clock, which
+    # on Linux is one clock for every process: a load test compares it with when its client disconnected.
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": self.path, "model": self.body.get("model"), "request_id": self.headers.get("x-request-id"),
+                "started": self.started, "ended": self.ended, "aborted": self.aborted, "finished": self.finished}
 
 
 TEMPLATE_USER = "<|user|>"
@@ -183,6 +192,12 @@ class FakeBackend:
         self.max_in_flight_seen = 0
         self.script = script or (lambda request: FakeReply())
 
+    def forget_ended(self, seconds: float) -> None:
+        """Drop the records of calls that ended over `seconds` ago (a long-running fake keeps its memory flat)."""
+        cutoff = time.monotonic() - seconds
+        self.requests[:] = [r for r in self.requests if r.ended is None or r.ended > cutoff]
+        self.get_paths.clear()
+
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
@@ -231,6 +246,13 @@ class FakeBackend:
         if method == "GET" and path == "/props":
             await self._send(writer, 200, json.dumps({"total_slots": self.slots}).encode())
             return True
+        if method == "GET" and path.partition("?")[0] == "/calls":
+            # The recorded generation calls (optionally `?request_id=...`'s), for a test in another process.
+            wanted = parse_qs(path.partition("?")[2]).get("request_id", [None])[0]
+            calls = [r.summary() for r in self.requests if r.path.endswith("completions")
+                     and (wanted is None or r.headers.get("x-request-id") == wanted)]
+            await self._send(writer, 200, json.dumps(calls).encode())
+            return True
         if method == "GET" and path == "/health":
             await self._send(writer, 200, b'{"status":"ok"}')
             return True
@@ -265,6 +287,7 @@ class FakeBackend:
             raise
         finally:
             self.in_flight -= 1
+            record.ended = time.monotonic()
 
     async def _wait_or_abort(self, seconds: float, reader: asyncio.StreamReader, record: RecordedRequest) -> bool:
         """Sleep, noticing a client that closes the connection meanwhile (returns False then)."""
