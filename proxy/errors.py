@@ -105,6 +105,14 @@ class BackendDown(ProxyError):
     code = "backend_down"
 
 
+class BackendInvalidResponse(ProxyError):
+    """The backend answered 200 with something that is not an OpenAI response (not JSON, no `choices`)."""
+
+    status_code = 502
+    error_type = "backend_error"
+    code = "backend_invalid_response"
+
+
 class BackendTimeout(ProxyError):
     status_code = 504
     error_type = "backend_error"

@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from strategies.framework import gather_all
 
 from .backends import Backend, BackendResponse
+from .backends.backend import check_completion
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
 from .errors import BackendConnectFailed, BackendUnreachable
 from .routing import Route
@@ -99,6 +100,8 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
     response, payload = await until_disconnect(
         request.receive, backend.call(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
     )
+    if response.status_code == 200:
+        check_completion(payload, backend.name)  # a 200 the client could not parse is the backend's error
     if stops and response.status_code == 200:
         payload = _rewrite_reply(payload, lambda reply: cut_stops_in_reply(reply, stops))
     if renamed is not None:

@@ -6,10 +6,12 @@ to the end of its stream.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from .errors import BackendUnreachable
+from .errors import BackendInvalidResponse, BackendUnreachable
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 DONE = b"[DONE]"
@@ -61,8 +63,9 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
                        rewrite: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
     """A backend's stream passed on event by event, framed with \\n\\n; `rewrite` changes each JSON data payload.
 
-    It always ends with `data: [DONE]` (an engine that ends without one, as transformers serve does, gets one);
-    a stream cut inside an event raises BackendUnreachable (sent to the client as an error event)."""
+    Every data event must be a JSON object with `choices` (or an `error`): anything else is BackendInvalidResponse.
+    It always ends with `data: [DONE]` (an engine that ends without one, as transformers serve does, gets one); a
+    stream cut inside an event raises BackendUnreachable. Both reach the client as an error event."""
     done = False
     async for lines in sse_events(chunks, source):  # read to the end, so the connection can be reused
         data = event_data(lines)
@@ -71,9 +74,24 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
         if data == DONE:
             done = True
             yield b"data: [DONE]\n\n"
-        elif rewrite is not None and data is not None and data.startswith(b"{"):
-            yield b"data: " + rewrite(data) + b"\n\n"
-        else:
+        elif data is None:  # a comment (a keep-alive)
             yield b"\n".join(lines) + b"\n\n"
+        else:
+            parse_chunk(data, source)
+            yield b"data: " + (rewrite(data) if rewrite is not None else data) + b"\n\n"
     if not done:
         yield b"data: [DONE]\n\n"
+
+
+def parse_chunk(data: bytes, source: str) -> dict[str, Any]:
+    """A streamed event's data as a chat or completion chunk: a JSON object with `choices`, `usage` (a last chunk)
+    or `error`; anything else is BackendInvalidResponse naming `source`."""
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError):
+        chunk = None
+    if not isinstance(chunk, dict) or not (isinstance(chunk.get("choices"), list) or "usage" in chunk
+                                           or "error" in chunk):
+        raise BackendInvalidResponse(f"backend {source} sent a stream event that is not a chat or completion chunk: "
+                                     f"{data[:200]!r}")
+    return chunk

@@ -41,6 +41,11 @@ class FakeReply:
     sse_line_end: str = "\n"  # how a stream's lines end: "\n", "\r\n" or "\r" (all valid SSE)
     send_done: bool = True  # end a stream with data: [DONE] (transformers serve does not)
     logprobs: bool = True  # False: no logprobs even when asked for
+    # Faults: a JSON reply cut off halfway (the connection reset mid-body); a stream that ends cleanly after this many
+    # token events and half of the next one (no [DONE]); these bytes as a stream's whole body.
+    reset_mid_body: bool = False
+    truncate_after_chunks: int | None = None
+    raw_stream: bytes | None = None
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -137,6 +142,8 @@ class FakeBackend:
         self.get_paths: list[str] = []  # free discovery endpoints asked for (/v1/models, /props, ...)
         self.in_flight = 0
         self.max_in_flight_seen = 0
+        # A fault: read a POST's head, then neither its body nor anything else, and never answer.
+        self.stop_reading = False
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -209,6 +216,8 @@ class FakeBackend:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
+                if self.stop_reading and method == "POST":
+                    await asyncio.Event().wait()  # until the fake is stopped
                 headers = {}
                 for line in lines[1:]:
                     if ":" in line:
@@ -313,6 +322,12 @@ class FakeBackend:
             writer.transport.abort()
             record.finished = True
             return False
+        if reply.raw_stream is not None:
+            writer.write(f"HTTP/1.1 {reply.status} OK\r\ncontent-type: text/event-stream\r\n"
+                         f"content-length: {len(reply.raw_stream)}\r\n\r\n".encode() + reply.raw_stream)
+            await writer.drain()
+            record.finished = True
+            return True
         if reply.raw_body is not None:
             await self._send(writer, reply.status, reply.raw_body, "text/plain")
             record.finished = True
@@ -358,7 +373,15 @@ class FakeBackend:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens, **_cached(reply)},
         }
-        await self._send(writer, 200, json.dumps(payload).encode())
+        encoded = json.dumps(payload).encode()
+        if reply.reset_mid_body:
+            writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(encoded)}\r\n"
+                         f"\r\n".encode() + encoded[: len(encoded) // 2])
+            await writer.drain()
+            writer.transport.abort()
+            record.finished = True
+            return False
+        await self._send(writer, 200, encoded)
         record.finished = True
         return True
 
@@ -417,6 +440,12 @@ class FakeBackend:
                                         "finish_reason": None}]})
         tokens = _tokens(text)
         for i, token in enumerate(tokens):
+            if reply.truncate_after_chunks is not None and i >= reply.truncate_after_chunks:
+                chunk(b'data: {"id": "chatcmpl-fake", "choi')  # half an event, then a clean end
+                chunk(b"")
+                await writer.drain()
+                record.finished = True
+                return True
             if reply.fail_after_chunks is not None and i >= reply.fail_after_chunks:
                 await writer.drain()
                 writer.transport.abort()

@@ -15,7 +15,14 @@ import aiohttp
 from yarl import URL
 
 from ..config import BackendConfig
-from ..errors import BackendConnectFailed, BackendError, BackendTimeout, BackendUnreachable, error_from_backend
+from ..errors import (
+    BackendConnectFailed,
+    BackendError,
+    BackendInvalidResponse,
+    BackendTimeout,
+    BackendUnreachable,
+    error_from_backend,
+)
 from .capabilities import PRESETS, Capabilities, cap_from_n_error, kind_from_models_listing
 from .probe import probe
 from .scheduler import FairScheduler
@@ -33,6 +40,33 @@ _RETRY_HEADERS = ("retry-after", "x-should-retry")
 # A prefill no reply of one token can contain: whether the engine echoes it shows in its answer (see
 # Backend.prefill_echoes).
 _ECHO_PROBE = "Echo probe 7Q3:"
+
+
+def connections_in_use(client: aiohttp.ClientSession) -> int:
+    """Connections of the shared client now carrying a call (idle pooled ones not counted): 0 when the proxy is
+    idle, whatever went wrong before (the fault tests check it). aiohttp has no public count: its connector's
+    set of acquired connections is read."""
+    connector = client.connector
+    return len(getattr(connector, "_acquired", ())) if connector is not None else 0
+
+
+def parse_reply(raw: bytes, backend: str) -> dict[str, Any]:
+    """A backend's JSON object reply; anything else is BackendInvalidResponse naming the backend."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BackendInvalidResponse(f"backend {backend} sent a body that is not JSON: {raw[:200]!r}") from exc
+    if not isinstance(payload, dict):
+        raise BackendInvalidResponse(f"backend {backend} sent JSON that is not an object: {raw[:200]!r}")
+    return payload
+
+
+def check_completion(raw: bytes, backend: str) -> dict[str, Any]:
+    """A backend's 200 reply to a completion call: a JSON object with `choices`, else BackendInvalidResponse."""
+    reply = parse_reply(raw, backend)
+    if not isinstance(reply.get("choices"), list):
+        raise BackendInvalidResponse(f"backend {backend} answered without a list of choices: {raw[:200]!r}")
+    return reply
 
 
 def new_client_session(limit: int = 1024, keepalive: float = DEFAULT_KEEPALIVE_SECONDS,
@@ -319,13 +353,7 @@ class Backend:
     async def call_json(self, path: str, body: dict[str, Any], *, owner: str, cost: int = 1,
                         request_id: str | None = None, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
         _, raw = await self.call(path, body, owner=owner, cost=cost, request_id=request_id, on_start=on_start)
-        try:
-            payload = json.loads(raw)
-        except ValueError as exc:
-            raise BackendUnreachable(f"backend {self.name} sent a body that is not JSON: {raw[:200]!r}") from exc
-        if not isinstance(payload, dict):
-            raise BackendUnreachable(f"backend {self.name} sent JSON that is not an object")
-        return payload
+        return parse_reply(raw, self.name)
 
     # ---- engine endpoints beside the OpenAI API (tokenizer, chat template) ----
 

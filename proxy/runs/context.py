@@ -31,7 +31,7 @@ from ..backends import Backend
 from ..backends.stops import StreamedStopCutter, cut_stops_in_reply, stop_strings
 from ..config import StrategySettings
 from ..errors import InvalidRequest, NotFound, ProxyError, StrategyFailed
-from ..sse import DONE, event_data, sse_events
+from ..sse import DONE, event_data, parse_chunk, sse_events
 from ..traces import Trace
 from .accounting import BudgetScope
 from .sampling import (
@@ -717,21 +717,18 @@ def _ask_token_ids(backend: Backend, body: dict[str, Any]) -> None:
 
 
 async def _sse_data(chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a backend's stream until `[DONE]`; an error event fails the call."""
+    """The chunks of a backend's stream until `[DONE]`; an error event fails the call, and so does an event that is
+    not a chunk (BackendInvalidResponse)."""
     async for lines in sse_events(chunks, source):
         data = event_data(lines)
         if data is None:
             continue
         if data == DONE:
             return
-        try:
-            parsed = json.loads(data)
-        except ValueError:
-            continue
-        if isinstance(parsed, dict):
-            if "error" in parsed:
-                raise StrategyFailed(f"backend stream failed: {parsed['error']}")
-            yield parsed
+        parsed = parse_chunk(data, source)
+        if "error" in parsed:
+            raise StrategyFailed(f"backend stream failed: {parsed['error']}")
+        yield parsed
 
 
 def _ms_since(started: float) -> float:
