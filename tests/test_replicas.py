@@ -289,3 +289,17 @@ def _alive(pid: int) -> bool:
     # a zombie (exited, not yet reaped by its parent) counts as gone
     status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
     return status != "Z"
+
+
+# ---- a missing redis-server: skipped with its name, but under CI=true a failure ----
+
+def test_a_missing_redis_server_skips_naming_it_and_fails_under_ci(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server"):
+        next(redis_server_or_skip())
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true and redis-server is not installed"):
+        next(redis_server_or_skip())
