@@ -195,3 +195,28 @@ def test_without_keys_every_client_reads_every_trace(proxy, client, fake):
     completion = client.chat.completions.create(model="sc:n=2-fake-model", messages=user())
     response = httpx.get(f"{proxy.url}/v1/traces/{completion.model_extra['ttc']['trace_id']}")
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+
+
+async def test_a_redis_gone_after_start_loses_traces_quietly_and_reading_is_a_503():
+    import shutil
+
+    from proxy.traces import TraceStoreUnavailable
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        next(redis_server_or_skip())  # skips (or fails under CI=true) naming it
+    server = RedisServer(binary)  # this test's own: it is stopped mid-test
+    server.wait_ready()
+    store = RedisTraceStore(server.url, max_trace_bytes=4096, ttl_seconds=60, timeout_seconds=1)
+    try:
+        await store.start()
+        server.stop()
+        trace = big_trace(1, text_chars=10)
+        await asyncio.wait_for(store.save(trace), 10)  # logged, not raised: the run it records goes on
+        with pytest.raises(TraceStoreUnavailable) as caught:
+            await store.get(trace.id, None)
+        assert caught.value.status_code == 503 and caught.value.code == "trace_store_unavailable"
+    finally:
+        await store.aclose(flush_seconds=1)
+        if server.process.poll() is None:
+            server.stop()
