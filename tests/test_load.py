@@ -15,7 +15,8 @@ from tools.load import PACED_MODEL
 def test_load_command_runs_every_phase_without_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "load.json"
     code = main(["load", "--clients", "5", "--chunks", "3", "--chunk-delay", "0.01", "--background", "2",
-                 "--probe-connections", "2", "--probe-seconds", "0.3", "--disconnects", "2", "--disconnect-n", "2",
+                 "--probe-connections", "2", "--probe-seconds", "0.3", "--probe-rounds", "2", "--disconnects", "2",
+                 "--disconnect-n", "2",
                  "--timeout", "60", "--output", str(output)])
     assert code == 0
 
@@ -41,6 +42,7 @@ def test_load_command_runs_every_phase_without_errors(tmp_path: Path, capsys: py
     isolation = phases["isolation"]
     for probe in ("idle", "loaded"):
         assert isolation[probe]["requests"] > 0 and isolation[probe]["error_count"] == 0
+        assert isolation[probe]["seconds"] == pytest.approx(0.6)  # two alternating windows of 0.3 s
     assert isolation["background"]["error_count"] == 0
     assert isolation["p99_ratio"] > 0
 

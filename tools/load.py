@@ -13,8 +13,8 @@ Phases, each bounded in count and time:
 * non-streaming: the same without streaming;
 * mix: `clients` concurrent requests through the proxy, cycling through pass-through and strategy prefixes,
   streaming and not;
-* isolation: pass-through latency (instant backend, a few connections in a loop) idle, then while `background`
-  strategy requests (`sc:n=16` over the paced model) run: the p99 ratio;
+* isolation: pass-through latency (instant backend, a few connections in a loop) idle and while `background`
+  strategy requests (`sc:n=16` over the paced model) run, in alternating windows: the p99 ratio;
 * disconnect: a streaming `sc:n=8` request whose client leaves once its 8 backend calls are in flight: the time
   until the fake backend has seen every one of those calls closed (both clocks are CLOCK_MONOTONIC, one clock for
   every process on Linux).
@@ -82,7 +82,8 @@ class LoadSettings:
     background: int = 16
     background_strategy: str = "sc:n=16"
     probe_connections: int = 4
-    probe_seconds: float = 5.0
+    probe_seconds: float = 3.0  # each window
+    probe_rounds: int = 3  # idle and loaded windows, alternating
     disconnects: int = 5
     disconnect_n: int = 8
     timeout: float = 120.0  # bound on each phase
@@ -96,8 +97,8 @@ class LoadSettings:
             raise ValueError("the mix needs at least one entry")
         if self.background < 0 or self.disconnects < 0 or not 1 <= self.disconnect_n <= 64:
             raise ValueError("background and disconnects must be >= 0, disconnect_n in 1..64")
-        if not 0 < self.probe_seconds <= 600 or not 0 < self.timeout <= 3600:
-            raise ValueError("probe_seconds must be in (0, 600] and timeout in (0, 3600]")
+        if not 0 < self.probe_seconds <= 600 or not 1 <= self.probe_rounds <= 100 or not 0 < self.timeout <= 3600:
+            raise ValueError("probe_seconds must be in (0, 600], probe_rounds in 1..100, timeout in (0, 3600]")
 
 
 def proxy_config(backend_url: str) -> ProxyConfig:
@@ -210,22 +211,25 @@ async def _sequential_until(port: int, data: bytes, stop: asyncio.Event, tally: 
         conn.close()
 
 
-async def _probe_latency(port: int, connections: int, seconds: float) -> dict[str, Any]:
+async def _probe_latency(port: int, connections: int, seconds: float, tally: Tally, errors: _Errors) -> None:
     """Instant non-streaming pass-through requests in a loop on `connections` connections for `seconds`."""
     data = post_bytes(port, _body(BENCH_MODEL, False, 16), False)
-    tally, errors = Tally(), _Errors()
     stop = asyncio.Event()
     workers = [asyncio.create_task(_sequential_until(port, data, stop, tally, errors)) for _ in range(connections)]
     await asyncio.sleep(seconds)
     stop.set()
     await asyncio.gather(*workers)
-    return {**tally.result(), "errors": errors.counts, "error_count": errors.total,
-            "rps": len(tally.latencies) / seconds}
 
 
-async def _background(port: int, model: str, stop: asyncio.Event, tally: Tally, errors: _Errors) -> None:
+async def _background(port: int, model: str, start_after: float, stop: asyncio.Event, tally: Tally,
+                      errors: _Errors) -> None:
     """Strategy requests one after another until `stop`; the one running then is abandoned (the proxy cancels it)."""
     data = post_bytes(port, _body(model, False, 32), False)
+    try:
+        await asyncio.wait_for(stop.wait(), start_after)
+        return
+    except TimeoutError:
+        pass
     while not stop.is_set():
         conn = await connect(port)
         request = asyncio.ensure_future(conn.request(data, False))
@@ -246,26 +250,41 @@ async def _background(port: int, model: str, stop: asyncio.Event, tally: Tally, 
 
 
 async def isolation(port: int, settings: LoadSettings) -> dict[str, Any]:
-    idle = await _probe_latency(port, settings.probe_connections, settings.probe_seconds)
+    """Pass-through latency idle and beside `background` strategy requests, in alternating windows (idle, loaded,
+    idle, loaded, ...), so that whatever else the machine does weighs on both alike. In a loaded window every
+    background request is running, their starts spread over one run's length so that runs start and finish
+    throughout the window, as they would under steady use."""
     model = f"{settings.background_strategy}-{PACED_MODEL}"
-    tally, errors = Tally(), _Errors()
-    stop = asyncio.Event()
-    workers = [asyncio.create_task(_background(port, model, stop, tally, errors)) for _ in range(settings.background)]
-    await asyncio.sleep(min(1.0, settings.chunk_delay * 2))  # their backend calls are in flight
-    try:
-        loaded = await _probe_latency(port, settings.probe_connections, settings.probe_seconds)
-    finally:
-        stop.set()
-        await asyncio.gather(*workers)
-    idle_p99 = (idle["latency_ms"] or {}).get("p99")
-    loaded_p99 = (loaded["latency_ms"] or {}).get("p99")
-    return {
-        "idle": idle,
-        "loaded": loaded,
-        "background": {"requests": settings.background, "model": model, "completed": tally.result(),
-                       "errors": errors.counts, "error_count": errors.total},
-        "p99_ratio": loaded_p99 / idle_p99 if idle_p99 and loaded_p99 is not None else None,
-    }
+    run_seconds = settings.chunks * settings.chunk_delay  # how long one sample, so one strategy run, takes
+    idle, idle_errors = Tally(), _Errors()
+    loaded, loaded_errors = Tally(), _Errors()
+    background, background_errors = Tally(), _Errors()
+    for _ in range(settings.probe_rounds):
+        await _probe_latency(port, settings.probe_connections, settings.probe_seconds, idle, idle_errors)
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(_background(port, model, i * run_seconds / settings.background, stop,
+                                                   background, background_errors))
+                   for i in range(settings.background)]
+        try:
+            await asyncio.sleep(run_seconds + 0.1)  # every one of them has started
+            await _probe_latency(port, settings.probe_connections, settings.probe_seconds, loaded, loaded_errors)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+        await asyncio.sleep(0.2)  # the abandoned runs are cancelled before the next idle window
+
+    def probe(tally: Tally, errors: _Errors) -> dict[str, Any]:
+        seconds = settings.probe_rounds * settings.probe_seconds
+        return {**tally.result(), "errors": errors.counts, "error_count": errors.total, "seconds": seconds,
+                "rps": len(tally.latencies) / seconds}
+
+    result = {"idle": probe(idle, idle_errors), "loaded": probe(loaded, loaded_errors),
+              "background": {"requests": settings.background, "model": model, "completed": background.result(),
+                             "errors": background_errors.counts, "error_count": background_errors.total}}
+    idle_p99 = (result["idle"]["latency_ms"] or {}).get("p99")
+    loaded_p99 = (result["loaded"]["latency_ms"] or {}).get("p99")
+    result["p99_ratio"] = loaded_p99 / idle_p99 if idle_p99 and loaded_p99 is not None else None
+    return result
 
 
 async def _get_json(port: int, path: str) -> Any:
@@ -375,8 +394,9 @@ async def _phases(backend: ChildServer, proxy: ChildServer, settings: LoadSettin
     mix = await measured("mix", "proxy", concurrent_requests(proxy.port, requests, settings.timeout))
     mix["kinds"] = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
     phases["mix"] = mix
+    planned = settings.probe_rounds * (2 * settings.probe_seconds + settings.chunks * settings.chunk_delay + 0.3)
     phases["isolation"] = await measured("isolation", "proxy",
-                                         asyncio.wait_for(isolation(proxy.port, settings), settings.timeout))
+                                         asyncio.wait_for(isolation(proxy.port, settings), planned + settings.timeout))
     phases["disconnect"] = await measured("disconnect", "proxy",
                                           asyncio.wait_for(disconnects(proxy.port, backend.port, settings),
                                                            settings.timeout))
@@ -542,7 +562,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--probe-connections", type=positive_int, default=defaults.probe_connections,
                         help=f"pass-through probe connections (default {defaults.probe_connections})")
     parser.add_argument("--probe-seconds", type=positive_float, default=defaults.probe_seconds,
-                        help=f"seconds of each pass-through probe (default {defaults.probe_seconds:g})")
+                        help=f"seconds of each pass-through probe window (default {defaults.probe_seconds:g})")
+    parser.add_argument("--probe-rounds", type=positive_int, default=defaults.probe_rounds,
+                        help=f"idle and loaded probe windows, alternating (default {defaults.probe_rounds})")
     parser.add_argument("--disconnects", type=int, default=defaults.disconnects,
                         help=f"disconnect measurements (default {defaults.disconnects})")
     parser.add_argument("--disconnect-n", type=positive_int, default=defaults.disconnect_n,
@@ -563,7 +585,8 @@ def load_command(args: argparse.Namespace) -> int:
     settings = LoadSettings(clients=args.clients, chunks=args.chunks, chunk_delay=args.chunk_delay,
                             mix=tuple(args.mix), background=args.background,
                             background_strategy=args.background_strategy, probe_connections=args.probe_connections,
-                            probe_seconds=args.probe_seconds, disconnects=args.disconnects,
+                            probe_seconds=args.probe_seconds, probe_rounds=args.probe_rounds,
+                            disconnects=args.disconnects,
                             disconnect_n=args.disconnect_n, timeout=args.timeout)
     try:
         with sigterm_as_interrupt():
@@ -571,6 +594,10 @@ def load_command(args: argparse.Namespace) -> int:
                               progress=lambda message: print(message, file=sys.stderr, flush=True))
     except (ChildFailed, ValueError) as exc:
         print(f"ttc-proxy load: {exc}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print(f"ttc-proxy load: a phase did not finish within its bound (--timeout {settings.timeout:g} s)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ttc-proxy load: interrupted", file=sys.stderr)
