@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from strategies.framework import Strategy
 
 from .backends import Backend, new_client_session
+from .backends.backend import refuse_if_down
 from .backends.engine import LocalEngine
 from .config import ProxyConfig
 from .errors import (
@@ -71,13 +73,17 @@ class ProxyState:
         """The backends serving the route's model, best first: healthy before passed-over ones, then the least
         loaded (config order breaks ties). A name no backend serves is a 404 listing what is served."""
         if route.backend_name is not None:
-            return [self.backends[route.backend_name]]
+            chosen = [self.backends[route.backend_name]]
+            refuse_if_down(chosen)
+            return chosen
         serving = [b for b in self.backends.values() if b.serves(route.model)]
         if not serving:
             known = sorted({m for b in self.backends.values() for m in b.served_models})
             raise NotFound(f"no backend serves model {route.model!r}; served models: {', '.join(known)}",
                            param="model", code="model_not_found")
-        return sorted(serving, key=lambda b: (not b.healthy, b.load))
+        ordered = sorted(serving, key=lambda b: (not b.healthy, b.load))
+        refuse_if_down(ordered)
+        return ordered
 
     def backend_for(self, route: Route) -> Backend:
         return self.backends_for(route)[0]
@@ -142,6 +148,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         strategies = registry if registry is not None else load_registry()[0]
         engines: list[LocalEngine] = []
+        health_checks: list[asyncio.Task[None]] = []
         async with new_client_session(limit=1024) as client, open_trace_store(config.server) as traces:
             state = ProxyState(config, strategies, traces, api_keys=config.server.accepted_keys())
             state.verifiers = VerifierClient(config.verifiers, client)
@@ -158,10 +165,14 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                     await backend.discover()
                     share_bounds(backend.name, backend.scheduler, config.server.sharing())
                     state.backends[backend.name] = backend
+                    health_checks.append(asyncio.create_task(backend.check_health_forever()))
                     log.info("backend %s at %s: %s", backend.name, backend.base_url, backend.capabilities)
                 app.state.proxy = state
                 yield
             finally:
+                for task in health_checks:
+                    task.cancel()
+                await asyncio.gather(*health_checks, return_exceptions=True)
                 for engine in engines:
                     await engine.stop()
 

@@ -55,6 +55,25 @@ class Timeouts(StrictModel):
     read: float = Field(default=600.0, gt=0)
 
 
+class HealthCheck(StrictModel):
+    """Active health checks: GET {base_url}/models every `interval` seconds. `failures` failed checks in a row (no
+    answer within `timeout`, or a 5xx) mark the backend down: requests only it serves are 503s naming it, and
+    nothing is sent to it until a check passes again."""
+
+    interval: float = Field(default=10.0, ge=0)  # 0: no active checks
+    failures: int = Field(default=2, ge=1)
+    timeout: float = Field(default=5.0, gt=0)
+
+
+class ConnectRetries(StrictModel):
+    """A call whose connection could not be made (nothing was sent) is tried again, `attempts` times at most, after
+    `backoff` seconds doubling each time, each delay jittered by +-50 %. A backend already passed over is not
+    waited for."""
+
+    attempts: int = Field(default=2, ge=0, le=10)
+    backoff: float = Field(default=0.05, ge=0, le=10)
+
+
 class EmbeddedEngine(StrictModel):
     """A llama-server the proxy starts itself, with a GGUF shipped in a PyPI package."""
 
@@ -80,6 +99,8 @@ class BackendConfig(StrictModel):
     model_names: dict[str, str] = Field(default_factory=dict)
     capabilities: CapabilityOverrides = Field(default_factory=CapabilityOverrides)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    health_check: HealthCheck = Field(default_factory=HealthCheck)
+    connect_retries: ConnectRetries = Field(default_factory=ConnectRetries)
     # Calls in flight at once; default: the engine's slot count for llama_cpp, else 64.
     max_in_flight: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=1024, ge=0)

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -59,21 +60,19 @@ def busy(server: ProxyServer) -> dict[str, int]:
     }
 
 
-@pytest.fixture()
-def leak_check(request: pytest.FixtureRequest) -> Iterator[Callable[[ProxyServer], None]]:
-    """`leak_check(server)` before the fault takes the baseline; after the test, everything must return to it."""
-    servers: list[tuple[ProxyServer, dict[str, int]]] = []
-
-    def baseline(server: ProxyServer) -> None:
-        servers.append((server, busy(server)))
-
-    yield baseline
-    for server, before in servers:
-        wanted = {"slots": 0, "queued": 0, "connections": 0, "tasks": before["tasks"]}
-        try:
-            wait_until(lambda: busy(server) == wanted, timeout=5, interval=0.05)
-        except AssertionError:
-            raise AssertionError(f"leaked: {busy(server)} (before the fault: {before})") from None
+@contextmanager
+def nothing_leaks(server: ProxyServer) -> Iterator[None]:
+    """Around a fault: afterwards no slot is held or queued, no backend connection held, and the proxy's loop has
+    no more tasks than before."""
+    idle = {"slots": 0, "queued": 0, "connections": 0}
+    wait_until(lambda: {k: v for k, v in busy(server).items() if k != "tasks"} == idle, timeout=5, interval=0.05)
+    before = busy(server)
+    yield
+    wanted = {"slots": 0, "queued": 0, "connections": 0, "tasks": before["tasks"]}
+    try:
+        wait_until(lambda: busy(server) == wanted, timeout=5, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"leaked: {busy(server)} (before the fault: {before})") from None
 
 
 # ---- the proxy under test: read timeout 1 s, in front of the shared fake ----
@@ -151,10 +150,10 @@ STREAMED = {
 
 
 @pytest.mark.parametrize("fault", PLAIN)
-def test_pass_through(proxy, fake, leak_check, fault):
-    leak_check(proxy)
+def test_pass_through(proxy, fake, fault):
     fake.script = script(fault)
-    response = chat(proxy, {"model": "fake-model", "messages": user()})
+    with nothing_leaks(proxy):
+        response = chat(proxy, {"model": "fake-model", "messages": user()})
     status, code = PLAIN[fault]
     error = assert_openai_error(response, status, code=code)
     if fault == "429 with Retry-After":
@@ -164,10 +163,10 @@ def test_pass_through(proxy, fake, leak_check, fault):
 
 
 @pytest.mark.parametrize("fault", STREAMED)
-def test_pass_through_streaming(proxy, fake, leak_check, fault):
-    leak_check(proxy)
+def test_pass_through_streaming(proxy, fake, fault):
     fake.script = script(fault)
-    response = chat(proxy, {"model": "fake-model", "messages": user(), "stream": True})
+    with nothing_leaks(proxy):
+        response = chat(proxy, {"model": "fake-model", "messages": user(), "stream": True})
     status, code = STREAMED[fault]
     if status == 200:
         error = streamed_error(response)
@@ -181,10 +180,10 @@ STRATEGY_FAULTS = ["reset mid-body", "slow first byte", "5xx", "429 with Retry-A
 
 
 @pytest.mark.parametrize("fault", STRATEGY_FAULTS)
-def test_strategy(proxy, fake, leak_check, fault):
-    leak_check(proxy)
+def test_strategy(proxy, fake, fault):
     fake.script = script(fault)
-    response = chat(proxy, {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1})
+    with nothing_leaks(proxy):
+        response = chat(proxy, {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1})
     error = assert_openai_error(response, PLAIN[fault][0])
     assert response.headers["x-should-retry"] == "false"  # a retry would pay for the whole run again
     assert error["message"]
@@ -193,22 +192,131 @@ def test_strategy(proxy, fake, leak_check, fault):
 
 
 @pytest.mark.parametrize("fault", STRATEGY_FAULTS)
-def test_strategy_streaming(proxy, fake, leak_check, fault):
-    leak_check(proxy)
+def test_strategy_streaming(proxy, fake, fault):
     fake.script = script(fault)
-    response = chat(proxy, {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1, "stream": True})
+    with nothing_leaks(proxy):
+        response = chat(proxy, {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1, "stream": True})
     streamed_error(response)
     still_serving(proxy, fake)
 
 
 @pytest.mark.parametrize("fault", ["reset mid-body", "truncated SSE", "non-JSON body", "wrong shape"])
-def test_a_strategy_that_streams_from_the_backend(proxy, fake, leak_check, fault):
+def test_a_strategy_that_streams_from_the_backend(proxy, fake, fault):
     """deepconf streams its online traces: a broken one is a failed trace; the warm-up's answer stands."""
-    leak_check(proxy)
     faulty = script(fault)
     fake.script = lambda body: faulty(body) if body.get("stream") else FakeReply(texts=["It is 7"])
-    response = chat(proxy, {"model": "deepconf:n=4,warmup=2,window=2-fake-model", "messages": user(), "seed": 1})
+    with nothing_leaks(proxy):
+        response = chat(proxy, {"model": "deepconf:n=4,warmup=2,window=2-fake-model", "messages": user(),
+                                "seed": 1})
     assert response.status_code == 200, response.text
     details = response.json()["ttc"]["details"]
     assert details["answer"] == "7" and details["failed"] == 2
     still_serving(proxy, fake)
+
+
+# ---- no backend at all; a backend that stops reading ----
+
+def test_connection_refused(fake_backend):
+    entry = {"name": "gone", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+             "models": ["fake-model"], "connect_retries": {"attempts": 2, "backoff": 0.01}}
+    with ProxyServer(fake_config(fake_backend, backends=[entry])) as server, nothing_leaks(server):
+        for body in ({"model": "fake-model", "messages": user()},
+                     {"model": "fake-model", "messages": user(), "stream": True},
+                     {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1},
+                     {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1, "stream": True}):
+            response = chat(server, body)
+            if body["model"].startswith("sc") and body.get("stream"):
+                error = streamed_error(response)
+                assert error["code"] == "backend_unreachable"
+            else:
+                error = assert_openai_error(response, 502, code="backend_unreachable")
+            assert "gone" in error["message"]
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_backend_that_stops_reading():
+    fake = FakeBackend().start_in_thread()
+    fake.stop_reading = True
+    try:
+        entry = backend_entry(fake, models=["fake-model"], timeouts={"read": READ_TIMEOUT, "connect": 0.5})
+        config = fake_config(fake, backends=[entry], strategies={"budget": {"max_total_tokens": 10_000_000}})
+        with ProxyServer(config) as server, nothing_leaks(server):
+            big = "x" * (4 << 20)  # far more than the socket buffers hold: the proxy's write blocks
+            for model in ("fake-model", "sc:n=2-fake-model"):
+                started = time.monotonic()
+                response = chat(server, {"model": model, "messages": user(big), "seed": 1})
+                assert_openai_error(response, 504, code="backend_timeout")
+                assert time.monotonic() - started < READ_TIMEOUT + 2
+    finally:
+        fake.stop_thread()
+
+
+# ---- retries where they are safe: a connection that could not be made ----
+
+def test_connect_errors_are_retried_with_backoff_until_the_backend_is_there():
+    port = closed_port()
+    late = FakeBackend()
+    entry = {"name": "late", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{port}/v1", "models": ["m"],
+             "connect_retries": {"attempts": 5, "backoff": 0.1}}
+    with ProxyServer(fake_config(late, backends=[entry])) as server, nothing_leaks(server):
+        timer = threading.Timer(0.3, lambda: late.start_in_thread(port))
+        timer.start()
+        try:
+            started = time.monotonic()
+            response = chat(server, {"model": "m", "messages": user()})
+            took = time.monotonic() - started
+        finally:
+            timer.join()
+        try:
+            assert response.status_code == 200, response.text
+            assert 0.3 <= took < 3.5  # waited for it: 0.05-0.15, 0.1-0.3, 0.2-0.6 s ... before the attempts
+            assert len(late.chat_requests()) == 1  # sent once: the refused attempts sent nothing
+        finally:
+            late.stop_thread()
+
+
+def test_retry_delays_back_off_with_jitter(monkeypatch):
+    import random
+
+    from proxy.backends.backend import retry_delay
+
+    random.seed(7)
+    delays = [[retry_delay(0.1, retry) for retry in range(4)] for _ in range(200)]
+    for retry in range(4):
+        column = [d[retry] for d in delays]
+        assert 0.05 * 2 ** retry <= min(column) and max(column) <= 0.15 * 2 ** retry
+        assert len(set(column)) > 150  # jittered: calls refused together do not come back together
+
+
+def test_an_http_error_is_not_retried(proxy, fake):
+    fake.script = lambda body: FakeReply(status=503, error={"error": {"message": "loading", "type": "x"}})
+    assert_openai_error(chat(proxy, {"model": "fake-model", "messages": user()}), 503)
+    assert len(fake.chat_requests()) == 1  # it reached the engine: sending it again is the client's call
+
+
+# ---- health checks: down after failed checks (503 naming it), up when it recovers ----
+
+def test_a_backend_failing_health_checks_is_down_then_up_again():
+    fake = FakeBackend().start_in_thread()
+    port = fake.port
+    entry = {**backend_entry(fake, models=["fake-model"]), "health_check": {"interval": 0.2, "failures": 2},
+             "connect_retries": {"attempts": 0}}
+    with ProxyServer(fake_config(fake, backends=[entry])) as server, nothing_leaks(server):
+        backend = state_of(server).backends["fake"]
+        assert chat(server, {"model": "fake-model", "messages": user()}).status_code == 200
+        fake.stop_thread()
+        wait_until(lambda: backend.down, timeout=3)
+        for body in ({"model": "fake-model", "messages": user()},
+                     {"model": "fake-model", "messages": user(), "stream": True},
+                     {"model": "sc:n=2-fake-model", "messages": user()}):
+            response = chat(server, body)
+            error = assert_openai_error(response, 503, code="backend_down")
+            assert "fake" in error["message"] and response.headers["retry-after"] == "1"
+        back = FakeBackend().start_in_thread(port)
+        try:
+            wait_until(lambda: not backend.down, timeout=3)
+            response = chat(server, {"model": "fake-model", "messages": user()})
+            assert response.status_code == 200, response.text
+            assert len(back.chat_requests()) == 1
+        finally:
+            back.stop_thread()

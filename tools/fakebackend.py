@@ -163,12 +163,12 @@ class FakeBackend:
         if self._server is not None:
             self._server.close()
 
-    def start_in_thread(self) -> "FakeBackend":
+    def start_in_thread(self, port: int = 0) -> "FakeBackend":
         ready = threading.Event()
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start())
+            self._loop.run_until_complete(self.start(port))
             ready.set()
             self._loop.run_forever()
 

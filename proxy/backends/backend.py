@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -17,6 +19,7 @@ from yarl import URL
 from ..config import BackendConfig
 from ..errors import (
     BackendConnectFailed,
+    BackendDown,
     BackendError,
     BackendInvalidResponse,
     BackendTimeout,
@@ -67,6 +70,22 @@ def check_completion(raw: bytes, backend: str) -> dict[str, Any]:
     if not isinstance(reply.get("choices"), list):
         raise BackendInvalidResponse(f"backend {backend} answered without a list of choices: {raw[:200]!r}")
     return reply
+
+
+def retry_delay(backoff: float, retry: int) -> float:
+    """Seconds before retry number `retry` (0 first): `backoff` doubling each time, jittered by +-50 % so that
+    calls refused together do not come back together."""
+    return backoff * 2 ** retry * random.uniform(0.5, 1.5)
+
+
+def refuse_if_down(backends: Sequence[Backend]) -> None:
+    """BackendDown (503 naming them, Retry-After: their check interval) when every backend a request could go to
+    failed its health checks. One only passed over after a refused connection is still tried."""
+    if backends and all(b.down for b in backends):
+        wait = max(1, math.ceil(min(b.config.health_check.interval for b in backends)))
+        names = ", ".join(b.name for b in backends)
+        raise BackendDown(f"backend {names} is down (it failed its health checks); retry in {wait} s",
+                          headers={"Retry-After": str(wait)})
 
 
 def new_client_session(limit: int = 1024, keepalive: float = DEFAULT_KEEPALIVE_SECONDS,
@@ -149,6 +168,7 @@ class Backend:
         self.scheduler = FairScheduler(config.max_in_flight or DEFAULT_MAX_IN_FLIGHT, config.max_queue)
         self.discovered_models: list[str] = []
         self.down_until = 0.0  # monotonic time before which a backend that refused a connection is passed over
+        self.down = False  # it failed its health checks (check_health_forever): nothing is sent to it
         self._headers = {"content-type": "application/json"}
         api_key = api_key or config.api_key()
         self._api_key = api_key
@@ -187,12 +207,42 @@ class Backend:
 
     @property
     def healthy(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return not self.down and time.monotonic() >= self.down_until
 
     def mark_down(self) -> None:
         """It refused a connection: pass it over for a while (a later request tries it again)."""
         self.down_until = time.monotonic() + DOWN_SECONDS
         log.warning("backend %s refused a connection; passed over for %g s", self.name, DOWN_SECONDS)
+
+    async def check_health(self) -> bool:
+        """One active check: GET /models answered, below 500, within the check's timeout."""
+        timeout = aiohttp.ClientTimeout(total=self.config.health_check.timeout)
+        try:
+            async with self.client.get(self._url("/models"), headers=self._headers, timeout=timeout) as response:
+                await response.read()
+                return response.status < 500
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    async def check_health_forever(self) -> None:
+        """Active health checks (backends[].health_check), until cancelled: `failures` failed checks in a row mark
+        the backend down (`down`: requests only it serves are 503s, nothing is sent), one passing check brings it
+        back up (and ends a pass-over after a refused connection)."""
+        settings = self.config.health_check
+        if settings.interval <= 0:
+            return
+        failed = 0
+        while True:
+            await asyncio.sleep(settings.interval)
+            if await self.check_health():
+                if self.down:
+                    log.warning("backend %s passed its health check: up again", self.name)
+                failed, self.down, self.down_until = 0, False, 0.0
+                continue
+            failed += 1
+            if failed >= settings.failures and not self.down:
+                self.down = True
+                log.warning("backend %s failed %d health checks in a row: down", self.name, failed)
 
     # ---- learning what the backend can do (free endpoints only) ----
 
@@ -264,26 +314,37 @@ class Backend:
 
     async def _send(self, path: str, content: bytes, request_id: str | None) -> BackendResponse:
         headers = self._headers if request_id is None else {**self._headers, "x-request-id": request_id}
-        for attempt in range(2):
+        retries = self.config.connect_retries
+        refused = 0
+        stale = False
+        while True:
             try:
-                response = await self.client.post(self._url(path), data=content, headers=headers,
-                                                  timeout=self.timeout)
+                # sock_read bounds the wait for the first byte only once the body is sent: a backend that stops
+                # reading it would hold the call forever, so sending and the first byte share the read timeout.
+                async with asyncio.timeout(self.config.timeouts.connect + self.config.timeouts.read):
+                    response = await self.client.post(self._url(path), data=content, headers=headers,
+                                                      timeout=self.timeout)
             except TimeoutError as exc:
                 raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
             except aiohttp.ClientConnectorError as exc:
+                # No connection: nothing was sent, so trying again is safe (bounded, backing off, jittered).
+                if refused < retries.attempts and self.healthy:
+                    await asyncio.sleep(retry_delay(retries.backoff, refused))
+                    refused += 1
+                    continue
                 self.mark_down()
                 raise BackendConnectFailed(f"backend {self.name} is unreachable: {exc!r}") from exc
             except _STALE_CONNECTION as exc:
                 # A pooled keep-alive connection the server closed just as we reused it: the request never
                 # reached the engine (no response began), so sending it once more on a fresh one is safe.
-                if attempt == 0:
+                if not stale:
+                    stale = True
                     log.debug("backend %s: stale pooled connection (%r); retrying once", self.name, exc)
                     continue
                 raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
             except aiohttp.ClientError as exc:
                 raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
             return BackendResponse(response, self.name)
-        raise AssertionError("unreachable")
 
     async def _raise_for_status(self, response: BackendResponse, body: dict[str, Any] | None) -> None:
         if response.status_code < 400:
