@@ -36,7 +36,7 @@ class ProxyError(Exception):
         if self.should_retry is not None:
             self.headers.setdefault("x-should-retry", "true" if self.should_retry else "false")
 
-    def not_to_be_retried(self) -> "ProxyError":
+    def not_to_be_retried(self) -> ProxyError:
         """Mark this error as one a retry would repeat (e.g. it ended a strategy run, which a retry would pay
         for again in full); returns it."""
         self.headers["x-should-retry"] = "false"
