@@ -241,3 +241,25 @@ def test_a_nested_composition_cannot_exceed_max_calls(client, fake):
         model="sc:n=8>sc:n=8-fake-model", messages=user(), seed=3, extra_body={"ttc": {"budget": {"max_calls": 2}}})
     assert completion.ttc["backend_calls"] == 2 == len(fake.chat_requests())
     assert completion.ttc["budget_exhausted"] is True
+
+
+# ---- a full queue is transient: it may be retried, after Retry-After ----
+
+def test_a_full_queue_may_be_retried(fake):
+    config = fake_config(fake, backends=[backend_entry(fake, max_in_flight=1, max_queue=0)])
+    fake.script = lambda body: FakeReply(delay=1.0) if body["messages"][0]["content"] == "slow" else FakeReply()
+    with ProxyServer(config) as server:
+        import threading
+
+        holder = threading.Thread(target=chat, args=(server, {"model": "fake-model", "messages": user("slow")}))
+        holder.start()
+        try:
+            time.sleep(0.3)
+            responses = [chat(server, {"model": model, "messages": user(), "seed": 1})
+                         for model in ("fake-model", "sc:n=2-fake-model")]
+        finally:
+            holder.join()
+    for response in responses:  # checked once both were sent, while the slot was held
+        assert_openai_error(response, 429, code="proxy_queue_full")
+        assert response.headers["retry-after"] == "1"
+        assert response.headers.get("x-should-retry") != "false"
