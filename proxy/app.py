@@ -41,6 +41,7 @@ from .protocol import (
     TokenizeResponse,
     validate_request,
 )
+from .openapi import openapi_document
 from .passthrough import pass_through
 from .registry import load_registry
 from .routing import Route, resolve_route
@@ -65,9 +66,11 @@ class ProxyState:
     api_keys: frozenset[str] = frozenset()
     verifiers: VerifierClient | None = None
     pivot_sets: dict[str, list[dict[str, Any]]] = field(init=False)  # config `pivots:`, by name, for every run
+    openapi: dict[str, Any] = field(init=False)  # GET /openapi.json
 
     def __post_init__(self) -> None:
         self.pivot_sets = {name: pivots.records for name, pivots in self.config.pivots.items()}
+        self.openapi = openapi_document(self.registry)
 
     def backends_for(self, route: Route) -> list[Backend]:
         """The backends serving the route's model, best first: healthy before passed-over ones, then the least
@@ -242,6 +245,9 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             return error_response(exc)
         return Response(trace, media_type="application/json")
 
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(request.app.state.proxy.openapi)
+
     async def chat_completions(request: Request) -> Response:
         return await _serve(request, "/chat/completions", ChatCompletionRequest)
 
@@ -256,6 +262,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
 
     # Plain Starlette routes: the handlers read raw requests, so FastAPI's per-request machinery is not needed.
     app.add_route("/health", health, methods=["GET"])
+    app.add_route("/openapi.json", openapi, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])

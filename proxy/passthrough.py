@@ -26,7 +26,7 @@ from strategies.framework import gather_all
 from .backends import Backend, BackendResponse
 from .backends.backend import check_completion
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
-from .errors import BackendConnectFailed, BackendUnreachable
+from .errors import BackendConnectFailed, BackendUnreachable, InvalidRequest
 from .routing import Route
 from .sse import DONE, event_data, relay_events, sse_events
 from .streaming import EventStreamResponse, until_disconnect
@@ -86,7 +86,13 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
     n = body.get("n")
     max_n = backend.capabilities.max_n
     if isinstance(n, int) and n > max_n:
-        return await _fan_out(request, backend, path, body, split_n(n, max_n), client_model, stops, request_id)
+        parts = split_n(n, max_n)
+        capacity = backend.scheduler.capacity
+        if body.get("stream") and sum(min(part, capacity) for part in parts) > capacity:
+            # a stream's calls are all held open at once: more than the backend's slots would wait for each other
+            raise InvalidRequest(f"a streamed n={n} needs {n} of backend {backend.name!r}'s slots at once; it has "
+                                 f"{capacity} (ask for fewer, or without stream)", param="n", code="n_above_capacity")
+        return await _fan_out(request, backend, path, body, parts, client_model, stops, request_id)
     content = json.dumps(body).encode()
     cost = n if isinstance(n, int) and n > 0 else 1
     if body.get("stream"):

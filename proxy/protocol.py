@@ -15,6 +15,15 @@ class OpenAIModel(BaseModel):
 
 
 class ChatMessage(OpenAIModel):
+    # What _content_required checks, for the published schema.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        {"properties": {"role": {"const": "assistant"}}, "anyOf": [
+            {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+            {"required": ["function_call"], "properties": {"function_call": {"type": "object", "minProperties": 1}}},
+        ]},
+    ]})
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
 
