@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import Request
@@ -23,10 +22,10 @@ from fastapi.responses import Response
 
 from strategies.framework import gather_all
 
-from .backends import Backend, BackendResponse
+from .backends import Backend
 from .backends.backend import check_completion
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
-from .errors import BackendConnectFailed, BackendUnreachable, InvalidRequest
+from .errors import BackendConnectFailed, BackendUnreachable
 from .routing import Route
 from .sse import DONE, event_data, relay_events, sse_events
 from .streaming import EventStreamResponse, until_disconnect
@@ -86,13 +85,7 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
     n = body.get("n")
     max_n = backend.capabilities.max_n
     if isinstance(n, int) and n > max_n:
-        parts = split_n(n, max_n)
-        capacity = backend.scheduler.capacity
-        if body.get("stream") and sum(min(part, capacity) for part in parts) > capacity:
-            # a stream's calls are all held open at once: more than the backend's slots would wait for each other
-            raise InvalidRequest(f"a streamed n={n} needs {n} of backend {backend.name!r}'s slots at once; it has "
-                                 f"{capacity} (ask for fewer, or without stream)", param="n", code="n_above_capacity")
-        return await _fan_out(request, backend, path, body, parts, client_model, stops, request_id)
+        return await _fan_out(request, backend, path, body, split_n(n, max_n), client_model, stops, request_id)
     content = json.dumps(body).encode()
     cost = n if isinstance(n, int) and n > 0 else 1
     if body.get("stream"):
@@ -176,17 +169,14 @@ async def _fan_out(request: Request, backend: Backend, path: str, body: dict[str
                    client_model: str, stops: list[str], request_id: str) -> Response:
     bodies = part_bodies(body, parts)
     if body.get("stream"):
-        # Every call is open (or refused, with its own status) before the client's stream starts.
-        stack = AsyncExitStack()
-        try:
-            streams = await until_disconnect(request.receive, _open_streams(stack, backend, path, bodies, request_id))
+        merged = _MergedStreams(backend, path, bodies, client_model, stops, request_id)
+        try:  # the first call's refusal is the client's answer, with its status; a later one is an error event
+            await until_disconnect(request.receive, merged.first_open)
         except BaseException:
-            await stack.aclose()
+            await merged.close()
             raise
-        offsets = [sum(b.get("n", 1) for b in bodies[:i]) for i in range(len(bodies))]
-        return EventStreamResponse(  # type: ignore[return-value]
-            _merged_streams(backend.name, streams, offsets, client_model, stops), {"x-request-id": request_id},
-            on_close=stack.aclose)
+        return EventStreamResponse(merged.events(), {"x-request-id": request_id},  # type: ignore[return-value]
+                                   on_close=merged.close)
 
     async def one(part: dict[str, Any]) -> tuple[int, bytes]:
         response, payload = await backend.call(path, part, owner=request_id, cost=part.get("n", 1),
@@ -211,70 +201,84 @@ async def _fan_out(request: Request, backend: Backend, path: str, body: dict[str
                     media_type="application/json", headers={"x-request-id": request_id})
 
 
-async def _open_streams(stack: AsyncExitStack, backend: Backend, path: str, bodies: list[dict[str, Any]],
-                        request_id: str) -> list[BackendResponse]:
-    return [await stack.enter_async_context(backend.stream(path, part, owner=request_id, cost=part.get("n", 1),
-                                                           request_id=request_id))
-            for part in bodies]
-
-
-async def _merged_streams(source: str, streams: list[BackendResponse], offsets: list[int], client_model: str,
-                          stops: list[str]) -> AsyncIterator[bytes]:
+class _MergedStreams:
     """The calls' streams as one: chunks as they come, choices renumbered after the calls before, one id, usage
-    summed into a last chunk, one [DONE]. A call that breaks off ends the stream with an error event."""
-    queue: asyncio.Queue[tuple[int, dict[str, Any] | Exception | None]] = asyncio.Queue()
-    cutter = StreamedStopCutter(stops) if stops else None
-    usages: list[dict[str, Any]] = []
-    first: dict[str, Any] = {}
+    summed into a last chunk, one [DONE]. Each call is opened and read to its end by a task of its own (so one
+    holding scheduler slots never waits for the client or for another call); a call that breaks off ends the
+    stream with an error event."""
 
-    async def read(part: int, response: BackendResponse) -> None:
+    def __init__(self, backend: Backend, path: str, bodies: list[dict[str, Any]], client_model: str,
+                 stops: list[str], request_id: str) -> None:
+        self.backend, self.client_model = backend, client_model
+        self.offsets = [sum(b.get("n", 1) for b in bodies[:i]) for i in range(len(bodies))]
+        self.cutter = StreamedStopCutter(stops) if stops else None
+        self.queue: asyncio.Queue[tuple[int, dict[str, Any] | Exception | None]] = asyncio.Queue()
+        self.first_open: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.readers = [asyncio.create_task(self._read(i, path, body, request_id)) for i, body in enumerate(bodies)]
+
+    async def _read(self, part: int, path: str, body: dict[str, Any], request_id: str) -> None:
         try:
-            async for lines in sse_events(response.aiter_raw(), source):
-                data = event_data(lines)
-                if data is None or data == DONE:
-                    continue
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    continue
-                if isinstance(chunk, dict):
-                    await queue.put((part, chunk))
-        except Exception as exc:  # noqa: BLE001 - handed to the merging loop, which raises it
-            await queue.put((part, exc))
-        await queue.put((part, None))
+            async with self.backend.stream(path, body, owner=request_id, cost=body.get("n", 1),
+                                           request_id=request_id) as response:
+                if part == 0:
+                    self.first_open.set_result(None)
+                async for lines in sse_events(response.aiter_raw(), self.backend.name):
+                    data = event_data(lines)
+                    if data is None or data == DONE:
+                        continue
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        continue
+                    if isinstance(chunk, dict):
+                        self.queue.put_nowait((part, chunk))
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits: the opening, or the merging loop
+            if part == 0 and not self.first_open.done():
+                self.first_open.set_exception(exc)
+            else:
+                self.queue.put_nowait((part, exc))
+        finally:
+            self.queue.put_nowait((part, None))
 
-    readers = [asyncio.create_task(read(i, response)) for i, response in enumerate(streams)]
-    try:
-        open_parts = len(readers)
-        while open_parts:
-            part, item = await queue.get()
-            if item is None:
-                open_parts -= 1
-                continue
-            if isinstance(item, Exception):
-                raise item
-            chunk = item
-            if "error" in chunk:
-                yield b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
-                return
-            first = first or chunk
-            if isinstance(chunk.get("usage"), dict):
-                usages.append(chunk.pop("usage"))
-            if not chunk.get("choices"):
-                continue
-            for choice in chunk["choices"]:
-                if isinstance(choice, dict):
-                    choice["index"] = offsets[part] + int(choice.get("index") or 0)
-            if cutter is not None:
-                cut_stops_in_chunk(chunk, cutter)
-            chunk.update(id=first.get("id", chunk.get("id")), model=client_model)
-            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-    finally:
-        for reader in readers:
+    async def close(self) -> None:
+        for reader in self.readers:
             reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-    if usages:
-        last = {k: first[k] for k in ("id", "object", "created", "system_fingerprint") if k in first}
-        last.update(model=client_model, choices=[], usage=_sum_usage(usages))
-        yield b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
+        await asyncio.gather(*self.readers, return_exceptions=True)
+        if self.first_open.done() and not self.first_open.cancelled():
+            self.first_open.exception()  # retrieved: it was raised to the client already
+
+    async def events(self) -> AsyncIterator[bytes]:
+        usages: list[dict[str, Any]] = []
+        first: dict[str, Any] = {}
+        open_parts = len(self.readers)
+        try:
+            while open_parts:
+                part, item = await self.queue.get()
+                if item is None:
+                    open_parts -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                chunk = item
+                if "error" in chunk:
+                    yield b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+                    return
+                first = first or chunk
+                if isinstance(chunk.get("usage"), dict):
+                    usages.append(chunk.pop("usage"))
+                if not chunk.get("choices"):
+                    continue
+                for choice in chunk["choices"]:
+                    if isinstance(choice, dict):
+                        choice["index"] = self.offsets[part] + int(choice.get("index") or 0)
+                if self.cutter is not None:
+                    cut_stops_in_chunk(chunk, self.cutter)
+                chunk.update(id=first.get("id", chunk.get("id")), model=self.client_model)
+                yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        finally:
+            await self.close()
+        if usages:
+            last = {k: first[k] for k in ("id", "object", "created", "system_fingerprint") if k in first}
+            last.update(model=self.client_model, choices=[], usage=_sum_usage(usages))
+            yield b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"

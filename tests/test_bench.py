@@ -94,3 +94,20 @@ async def test_backend_maps_connection_failures() -> None:
         with pytest.raises(BackendUnreachable):
             await backend.call("/chat/completions", {}, owner="o", content=b"{}")
         assert backend.scheduler.in_use == 0
+
+
+def test_bench_against_an_engine_pairs_direct_and_proxy_requests(fake_backend) -> None:
+    """`ttc-proxy bench --backend URL`: the same request straight to the engine and through the proxy, paired."""
+    from tools.engine_bench import format_engine_report, run_engine_overhead
+
+    fake_backend.reset()
+    report = run_engine_overhead(backend_url=fake_backend.base_url, kind="llama_cpp", engine_model="fake-model",
+                                 pairs=5, warmup=1)
+    for phase in ("non_streaming", "streaming_ttft"):
+        assert report[phase]["pairs"] == 5 and report[phase]["failed"] == 0
+        low, high = report[phase]["added_ci95_ms"]
+        assert low <= report[phase]["added_p50_ms"] <= high
+    models = {r.body["model"] for r in fake_backend.chat_requests()}
+    assert models == {"fake-model"}  # the proxy mapped its client name to the engine's
+    assert len(fake_backend.chat_requests()) == 2 * 2 * 6  # two phases, both sides, warm-up included
+    assert "added p50" in format_engine_report(report)

@@ -132,3 +132,14 @@ def test_streamed_stop_cutter(pieces: list[str], stops: list[str], expected: str
     assert out == expected
     whole = cut_at_stop("".join(pieces), stops)  # the same as cutting the whole text
     assert out == (whole if whole is not None else "".join(pieces))
+
+
+def test_streamed_n_above_the_slots_does_not_wait_on_itself(proxy: ProxyServer, fake: FakeBackend) -> None:
+    """n=8 on the fake's 4 slots: two streams of n=4, each holding all 4 slots in turn. The first is read while the
+    second waits for its slots (it used to wait for the second to open first: never)."""
+    fake.script = lambda body: FakeReply(texts=["a b c"], chunk_delay=0.01)
+    events = stream_events(proxy, {"model": "fake-model", "messages": user(), "stream": True, "n": 8})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {choice["index"] for c in chunks for choice in c["choices"]} == {0, 4}  # the fake streams choice 0
+    assert sorted(r.body["n"] for r in fake.chat_requests()) == [4, 4]

@@ -262,7 +262,7 @@ def test_pts_finds_pivots_and_dpo_pairs_through_the_proxy(proxy: ProxyServer, fa
                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake.reset(scripted(fake))
     out = tmp_path / "out"
-    # 8 rollouts: above the fake's 4 slots, so the first request is refused and the rest go 4 at a time.
+    # 8 rollouts: above the fake's 4 slots, so the proxy draws each n=8 as two calls of 4 at once.
     assert run_pts(task_file(tmp_path, EASY), proxy, out, "--rollouts", "8") == 0
 
     pivots = read_jsonl(out / "pivotal_tokens.jsonl")
@@ -287,20 +287,19 @@ def test_pts_finds_pivots_and_dpo_pairs_through_the_proxy(proxy: ProxyServer, fa
     assert [(t["id"], t["status"], t["p"]) for t in summary["tasks"]] == [("t-mul", "searched", 0.5),
                                                                           ("t-add", "skipped", 1.0)]
     assert summary["stopped"] is None and summary["estimates"] == 4  # t-mul's question, Surely, Maybe; t-add's
-    # Every prefix was sampled once, 8 continuations in two requests of 4 (the refused n=8 aside); the whole
+    # Every prefix was sampled once, 8 continuations in two engine calls of 4; the whole
     # replies were never sampled (a reply's p is its grade); one top-k call per pivot.
     sampled = [b for b in completions(fake) if not b.get("logprobs")]
     counts = Counter(fake.vocabulary.decode(b["prompt"]) for b in sampled if b["n"] == 4)
     assert counts == {PROMPT: 2, PROMPT + "Surely": 2, PROMPT + "Maybe": 2,
                       "<|user|>What is 2 plus 2?\n" + TEMPLATE_ASSISTANT: 2}
-    # Refused until the cap is learned: once, or once per task when both tasks asked before the first refusal.
-    assert [b["n"] for b in sampled].count(8) in (1, 2)
+    assert [b["n"] for b in sampled].count(8) == 0  # the engine never sees an n above its slots
     assert all(b["max_tokens"] == 48 for b in sampled if fake.vocabulary.decode(b["prompt"]).endswith(">"))
     assert all(b["max_tokens"] == 47 for b in sampled if not fake.vocabulary.decode(b["prompt"]).endswith(">"))
     top = [b for b in completions(fake) if b.get("logprobs")]
     assert [(b["max_tokens"], b["logprobs"]) for b in top] == [(1, 5), (1, 5)]
     spend = summary["this_run"]["spend"]
-    assert spend["calls"] == 8 + 2 and spend["prompt_tokens"] > 0 and spend["completion_tokens"] > 0
+    assert spend["calls"] == 4 + 2 and spend["prompt_tokens"] > 0 and spend["completion_tokens"] > 0
     # The fake (like llama-server) counts one choice of n; the re-tokenized continuations count them all: 2 x 8 at
     # the question, 8 after "Surely", 8 after "Maybe", 1 per top-k call, 2 x 4 for "2 plus 2".
     assert spend["completion_tokens"] == 16 + 8 + 8 + 2 + 8

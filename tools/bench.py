@@ -384,6 +384,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--http", choices=["httptools", "h11"], help="the proxy's HTTP parser (default httptools)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--log-level", default="warning")
+    engine = parser.add_argument_group("in front of a real engine (tools/engine_bench.py): paired requests, "
+                                       "direct and through the proxy")
+    engine.add_argument("--backend", help="the engine's base URL on loopback, e.g. http://127.0.0.1:8201/v1")
+    engine.add_argument("--kind", default="generic", help="the backend's kind in the proxy's config")
+    engine.add_argument("--engine-model", default="smollm2", help="the model name the engine wants")
+    engine.add_argument("--pairs", type=positive_int, default=200, help="pairs per phase (default 200)")
     parser.set_defaults(handler=bench_command)
     return parser
 
@@ -394,6 +400,8 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.backend:
+        return _bench_engine(args)
     try:
         report = run_benchmark(requests=args.requests, warmup=args.warmup, duration=args.duration,
                                concurrency=args.concurrency, loop=args.loop, http=args.http,
@@ -415,3 +423,27 @@ def _bench(args: argparse.Namespace) -> int:
     if args.check and not all(check["met"] for check in report["targets"]):
         return 1
     return 0
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from .engine_bench import format_engine_report, run_engine_overhead
+
+    try:
+        report = run_engine_overhead(backend_url=args.backend, kind=args.kind, engine_model=args.engine_model,
+                                     pairs=args.pairs, progress=lambda message: print(message, file=sys.stderr,
+                                                                                      flush=True))
+    except (ChildFailed, ValueError) as exc:
+        print(f"ttc-proxy bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ttc-proxy bench: interrupted", file=sys.stderr)
+        return 130
+    print(format_engine_report(report))
+    output = Path(args.output)
+    if output == DEFAULT_OUTPUT:
+        output = output.with_name(f"overhead-{args.kind}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults written to {output}")
+    failed = report["non_streaming"]["failed"] + report["streaming_ttft"]["failed"]
+    return 1 if failed else 0
