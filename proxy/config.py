@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from strategies.framework import message_text
 
-BackendKind = Literal["llama_cpp", "vllm", "transformers", "openai", "generic"]
+BackendKind = Literal["llama_cpp", "llamafile", "vllm", "transformers", "openai", "generic"]
 
 
 class StrictModel(BaseModel):

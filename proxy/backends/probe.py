@@ -247,9 +247,12 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
     ids: list[int] | None = None
     status, payload, _ = await engine.post(f"{engine.root}/tokenize", {"content": PREFIX, "model": report.model,
                                                                        "prompt": PREFIX})
-    if status == 200 and isinstance(payload, dict) and isinstance(payload.get("tokens"), list):
-        ids = [t if isinstance(t, int) else t.get("id") for t in payload["tokens"]]
-    report.add("tokenize", ids is not None, f"POST /tokenize: {len(ids)} ids" if ids else f"HTTP {status}")
+    tokens = payload.get("tokens") if status == 200 and isinstance(payload, dict) else None
+    if isinstance(tokens, list):  # ids, or {id, piece} objects; llamafiler answers token texts (no ids)
+        found = [t if isinstance(t, int) else t.get("id") if isinstance(t, dict) else None for t in tokens]
+        ids = found if all(isinstance(i, int) for i in found) else None
+    report.add("tokenize", ids is not None, f"POST /tokenize: {len(ids)} ids" if ids else
+               f"HTTP {status}{'' if tokens is None else ', tokens without ids'}")
     if ids and text_ok:
         status, payload, _ = await engine.post(completions, {"model": report.model, "prompt": ids, "max_tokens": 2,
                                                              "temperature": 0})
@@ -262,7 +265,9 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
         note = "POST /apply-template"
     else:
         status, payload, _ = await engine.post(f"{engine.root}/tokenize", {"model": report.model, "messages": ask})
-        rendered = status == 200 and isinstance(payload, dict) and isinstance(payload.get("tokens"), list)
+        # Non-empty: a /tokenize that ignores `messages` (llama-server-like ones) answers no tokens.
+        rendered = status == 200 and isinstance(payload, dict) and isinstance(payload.get("tokens"), list) \
+            and bool(payload["tokens"])
         note = "POST /tokenize with messages" if rendered else "no template endpoint"
     report.add("render", rendered, note)
 
