@@ -132,9 +132,14 @@ def error_response(exc: ProxyError, request_id: str | None = None) -> JSONRespon
     return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        # NaN and Infinity are Python's, not JSON's: an engine sent them could fail in ways of its own
+        body = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
