@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from strategies.framework import Strategy
 
+from .access_log import AccessLogMiddleware, EngineCalls, access_record
 from .backends import Backend, new_client_session
 from .backends.backend import refuse_if_down
 from .backends.engine import LocalEngine
@@ -42,7 +43,7 @@ from .protocol import (
     validate_request,
 )
 from .openapi import openapi_document
-from .passthrough import pass_through
+from .passthrough import pass_through, planned_calls
 from .registry import load_registry
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
@@ -95,8 +96,7 @@ class ProxyState:
         """The id of the proxy key the request carries (key_id: a digest, never the key); None without keys."""
         if not self.api_keys:
             return None
-        supplied = headers.get("authorization", "")
-        key = (supplied[7:] if supplied.lower().startswith("bearer ") else headers.get("api-key", "")).encode()
+        key = supplied_key(headers)
         # compared in constant time with every key, so timing tells nothing about how much of a key matched
         if not any([hmac.compare_digest(key, known.encode()) for known in self.api_keys]):
             raise Unauthorized("invalid or missing API key for this proxy")
@@ -118,6 +118,17 @@ class ProxyState:
                                       f"(server.max_body_bytes)")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def supplied_key(headers: Mapping[str, str]) -> bytes:
+    """The proxy key a request carries: `Authorization: Bearer KEY`, else `api-key: KEY` (Azure's header)."""
+    supplied = headers.get("authorization", "")
+    return (supplied[7:] if supplied.lower().startswith("bearer ") else headers.get("api-key", "")).encode()
+
+
+def _key_id_of(headers: Mapping[str, str]) -> str | None:
+    key = supplied_key(headers)
+    return key_id(key) if key else None
 
 
 def key_id(key: bytes) -> str:
@@ -185,6 +196,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                     await engine.stop()
 
     app = FastAPI(title="ttc-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AccessLogMiddleware, identify=_key_id_of)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -331,10 +343,13 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         key = state.authorize(request.headers)
         body = parse_json_object(await state.read_body(request))
         parsed = validate_request(schema, body)
+        access = access_record(request.scope)
+        access.model = parsed.model
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
         candidates = state.backends_for(route)
         backend = candidates[0]
         if route.spec is None:
+            access.sources.append(EngineCalls(planned_calls(body.get("n"), backend.capabilities.max_n)))
             return await pass_through(request, candidates, path, body, route, request_id)
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
@@ -364,6 +379,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
                           backend_for=lambda model: state.backend_for(Route(None, model)),
                           verifiers=state.verifiers,
                           pivot_sets=state.pivot_sets)
+        access.sources.append(run)
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

@@ -52,6 +52,11 @@ def split_n(n: int, max_n: int) -> list[int]:
     return [max_n] * (n // max_n) + ([n % max_n] if n % max_n else [])
 
 
+def planned_calls(n: Any, max_n: int) -> int:
+    """The calls a pass-through request of `n` choices makes."""
+    return len(split_n(n, max_n)) if isinstance(n, int) and n > max_n else 1
+
+
 def part_bodies(body: dict[str, Any], parts: list[int]) -> list[dict[str, Any]]:
     """One body per call; a seeded request's calls get seeds of their own (the same seed would repeat samples)."""
     bodies = []

@@ -51,6 +51,7 @@ class WorkerSetup:
     backend_url: str | None
     workers: int
     log_level: str = "info"
+    log_format: str = "text"
     engine_urls: dict[str, str] = field(default_factory=dict)
 
     def to_env(self) -> str:
@@ -80,11 +81,12 @@ def worker_config(config: ProxyConfig, workers: int, engine_urls: dict[str, str]
 
 def worker_app() -> FastAPI:
     """The uvicorn factory each worker process calls (`proxy.replicas:worker_app`)."""
+    from .access_log import configure_logging
     from .app import create_app
 
     setup = WorkerSetup.from_env()
     # A worker is a fresh interpreter: the parent's logging set-up did not come with it.
-    logging.basicConfig(level=getattr(logging, setup.log_level.upper(), logging.INFO))
+    configure_logging(setup.log_level, setup.log_format)
     config = setup.config()
     if config.server.trace_store == "memory":
         log.warning("traces are kept per worker (server.trace_store: memory): a trace is found only by the worker "

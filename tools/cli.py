@@ -15,6 +15,7 @@ from .argtypes import positive_int
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from proxy.access_log import configure_logging
     from proxy.app import create_app
 
     try:
@@ -22,15 +23,18 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ttc-proxy: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, args.log_format)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
     if workers > 1:
         from proxy.replicas import WorkerSetup, run_workers
 
-        run_workers(config, WorkerSetup(args.config, args.backend, workers, args.log_level), host=host, port=port)
+        run_workers(config, WorkerSetup(args.config, args.backend, workers, args.log_level, args.log_format),
+                    host=host, port=port)
         return 0
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, access_log=False,
+    # log_config=None: uvicorn's own lines go through the handler configure_logging set (JSON too, if asked)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, access_log=False, log_config=None,
                 timeout_graceful_shutdown=config.server.shutdown_timeout_seconds)
     return 0
 
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--host")
     serve_parser.add_argument("--port", type=int)
     serve_parser.add_argument("--log-level", default="info")
+    serve_parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                              help="log lines as text or as JSON objects (the access log's fields as keys)")
     serve_parser.add_argument("--workers", type=positive_int,
                               help="proxy worker processes (default: server.workers, 1); each takes 1/N of every "
                                    "backend's bounds; an embedded engine is started once, shared")

@@ -184,6 +184,12 @@ class StrategyRun:
                           budget_exhausted=result.budget_exhausted, **self.budget.usage_attrs())
         return result
 
+    def access_fields(self) -> dict[str, Any]:
+        """For the access log: the composition that ran and what it spent."""
+        usage = self.budget.usage
+        return {"strategy": self.job.spec.describe(), "backend_calls": usage.calls,
+                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+
     def _wall_ms(self) -> float:
         return round((time.monotonic() - self.budget.started) * 1000, 1)
 
