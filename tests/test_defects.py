@@ -263,3 +263,13 @@ def test_a_full_queue_may_be_retried(fake):
         assert_openai_error(response, 429, code="proxy_queue_full")
         assert response.headers["retry-after"] == "1"
         assert response.headers.get("x-should-retry") != "false"
+
+
+def test_a_call_cut_by_the_deadline_counts_its_prompt(client, fake):
+    fake.script = lambda body: FakeReply(delay=3.0 if body["seed"] == 2 else 0)
+    completion = client.chat.completions.create(model="sc:n=2-fake-model", messages=user(), seed=1,
+                                                extra_body={"ttc": {"budget": {"max_seconds": 0.5}}})
+    assert completion.ttc["budget_exhausted"] is True and completion.ttc["details"]["samples"] == 1
+    # the engine read both prompts; only one reply came back before the deadline
+    assert completion.usage.prompt_tokens == 2 * PROMPT_TOKENS
+    assert completion.usage.completion_tokens == 4

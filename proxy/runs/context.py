@@ -30,7 +30,7 @@ from strategies.framework import (
 from ..backends import Backend
 from ..backends.stops import StreamedStopCutter, cut_stops_in_reply, stop_strings
 from ..config import StrategySettings
-from ..errors import InvalidRequest, NotFound, ProxyError, StrategyFailed
+from ..errors import BackendError, InvalidRequest, NotFound, ProxyError, StrategyFailed
 from ..sse import DONE, event_data, parse_chunk, sse_events
 from ..traces import Trace
 from .accounting import BudgetScope
@@ -218,20 +218,34 @@ class RunContext:
                     payload = await backend.call_json(path, body, owner=state.owner, cost=n,
                                                       request_id=state.request_id, on_start=start)
             except TimeoutError as exc:
+                self._charge_unanswered(start, body, node)
                 state.trace.update(node, status="timeout", ms=_ms_since(started))
                 raise budget.expire() from exc
             except BudgetExceeded as exc:
                 state.trace.update(node, status="refused", reason=str(exc))
                 raise
             except ProxyError as exc:
+                if not isinstance(exc, BackendError):  # an engine's error status: it says what it did not do
+                    self._charge_unanswered(start, body, node)
                 state.trace.update(node, status="error", error=exc.message, ms=_ms_since(started))
                 raise
             except asyncio.CancelledError:
+                self._charge_unanswered(start, body, node)
                 state.trace.update(node, status="cancelled", ms=_ms_since(started))
                 raise
             return await self._account(payload, body, n, seed, label, keep_tokens, echoed, node, started)
         finally:
             start.release()  # only once the real usage is charged: other calls always see one or the other
+
+    def _charge_unanswered(self, start: _Start, body: dict[str, Any], node: int) -> None:
+        """A call that was sent and ended with no reply to account (cut by the deadline, cancelled, timed out,
+        broken off): the engine read its prompt all the same, counted as that prompt's earlier report, else
+        estimated."""
+        if not start.started:
+            return
+        prompt_tokens, estimated = self._state.prompt_size(body)
+        self._scope.budget.charge(prompt_tokens=prompt_tokens, estimated=estimated)
+        self._state.trace.update(node, prompt_tokens=prompt_tokens)
 
     async def _account(self, payload: dict[str, Any], body: dict[str, Any], n: int, seed: int | None, label: str,
                        keep_tokens: bool, echoed: str, node: int, started: float) -> list[Candidate]:
