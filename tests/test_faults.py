@@ -179,11 +179,12 @@ def test_pass_through_streaming(proxy, fake, fault):
 STRATEGY_FAULTS = ["reset mid-body", "slow first byte", "5xx", "429 with Retry-After", "non-JSON body", "wrong shape"]
 
 
+@pytest.mark.parametrize("strategy", ["sc:n=4", "bon:n=4"])
 @pytest.mark.parametrize("fault", STRATEGY_FAULTS)
-def test_strategy(proxy, fake, fault):
+def test_strategy(proxy, fake, fault, strategy):
     fake.script = script(fault)
     with nothing_leaks(proxy):
-        response = chat(proxy, {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1})
+        response = chat(proxy, {"model": f"{strategy}-fake-model", "messages": user(), "seed": 1})
     error = assert_openai_error(response, PLAIN[fault][0])
     assert response.headers["x-should-retry"] == "false"  # a retry would pay for the whole run again
     assert error["message"]
@@ -191,11 +192,12 @@ def test_strategy(proxy, fake, fault):
     still_serving(proxy, fake)
 
 
+@pytest.mark.parametrize("strategy", ["sc:n=4", "bon:n=4"])
 @pytest.mark.parametrize("fault", STRATEGY_FAULTS)
-def test_strategy_streaming(proxy, fake, fault):
+def test_strategy_streaming(proxy, fake, fault, strategy):
     fake.script = script(fault)
     with nothing_leaks(proxy):
-        response = chat(proxy, {"model": "sc:n=4-fake-model", "messages": user(), "seed": 1, "stream": True})
+        response = chat(proxy, {"model": f"{strategy}-fake-model", "messages": user(), "seed": 1, "stream": True})
     streamed_error(response)
     still_serving(proxy, fake)
 
