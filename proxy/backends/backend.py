@@ -218,7 +218,8 @@ class Backend:
         """One active check: GET /models answered, below 500, within the check's timeout."""
         timeout = aiohttp.ClientTimeout(total=self.config.health_check.timeout)
         try:
-            async with self.client.get(self._url("/models"), headers=self._headers, timeout=timeout) as response:
+            async with self.client.get(self._url("/models"), headers=self._headers, timeout=timeout,
+                                       allow_redirects=False) as response:
                 await response.read()
                 return response.status < 500
         except (TimeoutError, aiohttp.ClientError):
@@ -291,7 +292,8 @@ class Backend:
 
     async def _get_json(self, url: str) -> Any:
         try:
-            async with self.client.get(url, headers=self._headers, timeout=self.timeout) as response:
+            async with self.client.get(url, headers=self._headers, timeout=self.timeout,
+                                       allow_redirects=False) as response:
                 return await response.json(content_type=None) if response.status == 200 else None
         except (TimeoutError, aiohttp.ClientError, ValueError):
             return None
@@ -322,8 +324,9 @@ class Backend:
                 # sock_read bounds the wait for the first byte only once the body is sent: a backend that stops
                 # reading it would hold the call forever, so sending and the first byte share the read timeout.
                 async with asyncio.timeout(self.config.timeouts.connect + self.config.timeouts.read):
+                    # never to another host: a redirect is answered as it is (see the SSRF note in the README)
                     response = await self.client.post(self._url(path), data=content, headers=headers,
-                                                      timeout=self.timeout)
+                                                      timeout=self.timeout, allow_redirects=False)
             except TimeoutError as exc:
                 raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
             except aiohttp.ClientConnectorError as exc:
@@ -346,6 +349,14 @@ class Backend:
                 raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
             return BackendResponse(response, self.name)
 
+    def _without_key(self, error: BackendError) -> BackendError:
+        """The backend's error with the key it was sent blanked out (an engine may quote it back: "bad key sk-…")."""
+        if self._api_key:
+            error.message = error.message.replace(self._api_key, "[backend key]")
+            error.param = error.param.replace(self._api_key, "[backend key]") if error.param else error.param
+            error.code = error.code.replace(self._api_key, "[backend key]") if error.code else error.code
+        return error
+
     async def _raise_for_status(self, response: BackendResponse, body: dict[str, Any] | None) -> None:
         if response.status_code < 400:
             return
@@ -357,7 +368,8 @@ class Backend:
             payload = json.loads(raw)
         except ValueError:
             payload = None
-        error = error_from_backend(response.status_code, payload, raw.decode("utf-8", "replace")[:2000])
+        error = self._without_key(error_from_backend(response.status_code, payload,
+                                                     raw.decode("utf-8", "replace")[:2000]))
         for header in _RETRY_HEADERS:  # the engine's own word on when (or whether) to try again
             if header in response.headers:
                 error.headers[header] = response.headers[header]
@@ -424,7 +436,7 @@ class Backend:
         for attempt in range(2):
             try:
                 async with self.client.post(f"{self.root_url}{path}", json=body, headers=self._headers,
-                                            timeout=self.timeout) as response:
+                                            timeout=self.timeout, allow_redirects=False) as response:
                     raw = await response.read()
                     status = response.status
                 break
@@ -442,7 +454,7 @@ class Backend:
         except ValueError:
             payload = None
         if status >= 400:
-            raise error_from_backend(status, payload, raw.decode("utf-8", "replace")[:2000])
+            raise self._without_key(error_from_backend(status, payload, raw.decode("utf-8", "replace")[:2000]))
         if not isinstance(payload, dict):
             raise BackendUnreachable(f"backend {self.name} answered {path} with something that is not a JSON object")
         return payload

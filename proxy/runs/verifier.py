@@ -37,7 +37,7 @@ class VerifierClient:
         if key:
             headers["authorization"] = f"Bearer {key}"
         try:
-            async with self._client.post(endpoint.url, json=payload, headers=headers,
+            async with self._client.post(endpoint.url, json=payload, headers=headers, allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=endpoint.timeout)) as response:
                 body = await response.json(content_type=None) if response.status == 200 else None
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
