@@ -322,3 +322,16 @@ def test_a_backend_failing_health_checks_is_down_then_up_again():
             assert len(back.chat_requests()) == 1
         finally:
             back.stop_thread()
+
+
+def test_a_judge_model_on_a_backend_that_is_down_is_a_503_not_a_400(fake_backend):
+    judge = FakeBackend(model="judge").start_in_thread()
+    entries = [backend_entry(fake_backend, models=["fake-model"]),
+               {"name": "judges", "kind": "llama_cpp", "base_url": judge.base_url, "models": ["judge"],
+                "health_check": {"interval": 0.2, "failures": 1}}]
+    with ProxyServer(fake_config(fake_backend, backends=entries)) as server:
+        judge.stop_thread()
+        wait_until(lambda: state_of(server).backends["judges"].down, timeout=3)
+        response = chat(server, {"model": "bon:n=2,select=judge,judge_model=judge-fake-model", "messages": user()})
+        error = assert_openai_error(response, 503, code="backend_down")
+        assert "judges" in error["message"]

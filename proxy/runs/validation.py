@@ -12,7 +12,7 @@ from strategies.framework import MAX_COMPOSITION_DEPTH, Strategy, StrategyParams
 
 from ..backends import Backend
 from ..config import Budget, StrategySettings
-from ..errors import InvalidRequest, ProxyError
+from ..errors import InvalidRequest, NotFound
 
 
 def strategy_of(slug: str, registry: Mapping[str, type[Strategy]]) -> type[Strategy]:
@@ -141,6 +141,6 @@ def check_references(strategy: type[Strategy], params: StrategyParams, verifiers
     for model in named.get("models", ()):
         try:
             backend_for(model)
-        except ProxyError as exc:
+        except NotFound as exc:  # a named model no backend serves; one that is down is a 503 as it is
             raise InvalidRequest(f"strategy {strategy.slug!r}: {exc.message}", param="ttc.params",
                                  code="model_not_found") from exc
