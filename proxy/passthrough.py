@@ -25,9 +25,9 @@ from strategies.framework import gather_all
 from .backends import Backend
 from .backends.backend import check_completion
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
-from .errors import BackendConnectFailed, BackendUnreachable
+from .errors import BackendConnectFailed
 from .routing import Route
-from .sse import DONE, event_data, relay_events, sse_events
+from .sse import DONE, event_data, parse_chunk, relay_events, sse_events
 from .streaming import EventStreamResponse, until_disconnect
 
 log = logging.getLogger("ttc_proxy.passthrough")
@@ -191,14 +191,10 @@ async def _fan_out(request: Request, backend: Backend, path: str, body: dict[str
     answers = await until_disconnect(request.receive, gather_all(one(part) for part in bodies))
     replies = []
     for status, payload in answers:
-        try:
-            reply = json.loads(payload)
-        except ValueError as exc:
-            raise BackendUnreachable(f"backend {backend.name} sent a body that is not JSON: {payload[:200]!r}") \
-                from exc
-        if status != 200 or not isinstance(reply, dict):
+        if status != 200:
             return Response(payload, status_code=status, media_type="application/json",
                             headers={"x-request-id": request_id})
+        reply = check_completion(payload, backend.name)
         if stops:
             cut_stops_in_reply(reply, stops)
         replies.append(reply)
@@ -231,12 +227,7 @@ class _MergedStreams:
                     data = event_data(lines)
                     if data is None or data == DONE:
                         continue
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError:
-                        continue
-                    if isinstance(chunk, dict):
-                        self.queue.put_nowait((part, chunk))
+                    self.queue.put_nowait((part, parse_chunk(data, self.backend.name)))
         except Exception as exc:  # noqa: BLE001 - handed to whoever waits: the opening, or the merging loop
             if part == 0 and not self.first_open.done():
                 self.first_open.set_exception(exc)

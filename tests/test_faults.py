@@ -335,3 +335,21 @@ def test_a_judge_model_on_a_backend_that_is_down_is_a_503_not_a_400(fake_backend
         response = chat(server, {"model": "bon:n=2,select=judge,judge_model=judge-fake-model", "messages": user()})
         error = assert_openai_error(response, 503, code="backend_down")
         assert "judges" in error["message"]
+
+
+@pytest.mark.parametrize(("fault", "stream"), [
+    *((fault, False) for fault in ("reset mid-body", "non-JSON body", "wrong shape", "5xx")),
+    *((fault, True) for fault in ("reset mid-body", "non-JSON body", "wrong shape", "5xx", "truncated SSE")),
+])
+def test_pass_through_drawn_by_several_calls(proxy, fake, fault, stream):
+    """n above the engine's cap (the fake takes 4) is drawn by concurrent calls: a fault in any ends the request."""
+    fake.script = script(fault)
+    with nothing_leaks(proxy):
+        response = chat(proxy, {"model": "fake-model", "messages": user(), "n": 6, "stream": stream})
+    status, code = (STREAMED if stream else PLAIN)[fault]
+    if status == 200:
+        error = streamed_error(response)
+        assert error["code"] == code and "fake" in error["message"]
+    else:
+        assert_openai_error(response, status, code=code)
+    still_serving(proxy, fake)
