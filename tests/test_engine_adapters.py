@@ -108,6 +108,20 @@ def test_a_strategy_sees_replies_cut_at_their_stop(transformers_like: ProxyServe
         response = sdk.chat.completions.create(model="sc:n=2-smollm2", messages=user(), stop=[" is"])
     assert response.choices[0].message.content == "3 times 4"
     assert len(fake.chat_requests()) == 2 and all("n" not in r.body for r in fake.chat_requests())
+    # the run says how it worked around the engine
+    assert response.model_extra["ttc"]["details"]["adaptations"] == [
+        "samples drawn by concurrent calls of at most 1: backend tf takes n <= 1",
+        "stop strings cut by the proxy: backend tf leaves them in"]
+
+
+def test_think_continues_through_completions_with_the_configured_template(transformers_like: ProxyServer,
+                                                                          fake: FakeBackend) -> None:
+    fake.script = kept_stop
+    with sync_client(transformers_like) as sdk:
+        response = sdk.chat.completions.create(model="think-smollm2", messages=user(), max_tokens=32)
+    raw = [r.body["prompt"] for r in fake.requests if r.path.endswith("/v1/completions")]
+    assert raw and all(p.startswith("<|im_start|>user\n") for p in raw)  # ChatML from the configured template
+    assert any("configured chat template" in a for a in response.model_extra["ttc"]["details"]["adaptations"])
 
 
 def test_a_strategy_needing_logprobs_is_refused_naming_them(transformers_like: ProxyServer,

@@ -45,16 +45,21 @@ async def _pairs(engine_port: int, path: str, proxy_port: int, engine_model: str
                  warmup: int, rng: random.Random) -> dict[str, Any]:
     direct_request = post_bytes(engine_port, _body(engine_model, stream), stream, path=path)
     proxy_request = post_bytes(proxy_port, _body(CLIENT_MODEL, stream), stream)
-    direct, through = await connect(engine_port), await connect(proxy_port)
+    ports = {"direct": engine_port, "proxy": proxy_port}
+    conns = {side: await connect(port) for side, port in ports.items()}
     times: dict[str, list[float]] = {"direct": [], "proxy": []}
     failed = 0
     try:
         for i in range(warmup + pairs):
-            order = [("direct", direct, direct_request), ("proxy", through, proxy_request)]
+            order = [("direct", direct_request), ("proxy", proxy_request)]
             rng.shuffle(order)
             measured: dict[str, float] = {}
-            for side, conn, data in order:
-                status, seconds, ttft, ok = await conn.request(data, stream)
+            for side, data in order:
+                try:
+                    status, seconds, ttft, ok = await conns[side].request(data, stream)
+                except ConnectionError:  # the server closed the kept-alive connection (llama-server may): again
+                    conns[side] = await connect(ports[side])
+                    status, seconds, ttft, ok = await conns[side].request(data, stream)
                 # A stream counts by its first content: transformers serve's lack no more than a final [DONE]
                 if status != 200 or (stream and ttft is None) or (not stream and not ok):
                     failed += 1
@@ -63,8 +68,8 @@ async def _pairs(engine_port: int, path: str, proxy_port: int, engine_model: str
                 for side, value in measured.items():
                     times[side].append(value * 1000.0)
     finally:
-        direct.close()
-        through.close()
+        for conn in conns.values():
+            conn.close()
     added = [p - d for p, d in zip(times["proxy"], times["direct"])]
     median, low, high = median_interval(added)
     return {"pairs": len(added), "failed": failed,

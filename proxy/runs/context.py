@@ -75,6 +75,8 @@ class RunState:
     emitted: list[str] = field(default_factory=list)
     span_counts: dict[tuple[int, str], int] = field(default_factory=dict)
     rendered: dict[str, str] = field(default_factory=dict)  # render() results, per backend, model and conversation
+    # How the run worked around what an engine lacks (ttc.details.adaptations): the client sees the degradation.
+    adaptations: set[str] = field(default_factory=set)
     # Prompt tokens the engine reported per prompt, for calls cut before it could report (a pruned stream) and for
     # the budget's reservations; `prompt_overhead`: the most a report exceeded characters / 4 by (the template's own
     # tokens), added to the estimate of a prompt not seen yet.
@@ -253,8 +255,8 @@ class RunContext:
         scope, state = self._scope, self._state
         backend, budget = scope.backend, scope.budget
         chat = "messages" in body
-        if backend.capabilities.stop_kept:
-            cut_stops_in_reply(payload, stop_strings(body))
+        if backend.capabilities.stop_kept and cut_stops_in_reply(payload, stop_strings(body)):
+            state.adaptations.add(f"stop strings cut by the proxy: backend {backend.name} leaves them in")
         parsed = parse_choices(payload, chat)
         if not parsed:
             state.trace.update(node, status="error", error="no choices")
@@ -318,6 +320,9 @@ class RunContext:
         else:
             cap = max(1, scope.backend.capabilities.max_n)
             sizes = [min(cap, n - start) for start in range(0, n, cap)]
+            if len(sizes) > 1:
+                self._state.adaptations.add(f"samples drawn by concurrent calls of at most {cap}: backend "
+                                            f"{scope.backend.name} takes n <= {cap}")
             calls = [
                 (lambda size=size: self._unseeded(path, body, size, label, keep_tokens, echoed))
                 for size in sizes
@@ -405,6 +410,9 @@ class RunContext:
         """The rendered conversation followed by the prefix: text, or token ids when the prefix is ids."""
         self._require("completions", "continuing a prefix without prefill")
         rendered = await self.render(conversation)
+        if self._scope.backend.config.chat_template is not None:
+            self._state.adaptations.add(f"replies continued through /v1/completions with the configured chat "
+                                        f"template: backend {self._scope.backend.name} has no prefill")
         if isinstance(prefix, str):
             return rendered + prefix
         self._require("tokenize", "continuing from token ids")
@@ -495,7 +503,10 @@ class RunContext:
                                     if rest:
                                         text_parts.append(rest)
                                         yield StreamEvent(rest)
-                                    finish = "stop" if 0 in cutter.stopped else finish
+                                    if 0 in cutter.stopped:
+                                        finish = "stop"
+                                        state.adaptations.add(f"stop strings cut by the proxy: backend "
+                                                              f"{backend.name} leaves them in")
                                 yield StreamEvent("", None, finish)
             status = "ok"
         except TimeoutError as exc:

@@ -219,7 +219,8 @@ class StrategyRun:
             "trace_id": self.trace.id,
             "usage_estimated": usage.estimated,
             "budget_exhausted": bool(result is not None and result.budget_exhausted),
-            "details": result.details if result is not None else {},
+            "details": {**(result.details if result is not None else {}),
+                        **({"adaptations": sorted(self.state.adaptations)} if self.state.adaptations else {})},
         }
 
     @staticmethod
