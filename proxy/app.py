@@ -220,7 +220,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             "status": "ok",
             "backends": {
                 name: {"url": b.base_url, "kind": b.capabilities.kind, "max_n": b.capabilities.max_n,
-                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued}
+                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued, "down": b.down}
                 for name, b in state.backends.items()
             },
         })

@@ -26,6 +26,7 @@ from .helpers import (
     backend_entry,
     chat,
     closed_port,
+    raw_request,
     user,
     validate_schema,
     wait_until,
@@ -353,3 +354,25 @@ def test_pass_through_drawn_by_several_calls(proxy, fake, fault, stream):
     else:
         assert_openai_error(response, status, code=code)
     still_serving(proxy, fake)
+
+
+@pytest.mark.parametrize("model", ["fake-model", "sc:n=4-fake-model", "deepconf:n=4,warmup=2,window=2-fake-model"])
+def test_a_client_leaving_a_stalled_stream_leaves_nothing_behind(proxy, fake, model):
+    fake.script = lambda body: FakeReply(texts=["one two three four five six"], chunk_delay=0.3, delay=0.2)
+    with nothing_leaks(proxy):
+        sock = raw_request(proxy, {"model": model, "messages": user(), "seed": 1, "stream": True})
+        sock.settimeout(5)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: any(not r.finished for r in fake.chat_requests()), timeout=3)
+        sock.close()
+    wait_until(lambda: all(r.finished or r.aborted for r in fake.chat_requests()), timeout=3)
+    assert any(r.aborted for r in fake.chat_requests())  # the backend saw its calls end
+    still_serving(proxy, fake)
+
+
+def test_health_shows_a_backend_down_to_key_holders(fake_backend):
+    gone = {"name": "gone", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+            "models": ["other"], "health_check": {"interval": 0.1, "failures": 1}}
+    with ProxyServer(fake_config(fake_backend, backends=[backend_entry(fake_backend), gone])) as server:
+        wait_until(lambda: httpx.get(server.url + "/health").json()["backends"]["gone"]["down"], timeout=3)
+        assert httpx.get(server.url + "/health").json()["backends"]["fake"]["down"] is False
