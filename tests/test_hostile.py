@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
-from tools.fakebackend import FakeBackend
+from tools.fakebackend import FakeBackend, FakeReply
 
-from .helpers import ProxyServer, assert_openai_error, chat, user
+from .conftest import fake_config
+from .helpers import ProxyServer, assert_openai_error, backend_entry, chat, user
 
 
 def not_a_crash(response: httpx.Response) -> None:
@@ -187,3 +189,18 @@ def test_ttc_objects_of_the_wrong_type(proxy: ProxyServer, ttc: Any) -> None:
         not_a_crash(response)
         if not isinstance(ttc, dict) and ttc is not None:
             assert_openai_error(response, 400, param="ttc")
+
+
+def test_concurrent_streamed_n_split_into_calls_do_not_wait_for_each_other(fake_backend: FakeBackend) -> None:
+    """Four streams at once whose n is split into two calls each, on a backend with room for one such stream's
+    calls at a time: none may hold half its calls waiting for slots another holds (each must end with [DONE])."""
+    fake_backend.reset(lambda request: FakeReply(texts=["one two three"], delay=0.2))
+    config = fake_config(fake_backend, backends=[backend_entry(fake_backend, max_in_flight=8)])
+    body = {"model": "fake-model", "messages": user(), "n": 8, "stream": True}
+    try:
+        with ProxyServer(config) as server, ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: chat(server, body, timeout=15), range(4)))
+    finally:
+        fake_backend.reset()
+    for response in answers:
+        assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n"), response.text[-300:]
