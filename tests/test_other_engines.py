@@ -113,6 +113,19 @@ def test_pass_through_n_gives_n_choices(engine: Engine) -> None:
     assert all(c.message.content for c in response.choices)
 
 
+def test_seeded_samples_repeat_and_differ(engine: Engine) -> None:
+    """Sampling really samples (transformers serve decodes greedily unless the model's generation config says
+    do_sample: the converted folder does) and a seed repeats its sample."""
+    with engine.sdk() as sdk:
+        def sample(seed: int) -> str:
+            return sdk.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Tell me a "
+                                               "word."}], max_tokens=12, temperature=1.0, seed=seed
+                                               ).choices[0].message.content or ""
+        first, again, others = sample(1), sample(1), {sample(seed) for seed in (2, 3, 4)}
+    assert first == again
+    assert others - {first}  # three other seeds: not all the same reply as the first
+
+
 def test_pass_through_async(engine: Engine) -> None:
     async def ask() -> list[str]:
         async with engine.async_sdk() as sdk:

@@ -26,6 +26,8 @@ def convert(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
+    # Without it `transformers serve` decodes greedily whatever temperature a request asks for (every sample alike)
+    model.generation_config.do_sample = True
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
