@@ -400,23 +400,23 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if args.backend:
-        return _bench_engine(args)
-    try:
-        report = run_benchmark(requests=args.requests, warmup=args.warmup, duration=args.duration,
-                               concurrency=args.concurrency, loop=args.loop, http=args.http,
-                               progress=lambda message: print(message, file=sys.stderr, flush=True))
-    except (ChildFailed, ValueError) as exc:
-        print(f"ttc-proxy bench: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ttc-proxy bench: interrupted", file=sys.stderr)
-        return 130
-    print(format_report(report))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {output}")
+        from .engine_bench import format_engine_report, run_engine_overhead
+
+        output = Path(args.output)
+        if output == DEFAULT_OUTPUT:
+            output = output.with_name(f"overhead-{args.kind}.json")
+        report = _run_and_write(lambda: run_engine_overhead(backend_url=args.backend, kind=args.kind,
+                                                            engine_model=args.engine_model, pairs=args.pairs,
+                                                            progress=say), format_engine_report, output)
+        return report if isinstance(report, int) else \
+            int(bool(report["non_streaming"]["failed"] + report["streaming_ttft"]["failed"]))
+    report = _run_and_write(lambda: run_benchmark(requests=args.requests, warmup=args.warmup, duration=args.duration,
+                                                  concurrency=args.concurrency, loop=args.loop, http=args.http,
+                                                  progress=say), format_report, Path(args.output))
+    if isinstance(report, int):
+        return report
     if not report["all_answered_ok"]:
         print("ttc-proxy bench: some requests were not answered 200 with a well-formed body", file=sys.stderr)
         return 1
@@ -425,25 +425,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_engine(args: argparse.Namespace) -> int:
-    from .engine_bench import format_engine_report, run_engine_overhead
-
+def _run_and_write(run: Any, format_report: Any, output: Path) -> dict[str, Any] | int:
+    """Run a measurement, print its report and write it as JSON; an exit status if it could not run."""
     try:
-        report = run_engine_overhead(backend_url=args.backend, kind=args.kind, engine_model=args.engine_model,
-                                     pairs=args.pairs, progress=lambda message: print(message, file=sys.stderr,
-                                                                                      flush=True))
+        report = run()
     except (ChildFailed, ValueError) as exc:
         print(f"ttc-proxy bench: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ttc-proxy bench: interrupted", file=sys.stderr)
         return 130
-    print(format_engine_report(report))
-    output = Path(args.output)
-    if output == DEFAULT_OUTPUT:
-        output = output.with_name(f"overhead-{args.kind}.json")
+    print(format_report(report))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nresults written to {output}")
-    failed = report["non_streaming"]["failed"] + report["streaming_ttft"]["failed"]
-    return 1 if failed else 0
+    return report
