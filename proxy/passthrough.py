@@ -126,18 +126,18 @@ def _rewrite_reply(payload: bytes, change: Callable[[dict[str, Any]], object]) -
     return json.dumps(reply, separators=(",", ":")).encode()
 
 
-def _chunk_rewriter(renamed: str | None, stops: list[str]) -> Callable[[bytes], bytes] | None:
-    """Each streamed JSON payload with the client's model name and stop strings cut; None: nothing to change."""
-    if not stops:
-        return None if renamed is None else lambda data: rewrite_model(data, renamed)
-    cutter = StreamedStopCutter(stops)
+def _chunk_rewriter(renamed: str | None, stops: list[str]) -> Callable[[dict[str, Any]], bytes] | None:
+    """Each streamed chunk with the client's model name and stop strings cut; None: nothing to change."""
+    if renamed is None and not stops:
+        return None
+    cutter = StreamedStopCutter(stops) if stops else None
 
-    def rewrite(data: bytes) -> bytes:
-        def change(chunk: dict[str, Any]) -> None:
+    def rewrite(chunk: dict[str, Any]) -> bytes:
+        if cutter is not None:
             cut_stops_in_chunk(chunk, cutter)
-            if renamed is not None and "model" in chunk:
-                chunk["model"] = renamed
-        return _rewrite_reply(data, change)
+        if renamed is not None and "model" in chunk:
+            chunk["model"] = renamed
+        return json.dumps(chunk, separators=(",", ":")).encode()
 
     return rewrite
 

@@ -60,8 +60,9 @@ def event_data(lines: list[bytes]) -> bytes | None:
 
 
 async def relay_events(chunks: AsyncIterator[bytes], source: str,
-                       rewrite: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
-    """A backend's stream passed on event by event, framed with \\n\\n; `rewrite` changes each JSON data payload.
+                       rewrite: Callable[[dict[str, Any]], bytes] | None = None) -> AsyncIterator[bytes]:
+    """A backend's stream passed on event by event, framed with \\n\\n; `rewrite` makes each parsed chunk's new
+    data (None: the engine's bytes go on as they came).
 
     Every data event must be a JSON object with `choices` (or an `error`): anything else is BackendInvalidResponse.
     It always ends with `data: [DONE]` (an engine that ends without one, as transformers serve does, gets one); a
@@ -77,8 +78,8 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
         elif data is None:  # a comment (a keep-alive)
             yield b"\n".join(lines) + b"\n\n"
         else:
-            parse_chunk(data, source)
-            yield b"data: " + (rewrite(data) if rewrite is not None else data) + b"\n\n"
+            chunk = parse_chunk(data, source)
+            yield b"data: " + (rewrite(chunk) if rewrite is not None else data) + b"\n\n"
     if not done:
         yield b"data: [DONE]\n\n"
 
