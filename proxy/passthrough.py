@@ -98,7 +98,8 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
         response = await until_disconnect(request.receive, call.__aenter__())
         rewrite = _chunk_rewriter(renamed, stops)
         return EventStreamResponse(  # type: ignore[return-value]
-            relay_events(response.aiter_raw(), backend.name, rewrite), {"x-request-id": request_id},
+            relay_events(response.aiter_raw(), backend.name, rewrite, backend.without_key),
+            {"x-request-id": request_id},
             on_close=lambda: call.__aexit__(None, None, None),
         )
     response, payload = await until_disconnect(
@@ -257,7 +258,7 @@ class _MergedStreams:
                     raise item
                 chunk = item
                 if "error" in chunk:
-                    yield b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+                    yield b"data: " + self.backend.without_key(json.dumps(chunk).encode()) + b"\n\ndata: [DONE]\n\n"
                     return
                 first = first or chunk
                 if isinstance(chunk.get("usage"), dict):

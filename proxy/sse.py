@@ -60,7 +60,8 @@ def event_data(lines: list[bytes]) -> bytes | None:
 
 
 async def relay_events(chunks: AsyncIterator[bytes], source: str,
-                       rewrite: Callable[[dict[str, Any]], bytes] | None = None) -> AsyncIterator[bytes]:
+                       rewrite: Callable[[dict[str, Any]], bytes] | None = None,
+                       scrub_error: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
     """A backend's stream passed on event by event, framed with \\n\\n; `rewrite` makes each parsed chunk's new
     data (None: the engine's bytes go on as they came).
 
@@ -79,7 +80,10 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
             yield b"\n".join(lines) + b"\n\n"
         else:
             chunk = parse_chunk(data, source)
-            yield b"data: " + (rewrite(chunk) if rewrite is not None else data) + b"\n\n"
+            out = rewrite(chunk) if rewrite is not None else data
+            if scrub_error is not None and "error" in chunk:  # an engine's error may quote what it was sent
+                out = scrub_error(out)
+            yield b"data: " + out + b"\n\n"
     if not done:
         yield b"data: [DONE]\n\n"
 

@@ -100,6 +100,11 @@ def test_backend_key_is_sent_to_the_backend_and_nowhere_else(keyed: ProxyServer,
         for model in ("fake-model", "sc:n=2-fake-model"):
             assert send(model).status_code >= 400
             assert send(model, stream=True).status_code in (200, 400, 401, 403, 500, 502)
+    # an error event in a stream that quotes the key (one call, and n split across calls)
+    answer(200, raw_stream=b'data: {"error": {"message": "bad key ' + BACKEND_KEY.encode() + b'"}}\n\n')
+    for n in (1, 6):
+        streamed = send("fake-model", stream=True, n=n)
+        assert streamed.status_code == 200 and "[backend key]" in streamed.text
     fake.reset()
     assert send("gone-model").status_code == 502  # connect failure
     assert send("gone-model", stream=True).status_code == 502

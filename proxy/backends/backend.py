@@ -349,6 +349,10 @@ class Backend:
                 raise BackendUnreachable(f"backend {self.name} is unreachable: {exc!r}") from exc
             return BackendResponse(response, self.name)
 
+    def without_key(self, data: bytes) -> bytes:
+        """Bytes from the backend with the key it was sent blanked out (an error event in a stream may quote it)."""
+        return data.replace(self._api_key.encode(), b"[backend key]") if self._api_key else data
+
     def _without_key(self, error: BackendError) -> BackendError:
         """The backend's error with the key it was sent blanked out (an engine may quote it back: "bad key sk-…")."""
         if self._api_key:
