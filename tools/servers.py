@@ -154,20 +154,24 @@ def backend_main(argv: Sequence[str]) -> None:
 
 
 def proxy_main(argv: Sequence[str]) -> None:
-    """Child: the proxy (argv: parent pid, its config as JSON, loop, http parser), one uvicorn worker, access log
-    off; prints `PORT <n>` before it starts."""
+    """Child: the proxy (argv: parent pid, its config as JSON, loop, http parser), one uvicorn worker, logging as
+    `ttc-proxy serve` does by default (its access log at INFO, one line per request, to the child's stderr file);
+    prints `PORT <n>` before it starts."""
     parent_pid, config_json, loop, http = int(argv[0]), argv[1], argv[2], argv[3]
     exit_with_parent(parent_pid)
     import uvicorn
 
+    from proxy.access_log import configure_logging
     from proxy.app import create_app
+
+    configure_logging("info", "text")
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((HOST, 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(ProxyConfig.model_validate_json(config_json)), host=HOST, port=port,
-                            loop=loop, http=http, access_log=False, log_level="warning", workers=1, lifespan="on",
+                            loop=loop, http=http, access_log=False, log_config=None, workers=1, lifespan="on",
                             backlog=2048)
     print(f"PORT {port}", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
