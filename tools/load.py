@@ -461,7 +461,7 @@ def run_load(settings: LoadSettings, *, loop: str | None = None, http: str | Non
             **asdict(settings),
             "backend": "tools.fakebackend.FakeBackend, own process; "
                        f"{PACED_MODEL}: {settings.chunks} chunks {settings.chunk_delay * 1000:g} ms apart",
-            "proxy": f"own process, uvicorn 1 worker, loop={loop}, http={http}, no access log written; "
+            "proxy": f"own process, uvicorn 1 worker, loop={loop}, http={http}, its access log at INFO (as serve); "
                      f"max_in_flight={PROXY_MAX_IN_FLIGHT}, max_queue={PROXY_MAX_QUEUE}",
             "client_side": f"{settings.clients} in this process, raw asyncio HTTP/1.1, one connection each",
         },
