@@ -352,3 +352,47 @@ def test_probe_measures_llama_server(engine_proxy: ProxyServer, capsys: pytest.C
                                        "logit_bias", "usage_counts_one_choice")}
     assumed = {k: getattr(backend.capabilities, k) for k in measured}
     assert measured == assumed
+
+
+HOLD_ENGINE = """
+import asyncio
+from proxy.backends.engine import LocalEngine
+from proxy.config import EmbeddedEngine
+
+async def main():
+    engine = LocalEngine(EmbeddedEngine(slots=1, context=1024))
+    await engine.start()
+    print(engine.process.pid, flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def test_the_embedded_engine_dies_with_the_process_that_started_it() -> None:
+    """Even a SIGKILLed proxy leaves no llama-server behind (the kernel's parent-death signal)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    owner = subprocess.Popen([sys.executable, "-c", HOLD_ENGINE], stdout=subprocess.PIPE, text=True)
+    try:
+        engine_pid = int(owner.stdout.readline())
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{engine_pid}/stat") as stat:
+                    if stat.read().split(")")[-1].split()[0] == "Z":
+                        break  # dead, waiting only to be reaped
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(engine_pid, signal.SIGKILL)
+            raise AssertionError("llama-server outlived the process that started it")
+    finally:
+        owner.kill()

@@ -202,7 +202,7 @@ def test_a_backend_redirect_is_not_followed(fake: FakeBackend, attacker: Listene
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    config = fake_config(fake, backends=[{"name": "redirecting", "kind": "generic",
+    config = fake_config(fake, backends=[{"name": "redirecting", "kind": "generic", "probe": True,  # start-up too
                                           "base_url": f"http://127.0.0.1:{port}/v1"}])
     try:
         with ProxyServer(config) as server:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.util
 import logging
+import signal
 import socket
 import subprocess
 import tempfile
@@ -55,6 +57,16 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def die_with_parent() -> None:
+    """Run in a child before it execs (Popen's preexec_fn): the kernel sends it SIGTERM when the thread that started
+    it ends, even by SIGKILL, so an engine never outlives the process that owns it. Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LocalEngine:
     """Starts llama-server, waits for /health, stops it on close."""
 
@@ -80,8 +92,17 @@ class LocalEngine:
         command = self.command()
         log.info("starting embedded engine: %s", " ".join(command))
         self.process = subprocess.Popen(
-            command, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
+        try:
+            await self._wait_healthy()
+        except BaseException:  # never healthy, or the start was interrupted (SIGTERM, Ctrl-C): no engine left behind
+            await self.stop()
+            raise
+
+    async def _wait_healthy(self) -> None:
+        assert self.process is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.engine.startup_timeout
         async with aiohttp.ClientSession() as client:
@@ -99,7 +120,6 @@ class LocalEngine:
                     log.info("embedded engine ready at %s", self.base_url)
                     return
                 await asyncio.sleep(0.1)
-        await self.stop()
         raise EngineUnavailable(f"llama-server did not become healthy within {self.engine.startup_timeout:g} s")
 
     async def stop(self) -> None:

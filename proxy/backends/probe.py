@@ -71,10 +71,12 @@ class _Engine:
 
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, Any, str]:
         """(status, parsed JSON or None, raw text); a connection failure is status 0. A pooled connection the
-        engine closed (llama-server closes after an error) is retried once on a fresh one."""
+        engine closed (llama-server closes after an error) is retried once on a fresh one. Redirects are not
+        followed (as for every backend call: a configured host must not send the proxy, and its key, elsewhere)."""
         for attempt in range(2):
             try:
-                async with self.client.post(url, json=body, headers=self.headers, timeout=self.timeout) as response:
+                async with self.client.post(url, json=body, headers=self.headers, timeout=self.timeout,
+                                             allow_redirects=False) as response:
                     raw = await response.text()
                     status = response.status
                 break
@@ -90,7 +92,8 @@ class _Engine:
 
     async def get(self, url: str) -> Any:
         try:
-            async with self.client.get(url, headers=self.headers, timeout=self.timeout) as response:
+            async with self.client.get(url, headers=self.headers, timeout=self.timeout,
+                                       allow_redirects=False) as response:
                 return await response.json(content_type=None) if response.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
@@ -99,7 +102,7 @@ class _Engine:
         """(ended with `data: [DONE]`, a chunk carried usage, note) for a streamed chat request."""
         try:
             async with self.client.post(f"{self.base_url}/chat/completions", json=body, headers=self.headers,
-                                        timeout=self.timeout) as response:
+                                        timeout=self.timeout, allow_redirects=False) as response:
                 if response.status != 200:
                     return False, False, f"HTTP {response.status}"
                 lines = [line.decode("utf-8", "replace").strip() async for line in response.content]

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from proxy.backends.engine import free_port
+from proxy.backends.engine import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES_VENV = ROOT / ".venv-engines"
@@ -79,7 +79,8 @@ def running_engine(kind: str, *, port: int | None = None, startup_timeout: float
     port = port or free_port("127.0.0.1")
     argv, env = engine_command(kind, port)
     output = open(log, "wb") if log is not None else subprocess.DEVNULL
-    process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=die_with_parent)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + startup_timeout
