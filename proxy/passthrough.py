@@ -222,7 +222,7 @@ class _MergedStreams:
         try:
             async with self.backend.stream(path, body, owner=request_id, cost=body.get("n", 1),
                                            request_id=request_id) as response:
-                if part == 0:
+                if part == 0 and not self.first_open.done():  # (cancelled: the client left while it opened)
                     self.first_open.set_result(None)
                 async for lines in sse_events(response.aiter_raw(), self.backend.name):
                     data = event_data(lines)
