@@ -23,9 +23,8 @@ from fastapi.responses import Response
 from strategies.framework import gather_all
 
 from .backends import Backend
-from .backends.backend import check_completion
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
-from .errors import BackendConnectFailed
+from .errors import BackendConnectFailed, ProxyError
 from .routing import Route
 from .sse import DONE, event_data, parse_chunk, relay_events, sse_events
 from .streaming import EventStreamResponse, until_disconnect
@@ -106,7 +105,7 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
         request.receive, backend.call(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
     )
     if response.status_code == 200:
-        check_completion(payload, backend.name)  # a 200 the client could not parse is the backend's error
+        backend.completion_reply(payload)  # a 200 the client could not parse is the backend's error
     if stops and response.status_code == 200:
         payload = _rewrite_reply(payload, lambda reply: cut_stops_in_reply(reply, stops))
     if renamed is not None:
@@ -195,7 +194,7 @@ async def _fan_out(request: Request, backend: Backend, path: str, body: dict[str
         if status != 200:
             return Response(payload, status_code=status, media_type="application/json",
                             headers={"x-request-id": request_id})
-        reply = check_completion(payload, backend.name)
+        reply = backend.completion_reply(payload)
         if stops:
             cut_stops_in_reply(reply, stops)
         replies.append(reply)
@@ -230,6 +229,8 @@ class _MergedStreams:
                         continue
                     self.queue.put_nowait((part, parse_chunk(data, self.backend.name)))
         except Exception as exc:  # noqa: BLE001 - handed to whoever waits: the opening, or the merging loop
+            if isinstance(exc, ProxyError):
+                exc = self.backend.without_key_error(exc)  # an invalid event is quoted
             if part == 0 and not self.first_open.done():
                 self.first_open.set_exception(exc)
             else:

@@ -79,7 +79,12 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
         elif data is None:  # a comment (a keep-alive)
             yield b"\n".join(lines) + b"\n\n"
         else:
-            chunk = parse_chunk(data, source)
+            try:
+                chunk = parse_chunk(data, source)
+            except BackendInvalidResponse as exc:  # it quotes the event
+                if scrub_error is not None:
+                    exc.message = scrub_error(exc.message.encode()).decode("utf-8", "replace")
+                raise
             out = rewrite(chunk) if rewrite is not None else data
             if scrub_error is not None and "error" in chunk:  # an engine's error may quote what it was sent
                 out = scrub_error(out)

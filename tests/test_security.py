@@ -105,6 +105,23 @@ def test_backend_key_is_sent_to_the_backend_and_nowhere_else(keyed: ProxyServer,
     for n in (1, 6):
         streamed = send("fake-model", stream=True, n=n)
         assert streamed.status_code == 200 and "[backend key]" in streamed.text
+    # a strategy's streams (deepconf), every other one an error event quoting the key: in its trace and error
+    calls = iter(range(10**6))
+    fake.reset(lambda request: FakeReply(raw_stream=b'data: {"error": {"message": "bad key ' + BACKEND_KEY.encode()
+                                         + b'"}}\n\n') if next(calls) % 2 else FakeReply(texts=["4"]))
+    mixed = send("deepconf:n=6,warmup=4-fake-model")
+    if mixed.status_code == 200:
+        trace_ids.append(mixed.json()["ttc"]["trace_id"])
+    assert "[backend key]" in httpx.get(f"{keyed.url}/v1/traces/{trace_ids[-1]}", headers=AUTH).text or \
+        "[backend key]" in mixed.text
+    # a 200 that is not what was asked, quoting the key: pass-through (plain, split n) and a strategy
+    answer(200, raw_body=b"not json: " + BACKEND_KEY.encode())
+    for model, n in (("fake-model", 1), ("fake-model", 6), ("sc:n=2-fake-model", 1)):
+        invalid = send(model, n=n)
+        assert invalid.status_code == 502 and "[backend key]" in invalid.text, invalid.text
+    answer(200, raw_stream=b"data: not a chunk " + BACKEND_KEY.encode() + b"\n\n")
+    for model, n in (("fake-model", 1), ("fake-model", 6), ("deepconf:n=5,warmup=4-fake-model", 1)):
+        send(model, n=n, stream=True)
     fake.reset()
     assert send("gone-model").status_code == 502  # connect failure
     assert send("gone-model", stream=True).status_code == 502

@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -24,11 +24,14 @@ from ..errors import (
     BackendInvalidResponse,
     BackendTimeout,
     BackendUnreachable,
+    ProxyError,
     error_from_backend,
 )
 from .capabilities import PRESETS, Capabilities, cap_from_n_error, kind_from_models_listing
 from .probe import probe
 from .scheduler import FairScheduler
+
+E = TypeVar("E", bound=ProxyError)
 
 log = logging.getLogger("ttc_proxy.backends")
 
@@ -353,8 +356,17 @@ class Backend:
         """Bytes from the backend with the key it was sent blanked out (an error event in a stream may quote it)."""
         return data.replace(self._api_key.encode(), b"[backend key]") if self._api_key else data
 
-    def _without_key(self, error: BackendError) -> BackendError:
-        """The backend's error with the key it was sent blanked out (an engine may quote it back: "bad key sk-…")."""
+    def completion_reply(self, raw: bytes) -> dict[str, Any]:
+        """A 200 reply to a completion call: a JSON object with `choices`, else BackendInvalidResponse (quoting
+        the body, the key blanked out)."""
+        try:
+            return check_completion(raw, self.name)
+        except BackendInvalidResponse as exc:
+            raise self.without_key_error(exc) from exc.__cause__
+
+    def without_key_error(self, error: E) -> E:
+        """An error made from what the backend sent, with the key it was sent blanked out (an engine may quote it
+        back: "bad key sk-…"; a body it could not parse is quoted)."""
         if self._api_key:
             error.message = error.message.replace(self._api_key, "[backend key]")
             error.param = error.param.replace(self._api_key, "[backend key]") if error.param else error.param
@@ -372,7 +384,7 @@ class Backend:
             payload = json.loads(raw)
         except ValueError:
             payload = None
-        error = self._without_key(error_from_backend(response.status_code, payload,
+        error = self.without_key_error(error_from_backend(response.status_code, payload,
                                                      raw.decode("utf-8", "replace")[:2000]))
         for header in _RETRY_HEADERS:  # the engine's own word on when (or whether) to try again
             if header in response.headers:
@@ -430,7 +442,10 @@ class Backend:
     async def call_json(self, path: str, body: dict[str, Any], *, owner: str, cost: int = 1,
                         request_id: str | None = None, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
         _, raw = await self.call(path, body, owner=owner, cost=cost, request_id=request_id, on_start=on_start)
-        return parse_reply(raw, self.name)
+        try:
+            return parse_reply(raw, self.name)
+        except BackendInvalidResponse as exc:
+            raise self.without_key_error(exc) from exc.__cause__
 
     # ---- engine endpoints beside the OpenAI API (tokenizer, chat template) ----
 
@@ -458,7 +473,7 @@ class Backend:
         except ValueError:
             payload = None
         if status >= 400:
-            raise self._without_key(error_from_backend(status, payload, raw.decode("utf-8", "replace")[:2000]))
+            raise self.without_key_error(error_from_backend(status, payload, raw.decode("utf-8", "replace")[:2000]))
         if not isinstance(payload, dict):
             raise BackendUnreachable(f"backend {self.name} answered {path} with something that is not a JSON object")
         return payload

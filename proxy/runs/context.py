@@ -30,7 +30,7 @@ from strategies.framework import (
 from ..backends import Backend
 from ..backends.stops import StreamedStopCutter, cut_stops_in_reply, stop_strings
 from ..config import StrategySettings
-from ..errors import BackendError, InvalidRequest, NotFound, ProxyError, StrategyFailed
+from ..errors import BackendError, BackendInvalidResponse, InvalidRequest, NotFound, ProxyError, StrategyFailed
 from ..sse import DONE, event_data, parse_chunk, sse_events
 from ..traces import Trace
 from .accounting import BudgetScope
@@ -465,7 +465,7 @@ class RunContext:
             async with asyncio.timeout_at(self._deadline()):
                 async with backend.stream(path, body, owner=state.owner, request_id=state.request_id,
                                           on_start=start) as response:
-                    async for data in _sse_data(response.aiter_raw(), backend.name):
+                    async for data in _sse_data(response.aiter_raw(), backend):
                         if isinstance(data.get("usage"), dict):
                             usage = data["usage"]
                         for choice in data.get("choices") or []:
@@ -741,18 +741,21 @@ def _ask_token_ids(backend: Backend, body: dict[str, Any]) -> None:
         body["return_tokens_as_token_ids"] = True
 
 
-async def _sse_data(chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[dict[str, Any]]:
+async def _sse_data(chunks: AsyncIterator[bytes], backend: Backend) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a backend's stream until `[DONE]`; an error event fails the call, and so does an event that is
-    not a chunk (BackendInvalidResponse)."""
-    async for lines in sse_events(chunks, source):
+    not a chunk (BackendInvalidResponse). What they quote has the backend's key blanked out."""
+    async for lines in sse_events(chunks, backend.name):
         data = event_data(lines)
         if data is None:
             continue
         if data == DONE:
             return
-        parsed = parse_chunk(data, source)
+        try:
+            parsed = parse_chunk(data, backend.name)
+        except BackendInvalidResponse as exc:
+            raise backend.without_key_error(exc) from None
         if "error" in parsed:
-            raise StrategyFailed(f"backend stream failed: {parsed['error']}")
+            raise backend.without_key_error(StrategyFailed(f"backend stream failed: {parsed['error']}"))
         yield parsed
 
 
