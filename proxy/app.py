@@ -74,8 +74,9 @@ class ProxyState:
         self.openapi = openapi_document(self.registry)
 
     def backends_for(self, route: Route) -> list[Backend]:
-        """The backends serving the route's model, best first: healthy before passed-over ones, then the least
-        loaded (config order breaks ties). A name no backend serves is a 404 listing what is served."""
+        """The backends serving the route's model that are not down, best first: healthy before passed-over ones,
+        then the least loaded (config order breaks ties). A name no backend serves is a 404 listing what is served;
+        when all that serve it are down, a 503 naming them."""
         if route.backend_name is not None:
             chosen = [self.backends[route.backend_name]]
             refuse_if_down(chosen)
@@ -87,7 +88,7 @@ class ProxyState:
                            param="model", code="model_not_found")
         ordered = sorted(serving, key=lambda b: (not b.healthy, b.load))
         refuse_if_down(ordered)
-        return ordered
+        return [b for b in ordered if not b.down]  # one failing its health checks is sent nothing
 
     def backend_for(self, route: Route) -> Backend:
         return self.backends_for(route)[0]

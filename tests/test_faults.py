@@ -376,3 +376,53 @@ def test_health_shows_a_backend_down_to_key_holders(fake_backend):
     with ProxyServer(fake_config(fake_backend, backends=[backend_entry(fake_backend), gone])) as server:
         wait_until(lambda: httpx.get(server.url + "/health").json()["backends"]["gone"]["down"], timeout=3)
         assert httpx.get(server.url + "/health").json()["backends"]["fake"]["down"] is False
+
+
+def test_a_backend_whose_connections_hang_is_failed_over_like_one_that_refuses(fake_backend):
+    """A host that drops packets (here: a listening socket whose accept queue is full, so the kernel drops further
+    SYNs) is a connect timeout: nothing was sent, so the request goes to the next backend serving the model."""
+    import socket
+
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue: later connects hang
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(blackhole.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    hanging = {"name": "hanging", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{blackhole.getsockname()[1]}/v1",
+               "models": ["fake-model"], "timeouts": {"connect": 0.3}, "connect_retries": {"attempts": 0},
+               "health_check": {"interval": 0}}
+    fallback = {**backend_entry(fake_backend, models=["fake-model"]), "name": "fallback"}
+    try:
+        with ProxyServer(fake_config(fake_backend, backends=[hanging, fallback])) as server:
+            fake_backend.reset()
+            started = time.monotonic()
+            response = chat(server, {"model": "fake-model", "messages": user()})
+            assert response.status_code == 200, response.text
+            assert time.monotonic() - started < 3
+            assert len(fake_backend.chat_requests()) == 1
+    finally:
+        for filler in fillers:
+            filler.close()
+        blackhole.close()
+
+
+def test_a_backend_down_is_sent_nothing_while_another_serves_the_model(fake_backend):
+    """Config order puts the down one first, and the other was just passed over after a refused connection (a
+    tie on health): the request still goes to the one that is not down."""
+    down = {"name": "down-one", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+            "models": ["fake-model"], "health_check": {"interval": 0.1, "failures": 1},
+            "connect_retries": {"attempts": 0}}
+    up = {**backend_entry(fake_backend, models=["fake-model"]), "health_check": {"interval": 0}}
+    with ProxyServer(fake_config(fake_backend, backends=[down, up])) as server:
+        state = state_of(server)
+        wait_until(lambda: state.backends["down-one"].down, timeout=3)
+        state.backends["fake"].mark_down()  # passed over for a moment, not down
+        fake_backend.reset()
+        for body in ({"model": "fake-model", "messages": user()}, {"model": "sc:n=2-fake-model", "messages": user()}):
+            assert chat(server, body).status_code == 200
+        assert len(fake_backend.chat_requests()) == 2  # pass-through, and sc drawing its 2 in one call

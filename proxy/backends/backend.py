@@ -330,16 +330,17 @@ class Backend:
                     # never to another host: a redirect is answered as it is (see the SSRF note in the README)
                     response = await self.client.post(self._url(path), data=content, headers=headers,
                                                       timeout=self.timeout, allow_redirects=False)
-            except TimeoutError as exc:
-                raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
-            except aiohttp.ClientConnectorError as exc:
-                # No connection: nothing was sent, so trying again is safe (bounded, backing off, jittered).
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # No connection (refused, or none within timeouts.connect: a host that drops packets): nothing was
+                # sent, so trying again is safe (bounded, backing off, jittered), and another backend may take it.
                 if refused < retries.attempts and self.healthy:
                     await asyncio.sleep(retry_delay(retries.backoff, refused))
                     refused += 1
                     continue
                 self.mark_down()
                 raise BackendConnectFailed(f"backend {self.name} is unreachable: {exc!r}") from exc
+            except TimeoutError as exc:
+                raise BackendTimeout(f"backend {self.name} timed out: {type(exc).__name__}") from exc
             except _STALE_CONNECTION as exc:
                 # A pooled keep-alive connection the server closed just as we reused it: the request never
                 # reached the engine (no response began), so sending it once more on a fresh one is safe.
