@@ -36,8 +36,12 @@ def display_url(url: str) -> str:
 
 
 class RedisTraceStore:
-    def __init__(self, url: str, *, max_trace_bytes: int, ttl_seconds: float, timeout_seconds: float = 5.0) -> None:
+    def __init__(self, url: str, *, max_trace_bytes: int, ttl_seconds: float, timeout_seconds: float = 5.0,
+                 save_wait_seconds: float = 0.25) -> None:
         self.url = url
+        # How long a save waits for its write: long enough that a trace is readable through any replica once the
+        # run's response is out, short enough that a slow Redis never holds a request up for longer.
+        self.save_wait_seconds = save_wait_seconds
         self.max_trace_bytes = max_trace_bytes
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
         self.timeout_seconds = timeout_seconds
@@ -74,10 +78,17 @@ class RedisTraceStore:
         record = json.dumps(trace.owner).encode() + b"\n" + trace.encode(self.max_trace_bytes)
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.put_nowait((KEY_PREFIX + trace.id, record, written))
+        written.add_done_callback(lambda done: self._log_failure(trace.id, done))
         try:
-            await written
-        except (RedisError, OSError) as exc:
-            log.warning("trace %s not saved to %s: %s", trace.id, display_url(self.url), exc)
+            await asyncio.wait_for(asyncio.shield(written), self.save_wait_seconds)
+        except TimeoutError:
+            log.debug("trace %s: Redis slower than %g s; written when it answers", trace.id, self.save_wait_seconds)
+        except (RedisError, OSError):
+            pass  # logged by _log_failure
+
+    def _log_failure(self, trace_id: str, written: asyncio.Future[None]) -> None:
+        if not written.cancelled() and written.exception() is not None:
+            log.warning("trace %s not saved to %s: %s", trace_id, display_url(self.url), written.exception())
 
     async def get(self, trace_id: str, owner: str | None) -> bytes | None:
         try:

@@ -107,8 +107,9 @@ class TraceStore(Protocol):
     """Where finished and running traces are kept, by id and owner."""
 
     async def save(self, trace: Trace) -> None:
-        """Keep a snapshot of the trace as it is now; readable once this returns. Never raises: a trace that
-        cannot be stored is logged, and the run it records goes on."""
+        """Keep a snapshot of the trace as it is now; readable once this returns (a store that is slow to answer is
+        waited for a bounded time, and written to when it answers). Never raises: a trace that cannot be stored is
+        logged, and the run it records goes on."""
 
     async def get(self, trace_id: str, owner: str | None) -> bytes | None:
         """The trace's JSON, or None when there is none by that id for that owner (also: expired, evicted).

@@ -220,3 +220,26 @@ async def test_a_redis_gone_after_start_loses_traces_quietly_and_reading_is_a_50
         await store.aclose(flush_seconds=1)
         if server.process.poll() is None:
             server.stop()
+
+
+async def test_a_slow_redis_holds_a_save_up_for_a_bounded_time(redis_server):
+    """A Redis that answers late (CLIENT PAUSE holds every write for 1 s) delays a run's save by at most
+    save_wait_seconds; the snapshot is written when Redis answers."""
+    import time
+
+    import redis.asyncio as aioredis
+
+    store = RedisTraceStore(redis_server.url, max_trace_bytes=65536, ttl_seconds=60, save_wait_seconds=0.2)
+    await store.start()
+    pauser = aioredis.from_url(redis_server.url)
+    try:
+        trace = big_trace(1, text_chars=10)
+        await pauser.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+        started = time.monotonic()
+        await store.save(trace)
+        assert time.monotonic() - started < 0.6
+        await asyncio.sleep(1.2)
+        assert await store.get(trace.id, None) is not None
+    finally:
+        await pauser.aclose()
+        await store.aclose()
