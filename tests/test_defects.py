@@ -273,3 +273,20 @@ def test_a_call_cut_by_the_deadline_counts_its_prompt(client, fake):
     # the engine read both prompts; only one reply came back before the deadline
     assert completion.usage.prompt_tokens == 2 * PROMPT_TOKENS
     assert completion.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_whose_connection_was_never_made_counts_no_prompt(fake, caplog, stream):
+    """Nothing reached the engine: the run's spending (the access log reports it) has no prompt tokens."""
+    import logging
+
+    from .helpers import closed_port
+
+    entry = {"name": "gone", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+             "models": ["fake-model"], "connect_retries": {"attempts": 0}, "health_check": {"interval": 0}}
+    caplog.set_level(logging.INFO, logger="ttc_proxy.access")
+    with ProxyServer(fake_config(fake, backends=[entry])) as server:
+        model = "deepconf:n=5,warmup=4-fake-model" if stream else "sc:n=2-fake-model"  # deepconf streams
+        assert chat(server, {"model": model, "messages": user(), "seed": 1}).status_code >= 400
+    (line,) = [r for r in caplog.records if r.name == "ttc_proxy.access"]
+    assert "prompt_tokens=0" in line.getMessage() and "status=" in line.getMessage()

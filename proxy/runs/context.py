@@ -30,7 +30,7 @@ from strategies.framework import (
 from ..backends import Backend
 from ..backends.stops import StreamedStopCutter, cut_stops_in_reply, stop_strings
 from ..config import StrategySettings
-from ..errors import BackendError, BackendInvalidResponse, InvalidRequest, NotFound, ProxyError, StrategyFailed
+from ..errors import BackendConnectFailed, BackendError, BackendInvalidResponse, InvalidRequest, NotFound, ProxyError, StrategyFailed
 from ..sse import DONE, event_data, parse_chunk, sse_events
 from ..traces import Trace
 from .accounting import BudgetScope
@@ -227,7 +227,8 @@ class RunContext:
                 state.trace.update(node, status="refused", reason=str(exc))
                 raise
             except ProxyError as exc:
-                if not isinstance(exc, BackendError):  # an engine's error status: it says what it did not do
+                # an engine's error status says what it did not do; a connection never made sent nothing
+                if not isinstance(exc, (BackendError, BackendConnectFailed)):
                     self._charge_unanswered(start, body, node)
                 state.trace.update(node, status="error", error=exc.message, ms=_ms_since(started))
                 raise
@@ -518,6 +519,8 @@ class RunContext:
             raise
         except ProxyError as exc:
             status = "error"
+            if isinstance(exc, BackendConnectFailed):
+                start.started = False  # no connection was made: nothing reached the engine, nothing to charge
             state.trace.update(node, error=exc.message)
             raise
         except GeneratorExit:
