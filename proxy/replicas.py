@@ -33,7 +33,7 @@ def share_bounds(backend: str, scheduler: FairScheduler, replicas: int) -> None:
         return
     total = scheduler.capacity
     scheduler.capacity = max(1, total // replicas)
-    scheduler.max_queue = scheduler.max_queue // replicas
+    scheduler.max_queue = max(1, scheduler.max_queue // replicas) if scheduler.max_queue else 0
     if total < replicas:
         log.warning("backend %s takes %d calls at once, fewer than the %d proxy processes sharing it: each still "
                     "sends one, %d in all", backend, total, replicas, replicas)

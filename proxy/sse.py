@@ -88,7 +88,8 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
             out = rewrite(chunk) if rewrite is not None else data
             if scrub_error is not None and "error" in chunk:  # an engine's error may quote what it was sent
                 out = scrub_error(out)
-            yield b"data: " + out + b"\n\n"
+            # data sent over several `data:` lines is joined by newlines: each line goes out as one again
+            yield b"data: " + out.replace(b"\n", b"\ndata: ") + b"\n\n"
     if not done:
         yield b"data: [DONE]\n\n"
 

@@ -123,6 +123,18 @@ def test_an_aliased_stream_is_relayed_event_by_event_whatever_its_line_endings(a
     assert events[-1][0] - first_token > 0.5  # the first token came while the others were still being made
 
 
+def test_an_event_sent_over_several_data_lines_reaches_the_client_whole(proxy, fake):
+    """SSE joins an event's `data:` lines with newlines; passed on, each line must be a `data:` line again."""
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
+             "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+    first, second = json.dumps(chunk)[:20], json.dumps(chunk)[20:]
+    fake.script = lambda body: FakeReply(raw_stream=f"data: {first}\ndata: {second}\n\ndata: [DONE]\n\n".encode())
+    response = chat(proxy, {"model": "fake-model", "messages": user(), "stream": True})
+    events = [e for e in response.text.split("\n\n") if e]
+    data = "\n".join(line[6:] for line in events[0].split("\n"))
+    assert json.loads(data) == chunk and events[-1] == "data: [DONE]"
+
+
 @pytest.mark.parametrize("line_end", ["\r\n", "\r"])
 def test_a_strategy_reads_a_stream_whatever_its_line_endings(proxy, fake, line_end):
     fake.script = lambda body: FakeReply(texts=["It is 7"], sse_line_end=line_end)

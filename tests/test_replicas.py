@@ -195,6 +195,12 @@ def test_each_replica_takes_its_share_of_a_backends_bounds():
     tiny = FairScheduler(capacity=1, max_queue=4)
     share_bounds("engine", tiny, 2)
     assert tiny.capacity == 1  # never none at all
+    one_queued = FairScheduler(capacity=8, max_queue=1)  # a queue of one stays one: not zero (every wait a 429)
+    share_bounds("engine", one_queued, 2)
+    assert one_queued.max_queue == 1
+    no_queue = FairScheduler(capacity=8, max_queue=0)
+    share_bounds("engine", no_queue, 2)
+    assert no_queue.max_queue == 0
 
 
 def test_a_proxy_told_it_is_one_of_several_replicas_divides_the_learned_slots(fake_backend, fake):
