@@ -25,6 +25,7 @@ from strategies.framework import gather_all
 from .backends import Backend
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
 from .errors import BackendConnectFailed, ProxyError
+from .protocol import choice_index
 from .routing import Route
 from .sse import DONE, event_data, parse_chunk, relay_events, sse_events
 from .streaming import EventStreamResponse, until_disconnect
@@ -149,7 +150,7 @@ def _merge_replies(replies: list[dict[str, Any]], model: str) -> dict[str, Any]:
     choices: list[Any] = []
     for reply in replies:
         for choice in sorted((c for c in reply.get("choices") or () if isinstance(c, dict)),
-                             key=lambda c: c.get("index", 0)):
+                             key=choice_index):
             choices.append(dict(choice, index=len(choices)))
     merged["choices"] = choices
     usages = [r["usage"] for r in replies if isinstance(r.get("usage"), dict)]
@@ -268,7 +269,7 @@ class _MergedStreams:
                     continue
                 for choice in chunk["choices"]:
                     if isinstance(choice, dict):
-                        choice["index"] = self.offsets[part] + int(choice.get("index") or 0)
+                        choice["index"] = self.offsets[part] + choice_index(choice)
                 if self.cutter is not None:
                     cut_stops_in_chunk(chunk, self.cutter)
                 chunk.update(id=first.get("id", chunk.get("id")), model=self.client_model)

@@ -3,6 +3,7 @@ extras); responses the proxy makes itself carry the `ttc` object as a vendor ext
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
@@ -188,3 +189,9 @@ def validate_request(model: type[OpenAIModel], payload: Any) -> Any:
         message = f"{param}: {first['msg']}" if param else first["msg"]
         extra = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise InvalidRequest(message + extra, param=param, code="invalid_value") from exc
+
+
+def choice_index(choice: Mapping[str, Any], default: int = 0) -> int:
+    """A backend choice's `index`, or `default` where the engine sent none or not an integer."""
+    index = choice.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else default

@@ -157,3 +157,21 @@ def test_streamed_n_above_the_slots_does_not_wait_on_itself(proxy: ProxyServer, 
     chunks = [json.loads(e) for e in events[:-1]]
     assert {choice["index"] for c in chunks for choice in c["choices"]} == {0, 4}  # the fake streams choice 0
     assert sorted(r.body["n"] for r in fake.chat_requests()) == [4, 4]
+
+
+@pytest.mark.parametrize("index", ["x", None, [1]])
+def test_a_choice_index_that_is_not_an_integer_is_taken_by_position(transformers_like: ProxyServer,
+                                                                    fake: FakeBackend, index: Any) -> None:
+    """n split into calls renumbers choices: an engine's odd `index` must not become an internal error."""
+    reply = {"id": "r", "object": "chat.completion", "created": 1, "model": "fake-model",
+             "choices": [{"index": index, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+    chunk = {"id": "r", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
+             "choices": [{"index": index, "delta": {"content": "hi"}, "finish_reason": None}]}
+    fake.script = lambda body: FakeReply(raw_stream=f"data: {json.dumps(chunk)}\n\n".encode()) if body.get("stream") \
+        else FakeReply(raw_body=json.dumps(reply).encode())
+    with sync_client(transformers_like) as sdk:
+        response = sdk.chat.completions.create(model="smollm2", messages=user(), n=2, stop=["zz"])
+    assert [c.index for c in response.choices] == [0, 1]
+    events = stream_events(transformers_like, {"model": "smollm2", "messages": user(), "stream": True, "n": 2,
+                                               "stop": ["zz"]})
+    assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])

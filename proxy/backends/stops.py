@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..protocol import choice_index
+
 
 def stop_strings(body: Mapping[str, Any]) -> list[str]:
     """The request's `stop`, as a list of non-empty strings."""
@@ -74,7 +76,7 @@ def cut_stops_in_chunk(chunk: dict[str, Any], cutter: StreamedStopCutter) -> Non
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict):
             continue
-        index = choice.get("index", 0)
+        index = choice_index(choice)
         delta = choice.get("delta")
         holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
         text = holder.get(key)

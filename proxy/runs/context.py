@@ -509,6 +509,10 @@ class RunContext:
                                         state.adaptations.add(f"stop strings cut by the proxy: backend "
                                                               f"{backend.name} leaves them in")
                                 yield StreamEvent("", None, finish)
+                    rest = cutter.flush(0) if cutter is not None else ""
+                    if rest:  # a stream that ended without a finish: what was held back is still the reply's
+                        text_parts.append(rest)
+                        yield StreamEvent(rest)
             status = "ok"
         except TimeoutError as exc:
             status = "timeout"

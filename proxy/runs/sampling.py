@@ -12,6 +12,8 @@ from typing import Any
 
 from strategies.framework import Candidate, Sampling, Token, TokenAlternative, message_text
 
+from ..protocol import choice_index
+
 SEED_SPACE = 2**31 - 1
 
 
@@ -215,7 +217,7 @@ def parse_choices(payload: Mapping[str, Any], chat: bool) -> list[ParsedChoice]:
     if not isinstance(choices, list) or not choices:
         return []
     parsed = []
-    for choice in sorted((c for c in choices if isinstance(c, dict)), key=lambda c: c.get("index", 0)):
+    for choice in sorted((c for c in choices if isinstance(c, dict)), key=choice_index):
         if chat:
             message = choice.get("message") or {}
             text = message_text(message)
