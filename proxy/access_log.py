@@ -53,9 +53,9 @@ def access_record(scope: Scope) -> AccessRecord:
 
 @dataclass
 class EngineCalls:
-    """Calls a request sent to an engine as they were (pass-through)."""
+    """Calls a request sent to an engine as they were (pass-through), counted as they are tried."""
 
-    calls: int
+    calls: int = 0
 
     def access_fields(self) -> Mapping[str, Any]:
         return {"backend_calls": self.calls}

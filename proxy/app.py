@@ -43,7 +43,7 @@ from .protocol import (
     validate_request,
 )
 from .openapi import openapi_document
-from .passthrough import pass_through, planned_calls
+from .passthrough import pass_through
 from .registry import load_registry
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
@@ -350,8 +350,9 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         candidates = state.backends_for(route)
         backend = candidates[0]
         if route.spec is None:
-            access.sources.append(EngineCalls(planned_calls(body.get("n"), backend.capabilities.max_n)))
-            return await pass_through(request, candidates, path, body, route, request_id)
+            calls = EngineCalls()
+            access.sources.append(calls)
+            return await pass_through(request, candidates, path, body, route, request_id, calls)
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")

@@ -22,6 +22,7 @@ from fastapi.responses import Response
 
 from strategies.framework import gather_all
 
+from .access_log import EngineCalls
 from .backends import Backend
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
 from .errors import BackendConnectFailed, ProxyError
@@ -34,10 +35,11 @@ log = logging.getLogger("ttc_proxy.passthrough")
 
 
 async def pass_through(request: Request, candidates: list[Backend], path: str, body: dict[str, Any], route: Route,
-                       request_id: str) -> Response:
+                       request_id: str, calls: EngineCalls) -> Response:
     """The request to the first backend serving its model; one that refuses the connection (the request never
-    reached it) hands it to the next."""
+    reached it) hands it to the next. `calls` counts the backend calls tried, for the access log."""
     for i, backend in enumerate(candidates):
+        calls.calls += planned_calls(body.get("n"), backend.capabilities.max_n)
         try:
             return await _pass_through_to(request, backend, path, dict(body), route, request_id)
         except BackendConnectFailed:

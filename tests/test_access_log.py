@@ -143,3 +143,19 @@ def test_serve_log_format_json(fake: FakeBackend, tmp_path: Any) -> None:
     assert [line["request_id"] for line in access] == [response.headers["x-request-id"]], stderr
     assert access[0]["key_id"] == KEY_ID and access[0]["status"] == 200 and KEY not in stderr
     assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's own lines are JSON too
+
+
+def test_pass_through_failed_over_counts_both_calls(fake_backend: FakeBackend,
+                                                   access: pytest.LogCaptureFixture) -> None:
+    """The first backend refused the connection, the second answered: two calls tried, each with its own cap."""
+    from .conftest import fake_config
+    from .helpers import backend_entry, closed_port
+
+    gone = {"name": "gone", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+            "models": ["fake-model"], "connect_retries": {"attempts": 0}, "health_check": {"interval": 0}}
+    with ProxyServer(fake_config(fake_backend, backends=[gone, backend_entry(fake_backend, models=["fake-model"])])) \
+            as server:
+        response = chat(server, {"model": "fake-model", "messages": user()})
+        assert response.status_code == 200
+        [line] = lines_for(access, response.headers["x-request-id"])
+    assert line["backend_calls"] == 2
