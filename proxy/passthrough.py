@@ -98,9 +98,10 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
     if body.get("stream"):
         call = backend.stream(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
         response = await until_disconnect(request.receive, call.__aenter__())
-        rewrite = _chunk_rewriter(renamed, stops)
+        rewrite = _StreamRewrite(renamed, stops) if renamed is not None or stops else None
         return EventStreamResponse(  # type: ignore[return-value]
-            relay_events(response.aiter_raw(), backend.name, rewrite, backend.without_key),
+            relay_events(response.aiter_raw(), backend.name, rewrite, backend.without_key,
+                         rewrite.flush if rewrite is not None else None),
             {"x-request-id": request_id},
             on_close=lambda: call.__aexit__(None, None, None),
         )
@@ -129,20 +130,26 @@ def _rewrite_reply(payload: bytes, change: Callable[[dict[str, Any]], object]) -
     return json.dumps(reply, separators=(",", ":")).encode()
 
 
-def _chunk_rewriter(renamed: str | None, stops: list[str]) -> Callable[[dict[str, Any]], bytes] | None:
-    """Each streamed chunk with the client's model name and stop strings cut; None: nothing to change."""
-    if renamed is None and not stops:
-        return None
-    cutter = StreamedStopCutter(stops) if stops else None
+class _StreamRewrite:
+    """Each streamed chunk with the client's model name and stop strings cut, and at the end what the cut held
+    back of a choice that never finished."""
 
-    def rewrite(chunk: dict[str, Any]) -> bytes:
-        if cutter is not None:
-            cut_stops_in_chunk(chunk, cutter)
-        if renamed is not None and "model" in chunk:
-            chunk["model"] = renamed
+    def __init__(self, renamed: str | None, stops: list[str]) -> None:
+        self.renamed = renamed
+        self.cutter = StreamedStopCutter(stops) if stops else None
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, chunk: dict[str, Any]) -> bytes:
+        if self.cutter is not None:
+            cut_stops_in_chunk(chunk, self.cutter)
+            self.last = chunk
+        if self.renamed is not None and "model" in chunk:
+            chunk["model"] = self.renamed
         return json.dumps(chunk, separators=(",", ":")).encode()
 
-    return rewrite
+    def flush(self) -> bytes | None:
+        held = self.cutter.held_back_chunk(self.last) if self.cutter is not None else None
+        return json.dumps(held, separators=(",", ":")).encode() if held is not None else None
 
 
 # ---- n above what one call draws ----
@@ -278,6 +285,9 @@ class _MergedStreams:
                 yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
         finally:
             await self.close()
+        held = self.cutter.held_back_chunk({**first, "model": self.client_model}) if self.cutter else None
+        if held is not None:
+            yield b"data: " + json.dumps(held, separators=(",", ":")).encode() + b"\n\n"
         if usages:
             last = {k: first[k] for k in ("id", "object", "created", "system_fingerprint") if k in first}
             last.update(model=self.client_model, choices=[], usage=_sum_usage(usages))

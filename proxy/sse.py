@@ -61,9 +61,10 @@ def event_data(lines: list[bytes]) -> bytes | None:
 
 async def relay_events(chunks: AsyncIterator[bytes], source: str,
                        rewrite: Callable[[dict[str, Any]], bytes] | None = None,
-                       scrub_error: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
+                       scrub_error: Callable[[bytes], bytes] | None = None,
+                       flush: Callable[[], bytes | None] | None = None) -> AsyncIterator[bytes]:
     """A backend's stream passed on event by event, framed with \\n\\n; `rewrite` makes each parsed chunk's new
-    data (None: the engine's bytes go on as they came).
+    data (None: the engine's bytes go on as they came), and `flush` may add one last chunk's data at the end.
 
     Every data event must be a JSON object with `choices` (or an `error`): anything else is BackendInvalidResponse.
     It always ends with `data: [DONE]` (an engine that ends without one, as transformers serve does, gets one); a
@@ -75,6 +76,9 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
             continue
         if data == DONE:
             done = True
+            last = flush() if flush is not None else None
+            if last is not None:
+                yield b"data: " + last + b"\n\n"
             yield b"data: [DONE]\n\n"
         elif data is None:  # a comment (a keep-alive)
             yield b"\n".join(lines) + b"\n\n"
@@ -91,6 +95,9 @@ async def relay_events(chunks: AsyncIterator[bytes], source: str,
             # data sent over several `data:` lines is joined by newlines: each line goes out as one again
             yield b"data: " + out.replace(b"\n", b"\ndata: ") + b"\n\n"
     if not done:
+        last = flush() if flush is not None else None
+        if last is not None:
+            yield b"data: " + last + b"\n\n"
         yield b"data: [DONE]\n\n"
 
 

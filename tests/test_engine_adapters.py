@@ -175,3 +175,21 @@ def test_a_choice_index_that_is_not_an_integer_is_taken_by_position(transformers
     events = stream_events(transformers_like, {"model": "smollm2", "messages": user(), "stream": True, "n": 2,
                                                "stop": ["zz"]})
     assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_text_held_back_for_stop_cutting_is_not_lost_when_a_stream_never_finishes(transformers_like: ProxyServer,
+                                                                                  fake: FakeBackend, n: int) -> None:
+    """An engine that ends its stream with no finish chunk: the last characters, held back in case they began a
+    stop string, still reach the client."""
+    chunk = {"id": "r", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
+             "choices": [{"index": 0, "delta": {"content": "abc"}, "finish_reason": None}]}
+    fake.script = lambda body: FakeReply(raw_stream=f"data: {json.dumps(chunk)}\n\n".encode())
+    events = stream_events(transformers_like, {"model": "smollm2", "messages": user(), "stream": True, "n": n,
+                                               "stop": ["zzzz"]})
+    assert events[-1] == "[DONE]"
+    texts: dict[int, str] = {}
+    for e in events[:-1]:
+        for choice in json.loads(e)["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+    assert texts == {i: "abc" for i in range(n)}

@@ -70,6 +70,19 @@ class StreamedStopCutter:
         """What was held back of a choice that ended without a stop string."""
         return self.pending.pop(index, "")
 
+    def held_back_chunk(self, last: dict[str, Any]) -> dict[str, Any] | None:
+        """At the end of a stream whose choices did not all finish: one more chunk (shaped like `last`, the
+        stream's last) with what is still held back, so none of the reply is lost; None when nothing is."""
+        held = {index: text for index, text in self.pending.items() if text}
+        self.pending.clear()
+        if not held:
+            return None
+        chat = last.get("object") != "text_completion"
+        chunk = {k: last[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in last}
+        chunk["choices"] = [{"index": index, "delta": {"content": text}, "finish_reason": None} if chat else
+                            {"index": index, "text": text, "finish_reason": None} for index, text in held.items()]
+        return chunk
+
 
 def cut_stops_in_chunk(chunk: dict[str, Any], cutter: StreamedStopCutter) -> None:
     """Cut a streamed chat or text completion chunk in place; a choice's finish releases what was held back."""
