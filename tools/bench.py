@@ -44,7 +44,8 @@ from .servers import (
     exit_with_parent,
     has_module,
     load_average,
-    machine_info,
+    proxy_runtime,
+    report_header,
     process_cpu_seconds,
     run_loop,
     sigterm_as_interrupt,
@@ -196,8 +197,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be in 1..{MAX_CONCURRENCY}")
     warmup = max(0, min(warmup, MAX_REQUESTS))
-    loop = loop or ("uvloop" if has_module("uvloop") else "asyncio")
-    http = http or ("httptools" if has_module("httptools") else "h11")
+    loop, http = proxy_runtime(loop, http)
     say = progress or (lambda message: None)
 
     backend = proxy = None
@@ -264,10 +264,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
     answered = all(result["requests"] > 0 and result["ok"] == result["requests"]
                    for phase in phases.values() for result in phase.values())
     return {
-        "benchmark": "pass-through overhead",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "seconds": time.time() - started,
-        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": load_average()},
+        **report_header("pass-through overhead", started, load_before),
         "setup": {
             "model": BENCH_MODEL,
             "request_body": json.loads(request_body(False)),

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from proxy.config import ProxyConfig
 
 from .rawhttp import connect, post_bytes
-from .servers import HOST, has_module, machine_info, start_proxy
+from .servers import HOST, load_average, proxy_runtime, report_header, start_proxy
 
 CLIENT_MODEL = "bench-engine"  # what the client calls the model through the proxy (mapped to the engine's name)
 QUESTION = [{"role": "user", "content": "What is 2+2? Answer with just the number."}]
@@ -87,9 +87,8 @@ def run_engine_overhead(*, backend_url: str, kind: str, engine_model: str, pairs
     say = progress or (lambda message: None)
     config = ProxyConfig.model_validate({"backends": [{
         "name": "engine", "kind": kind, "base_url": backend_url, "model_names": {CLIENT_MODEL: engine_model}}]})
-    loop = "uvloop" if has_module("uvloop") else "asyncio"
-    http = "httptools" if has_module("httptools") else "h11"
-    started = time.time()
+    loop, http = proxy_runtime()
+    started, load_before = time.time(), load_average()
     proxy = start_proxy(config, loop, http)
     rng = random.Random(seed)
     try:
@@ -101,8 +100,9 @@ def run_engine_overhead(*, backend_url: str, kind: str, engine_model: str, pairs
             proxy.check_alive()
     finally:
         proxy.stop()
-    return {"backend": backend_url, "kind": kind, "engine_model": engine_model, "started": started,
-            "machine": machine_info(), "proxy": {"loop": loop, "http": http}, **results}
+    return {**report_header("pass-through overhead in front of an engine", started, load_before),
+            "backend": backend_url, "kind": kind, "engine_model": engine_model, "proxy": {"loop": loop, "http": http},
+            **results}
 
 
 def format_engine_report(report: dict[str, Any]) -> str:

@@ -44,9 +44,9 @@ from .servers import (
     PACED_MODEL,
     ChildFailed,
     ChildServer,
-    has_module,
     load_average,
-    machine_info,
+    proxy_runtime,
+    report_header,
     process_cpu_seconds,
     run_loop,
     sigterm_as_interrupt,
@@ -435,8 +435,7 @@ def run_load(settings: LoadSettings, *, loop: str | None = None, http: str | Non
              progress: Any = None) -> dict[str, Any]:
     """Start the backend and the proxy, run every phase, return all numbers."""
     settings.check()
-    loop = loop or ("uvloop" if has_module("uvloop") else "asyncio")
-    http = http or ("httptools" if has_module("httptools") else "h11")
+    loop, http = proxy_runtime(loop, http)
     say = progress or (lambda message: None)
     started = time.time()
     load_before = load_average()
@@ -453,10 +452,7 @@ def run_load(settings: LoadSettings, *, loop: str | None = None, http: str | Non
                 child.stop()
     errors = _error_count(phases)
     return {
-        "benchmark": "load",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "seconds": time.time() - started,
-        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": load_average()},
+        **report_header("load", started, load_before),
         "setup": {
             **asdict(settings),
             "backend": "tools.fakebackend.FakeBackend, own process; "

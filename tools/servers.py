@@ -71,6 +71,22 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def proxy_runtime(loop: str | None = None, http: str | None = None) -> tuple[str, str]:
+    """The proxy's event loop and HTTP parser: the ones asked for, else the fastest installed."""
+    return (loop or ("uvloop" if has_module("uvloop") else "asyncio"),
+            http or ("httptools" if has_module("httptools") else "h11"))
+
+
+def report_header(benchmark: str, started: float, load_before: list[float] | None) -> dict[str, Any]:
+    """What every measuring command's report opens with: what ran, when, how long, on what machine and load."""
+    return {
+        "benchmark": benchmark,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": time.time() - started,
+        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": load_average()},
+    }
+
+
 def load_average() -> list[float] | None:
     try:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
