@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -72,17 +72,6 @@ def part_bodies(body: dict[str, Any], parts: list[int]) -> list[dict[str, Any]]:
     return bodies
 
 
-def rewrite_model(payload: bytes, model: str) -> bytes:
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):
-        return payload
-    if isinstance(body, dict) and "model" in body:
-        body["model"] = model
-        return json.dumps(body, separators=(",", ":")).encode()
-    return payload
-
-
 async def _pass_through_to(request: Request, backend: Backend, path: str, body: dict[str, Any], route: Route,
                            request_id: str) -> Response:
     client_model = body["model"]
@@ -109,25 +98,16 @@ async def _pass_through_to(request: Request, backend: Backend, path: str, body: 
         request.receive, backend.call(path, body, owner=request_id, cost=cost, request_id=request_id, content=content)
     )
     if response.status_code == 200:
-        backend.completion_reply(payload)  # a 200 the client could not parse is the backend's error
-    if stops and response.status_code == 200:
-        payload = _rewrite_reply(payload, lambda reply: cut_stops_in_reply(reply, stops))
-    if renamed is not None:
-        payload = rewrite_model(payload, renamed)
+        reply = backend.completion_reply(payload)  # a 200 the client could not parse is the backend's error
+        if stops or renamed is not None:  # else the engine's bytes go back as they came
+            if stops:
+                cut_stops_in_reply(reply, stops)
+            if renamed is not None and "model" in reply:
+                reply["model"] = renamed
+            payload = json.dumps(reply, separators=(",", ":")).encode()
     return Response(payload, status_code=response.status_code,
                     media_type=response.headers.get("content-type", "application/json"),
                     headers={"x-request-id": request_id})
-
-
-def _rewrite_reply(payload: bytes, change: Callable[[dict[str, Any]], object]) -> bytes:
-    try:
-        reply = json.loads(payload)
-    except (ValueError, RecursionError):
-        return payload
-    if not isinstance(reply, dict):
-        return payload
-    change(reply)
-    return json.dumps(reply, separators=(",", ":")).encode()
 
 
 class _StreamRewrite:
