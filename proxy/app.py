@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from strategies.framework import Strategy
+from ttc_proxy.strategies.framework import Strategy
 
 from .access_log import AccessLogMiddleware, EngineCalls, access_record
 from .backends import Backend, new_client_session

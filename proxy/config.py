@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from strategies.framework import message_text
+from ttc_proxy.strategies.framework import message_text
 
 BackendKind = Literal["llama_cpp", "llamafile", "vllm", "transformers", "openai", "generic"]
 

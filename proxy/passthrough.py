@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from strategies.framework import gather_all
+from ttc_proxy.strategies.framework import gather_all
 
 from .access_log import EngineCalls
 from .backends import Backend

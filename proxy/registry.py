@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from types import MappingProxyType
 
-from strategies import BUILTIN_STRATEGIES
-from strategies.framework import Strategy
+from ttc_proxy.strategies import BUILTIN_STRATEGIES
+from ttc_proxy.strategies.framework import Strategy
 
 from .routing import SLUG
 

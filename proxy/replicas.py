@@ -105,7 +105,7 @@ def run_workers(config: ProxyConfig, setup: WorkerSetup, *, host: str, port: int
             asyncio.run(engine.start())
         setup.engine_urls = {name: engine.base_url for name, engine in engines.items()}
         os.environ[WORKER_ENV] = setup.to_env()
-        uvicorn.run("proxy.replicas:worker_app", factory=True, workers=setup.workers, host=host, port=port,
+        uvicorn.run("ttc_proxy.proxy.replicas:worker_app", factory=True, workers=setup.workers, host=host, port=port,
                     log_level=setup.log_level, access_log=False,
                     timeout_graceful_shutdown=config.server.shutdown_timeout_seconds)
     finally:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from strategies.framework import Strategy, StrategySpec
+from ttc_proxy.strategies.framework import Strategy, StrategySpec
 
 from .config import ProxyConfig
 from .errors import InvalidRequest

@@ -4,10 +4,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.config import BackendConfig, ProxyConfig
-from tools.fakebackend import FakeBackend
+from ttc_proxy.tools.fakebackend import FakeBackend
 
-from .helpers import ProxyServer
+from .helpers import ProxyServer, fake_config
 
 
 @pytest.fixture(scope="session")
@@ -22,11 +21,6 @@ def fake(fake_backend: FakeBackend) -> FakeBackend:
     """The shared scripted backend, with its script and records reset for this test."""
     fake_backend.reset()
     return fake_backend
-
-
-def fake_config(fake: FakeBackend, **overrides: object) -> ProxyConfig:
-    backend = BackendConfig(name="fake", kind="llama_cpp", base_url=fake.base_url)
-    return ProxyConfig.model_validate({"backends": [backend.model_dump()], **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,18 @@ import uvicorn
 import yaml
 from jsonschema import Draft202012Validator
 
-from proxy.app import create_app
-from proxy.config import ProxyConfig
-from proxy.backends.engine import free_port
+from ttc_proxy.proxy.app import create_app
+from ttc_proxy.proxy.config import BackendConfig, ProxyConfig
+from ttc_proxy.proxy.backends.engine import free_port
+from ttc_proxy.tools.fakebackend import FakeBackend
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi.yaml"
+SPEC_PATH = Path(__file__).resolve().parent / "data" / "openai-openapi.yaml"
+
+
+def fake_config(fake: FakeBackend, **overrides: object) -> ProxyConfig:
+    """A proxy config whose one backend is the scripted one (named `fake`, kind llama_cpp)."""
+    backend = BackendConfig(name="fake", kind="llama_cpp", base_url=fake.base_url)
+    return ProxyConfig.model_validate({"backends": [backend.model_dump()], **overrides})
 
 
 class ProxyServer:
@@ -93,7 +100,7 @@ from collections.abc import Callable, Mapping  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from tools.fakebackend import FakeBackend  # noqa: E402
+from ttc_proxy.tools.fakebackend import FakeBackend  # noqa: E402
 
 
 def backend_entry(fake: FakeBackend, **fields: Any) -> dict[str, Any]:
@@ -168,7 +175,7 @@ def assert_openai_error(response: httpx.Response, status: int, *, param: str | N
     return error
 
 
-from strategies.framework import Token, TokenAlternative  # noqa: E402
+from ttc_proxy.strategies.framework import Token, TokenAlternative  # noqa: E402
 
 
 def tok(text: str, logprob: float, top: tuple[tuple[str, float], ...] = (), offset: int = 0,

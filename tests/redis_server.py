@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.backends.engine import free_port
+from ttc_proxy.proxy.backends.engine import free_port
 
 
 class RedisServer:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.config import config_for_backend_url
+from ttc_proxy.proxy.config import config_for_backend_url
 
 from .argtypes import positive_float, positive_int
 from .rawhttp import HTTPConnection, Tally, connect, post_bytes
@@ -268,7 +268,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
         "setup": {
             "model": BENCH_MODEL,
             "request_body": json.loads(request_body(False)),
-            "backend": "tools.fakebackend.FakeBackend, own process, " + ("uvloop" if has_module("uvloop") else "asyncio"),
+            "backend": "ttc_proxy.tools.fakebackend.FakeBackend, own process, " + ("uvloop" if has_module("uvloop") else "asyncio"),
             "proxy": f"create_app(config_for_backend_url(...)), uvicorn, 1 worker, loop={loop}, http={http}, "
                      "access log off",
             "client": "raw asyncio HTTP/1.1 keep-alive, own process",

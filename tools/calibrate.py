@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.uncertainty import Thresholds, Uncertainty, uncertainty
+from ttc_proxy.strategies.uncertainty import Thresholds, Uncertainty, uncertainty
 
 from .argtypes import positive_int
 from .eval.runner import Progress, add_engine_arguments, proxy_endpoint

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from proxy.config import ConfigError, resolve_config
+from ttc_proxy.proxy.config import ConfigError, resolve_config
 
 from .argtypes import positive_int
 
@@ -15,8 +15,8 @@ from .argtypes import positive_int
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy.access_log import configure_logging
-    from proxy.app import create_app
+    from ttc_proxy.proxy.access_log import configure_logging
+    from ttc_proxy.proxy.app import create_app
 
     try:
         config = resolve_config(args.config, args.backend)
@@ -28,7 +28,7 @@ def serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
     if workers > 1:
-        from proxy.replicas import WorkerSetup, run_workers
+        from ttc_proxy.proxy.replicas import WorkerSetup, run_workers
 
         run_workers(config, WorkerSetup(args.config, args.backend, workers, args.log_level, args.log_format),
                     host=host, port=port)

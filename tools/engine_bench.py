@@ -17,7 +17,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.config import ProxyConfig
+from ttc_proxy.proxy.config import ProxyConfig
 
 from .rawhttp import connect, post_bytes
 from .servers import HOST, load_average, proxy_runtime, report_header, start_proxy

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.config import BackendConfig, ProxyConfig
+from ttc_proxy.proxy.config import BackendConfig, ProxyConfig
 
 from .argtypes import positive_float, positive_int
 from .rawhttp import HTTPConnection, Tally, connect, post_bytes, summarize_ms
@@ -455,7 +455,7 @@ def run_load(settings: LoadSettings, *, loop: str | None = None, http: str | Non
         **report_header("load", started, load_before),
         "setup": {
             **asdict(settings),
-            "backend": "tools.fakebackend.FakeBackend, own process; "
+            "backend": "ttc_proxy.tools.fakebackend.FakeBackend, own process; "
                        f"{PACED_MODEL}: {settings.chunks} chunks {settings.chunk_delay * 1000:g} ms apart",
             "proxy": f"own process, uvicorn 1 worker, loop={loop}, http={http}, its access log at INFO (as serve); "
                      f"max_in_flight={PROXY_MAX_IN_FLIGHT}, max_queue={PROXY_MAX_QUEUE}",

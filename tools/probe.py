@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.backends.probe import ProbeReport, config_block, probe
+from ttc_proxy.proxy.backends.probe import ProbeReport, config_block, probe
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from proxy.config import ProxyConfig
+from ttc_proxy.proxy.config import ProxyConfig
 
 HOST = "127.0.0.1"
 BENCH_MODEL = "fake-model"  # the fake answers it at once
@@ -177,8 +177,8 @@ def proxy_main(argv: Sequence[str]) -> None:
     exit_with_parent(parent_pid)
     import uvicorn
 
-    from proxy.access_log import configure_logging
-    from proxy.app import create_app
+    from ttc_proxy.proxy.access_log import configure_logging
+    from ttc_proxy.proxy.app import create_app
 
     configure_logging("info", "text")
 

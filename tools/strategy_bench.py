@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.config import resolve_config
+from ttc_proxy.proxy.config import resolve_config
 
 from .eval.runner import InProcessProxy
 from .eval.tasks import load_tasks

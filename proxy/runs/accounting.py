@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from strategies.framework import BudgetExceeded, BudgetView, Usage
+from ttc_proxy.strategies.framework import BudgetExceeded, BudgetView, Usage
 
 from ..config import Budget
 

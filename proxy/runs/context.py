@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from strategies.framework import (
+from ttc_proxy.strategies.framework import (
     BudgetExceeded,
     BudgetView,
     Candidate,

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from strategies.framework import (
+from ttc_proxy.strategies.framework import (
     BudgetExceeded,
     Candidate,
     Sampling,

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from strategies.framework import Candidate, Sampling, Token, TokenAlternative, message_text
+from ttc_proxy.strategies.framework import Candidate, Sampling, Token, TokenAlternative, message_text
 
 from ..protocol import choice_index
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from strategies.framework import MAX_COMPOSITION_DEPTH, Strategy, StrategyParams, StrategySpec
+from ttc_proxy.strategies.framework import MAX_COMPOSITION_DEPTH, Strategy, StrategyParams, StrategySpec
 
 from ..backends import Backend
 from ..config import Budget, StrategySettings

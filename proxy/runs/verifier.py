@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from strategies.framework import StrategyError, last_user_text
+from ttc_proxy.strategies.framework import StrategyError, last_user_text
 
 from ..config import VerifierEndpoint
 from ..errors import InvalidRequest

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from proxy.backends.engine import die_with_parent, free_port
+from ttc_proxy.proxy.backends.engine import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES_VENV = ROOT / ".venv-engines"

@@ -21,9 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import ProxyError
-from proxy.registry import load_registry
-from strategies.framework import Strategy
+from ttc_proxy.proxy.errors import ProxyError
+from ttc_proxy.proxy.registry import load_registry
+from ttc_proxy.strategies.framework import Strategy
 
 from ..argtypes import json_object, positive_float, positive_int
 from .report import render_table, write_csv, write_json, write_plot

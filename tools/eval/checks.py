@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from strategies.answers import boxed_content, last_number, normalise_text, numbers_equal, parse_number
+from ttc_proxy.strategies.answers import boxed_content, last_number, normalise_text, numbers_equal, parse_number
 
 
 @dataclass(frozen=True)

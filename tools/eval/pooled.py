@@ -23,15 +23,15 @@ from typing import Any
 
 import aiohttp
 
-from proxy.backends import Backend
-from proxy.config import BackendConfig, CapabilityOverrides, StrategySettings
-from proxy.errors import ProxyError
-from proxy.routing import split_model_name
-from proxy.runs.accounting import BudgetScope
-from proxy.runs.context import RunContext, RunState, Scope, prompt_key
-from proxy.runs.validation import check_budget, check_spec
-from proxy.traces import Trace
-from strategies.framework import (
+from ttc_proxy.proxy.backends import Backend
+from ttc_proxy.proxy.config import BackendConfig, CapabilityOverrides, StrategySettings
+from ttc_proxy.proxy.errors import ProxyError
+from ttc_proxy.proxy.routing import split_model_name
+from ttc_proxy.proxy.runs.accounting import BudgetScope
+from ttc_proxy.proxy.runs.context import RunContext, RunState, Scope, prompt_key
+from ttc_proxy.proxy.runs.validation import check_budget, check_spec
+from ttc_proxy.proxy.traces import Trace
+from ttc_proxy.strategies.framework import (
     BudgetExceeded,
     Candidate,
     gather_all,

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from strategies.framework import Strategy
+from ttc_proxy.strategies.framework import Strategy
 
 from .tasks import EvalError, Task
 
@@ -239,9 +239,9 @@ async def run_pooled(base_url: str, api_key: str, models: Sequence[str], tasks: 
     """
     import aiohttp
 
-    from proxy.backends import new_client_session
-    from proxy.config import StrategySettings
-    from strategies.framework import Sampling
+    from ttc_proxy.proxy.backends import new_client_session
+    from ttc_proxy.proxy.config import StrategySettings
+    from ttc_proxy.strategies.framework import Sampling
 
     from .pooled import PooledScorer, TaskPools, parse_strategy_string
 
@@ -312,7 +312,7 @@ class InProcessProxy:
     def __init__(self, config: Any, log_level: str = "warning") -> None:
         import uvicorn
 
-        from proxy.app import create_app
+        from ttc_proxy.proxy.app import create_app
 
         self.config = config
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -383,7 +383,7 @@ def proxy_endpoint(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     if args.proxy:
         yield proxy_base_url(args.proxy), args.api_key or "unused"
         return
-    from proxy.config import ConfigError, resolve_config
+    from ttc_proxy.proxy.config import ConfigError, resolve_config
 
     try:
         config = resolve_config(args.config, args.backend)

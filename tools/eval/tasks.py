@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from strategies.answers import parse_number
+from ttc_proxy.strategies.answers import parse_number
 
 from ..argtypes import positive_int
 from .checks import CHECKS, Verdict, check_reply

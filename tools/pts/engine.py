@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from proxy.backends.capabilities import cap_from_n_error
-from proxy.runs.sampling import logprob_entries
+from ttc_proxy.proxy.backends.capabilities import cap_from_n_error
+from ttc_proxy.proxy.runs.sampling import logprob_entries
 
 from .records import Spend
 from .search import Ids

@@ -1,0 +1,113 @@
+"""`ttc-proxy bench` end to end in a tiny configuration: the machinery works and its numbers are sane.
+
+Not a timing assertion: on a busy machine the proxy may well miss its targets; the command must still run,
+answer every request with 200 and report positive latencies and throughput."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from ttc_proxy.tools import bench
+from ttc_proxy.tools.rawhttp import carries_content
+from ttc_proxy.proxy.backends import Backend, new_client_session
+from ttc_proxy.tools.cli import main
+from ttc_proxy.proxy.config import config_for_backend_url
+from ttc_proxy.proxy.errors import BackendUnreachable
+
+
+def test_bench_command_runs_and_reports_sane_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "overhead.json"
+    code = main(["bench", "--requests", "50", "--warmup", "10", "--duration", "1", "--concurrency", "4",
+                 "--output", str(output)])
+    assert code == 0
+
+    report = json.loads(output.read_text())
+    assert report["all_answered_ok"] is True
+    phases = report["phases"]
+    assert set(phases) == {"sequential", "streaming", "concurrent"}
+    for name, pair in phases.items():
+        assert set(pair) == {"direct", "proxy"}
+        for target, result in pair.items():
+            assert result["requests"] > 0, (name, target)
+            assert result["ok"] == result["requests"], (name, target, result["statuses"])
+            assert set(result["statuses"]) == {"200"}, (name, target)
+            latency = result["latency_ms"]
+            assert 0 < latency["min"] <= latency["p50"] <= latency["p99"] <= latency["max"], (name, target)
+            assert result["rps"] > 0, (name, target)
+    for phase in ("sequential", "streaming"):
+        assert phases[phase]["direct"]["requests"] == 50
+        assert phases[phase]["proxy"]["requests"] == 50
+    for target in ("direct", "proxy"):
+        ttft = phases["streaming"][target]["ttft_ms"]
+        assert ttft is not None and ttft["count"] == 50
+        # The first content event comes before the end of the stream.
+        assert 0 < ttft["p50"] <= phases["streaming"][target]["latency_ms"]["p50"]
+        assert phases["concurrent"][target]["concurrency"] == 4
+    summary = report["summary"]
+    assert summary["proxy_rps"] > 0 and summary["direct_rps"] > 0
+    assert summary["sequential_added_p50_ms"] is not None and summary["ttft_added_p50_ms"] is not None
+    assert [t["name"] for t in report["targets"]] == [
+        "added p50 latency, 1 connection, non-streaming",
+        "added p50 TTFT, 1 connection, streaming",
+        "requests/s via proxy, 4 connections",
+    ]
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["python"]
+
+    table = capsys.readouterr().out
+    assert "via proxy" in table and "requests/s" in table and "TTFT p50" in table
+
+
+def test_load_generator_parses_sse_content_events() -> None:
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
+    token = b'data: {"choices":[{"index":0,"delta":{"content":"The"}}]}'
+    text = b'data: {"choices":[{"index":0,"text":"4"}]}'
+    assert not carries_content(role)
+    assert carries_content(token)
+    assert carries_content(text)
+    assert not carries_content(b"data: [DONE]")
+    assert not carries_content(b": keep-alive")
+
+
+def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        bench.run_benchmark(requests=0)
+    with pytest.raises(ValueError):
+        bench.run_benchmark(duration=0)
+    with pytest.raises(ValueError):
+        bench.run_benchmark(concurrency=0)
+
+
+# ---- the backend client (proxy/backends.py, aiohttp) ----
+
+
+async def test_backend_maps_connection_failures() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}/v1"
+    async with new_client_session() as client:
+        backend = Backend(config_for_backend_url(base).backends[0], base, client)
+        with pytest.raises(BackendUnreachable):
+            await backend.call("/chat/completions", {}, owner="o", content=b"{}")
+        assert backend.scheduler.in_use == 0
+
+
+def test_bench_against_an_engine_pairs_direct_and_proxy_requests(fake_backend) -> None:
+    """`ttc-proxy bench --backend URL`: the same request straight to the engine and through the proxy, paired."""
+    from ttc_proxy.tools.engine_bench import format_engine_report, run_engine_overhead
+
+    fake_backend.reset()
+    report = run_engine_overhead(backend_url=fake_backend.base_url, kind="llama_cpp", engine_model="fake-model",
+                                 pairs=5, warmup=1)
+    for phase in ("non_streaming", "streaming_ttft"):
+        assert report[phase]["pairs"] == 5 and report[phase]["failed"] == 0
+        low, high = report[phase]["added_ci95_ms"]
+        assert low <= report[phase]["added_p50_ms"] <= high
+    models = {r.body["model"] for r in fake_backend.chat_requests()}
+    assert models == {"fake-model"}  # the proxy mapped its client name to the engine's
+    assert len(fake_backend.chat_requests()) == 2 * 2 * 6  # two phases, both sides, warm-up included
+    assert "added p50" in format_engine_report(report)
