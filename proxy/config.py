@@ -53,6 +53,9 @@ class ChatTemplate(StrictModel):
 class Timeouts(StrictModel):
     connect: float = Field(default=5.0, gt=0)
     read: float = Field(default=600.0, gt=0)
+    # Capability discovery at start-up (GET /models, llama-server's /props): a backend that has not answered within
+    # this is down until it does, and the proxy serves the others meanwhile.
+    discovery: float = Field(default=3.0, gt=0)
 
 
 class HealthCheck(StrictModel):

@@ -8,6 +8,7 @@ e.g. `bon:n=4>cot-smollm2` (best-of-4 over runs of cot). The `ttc` object says t
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,21 @@ def _valid_list(registry: Mapping[str, type[Strategy]]) -> str:
     return ", ".join(sorted(registry))
 
 
+def did_you_mean(model_name: str, registry: Mapping[str, type[Strategy]]) -> str:
+    """A hint for a model name whose head is close to a strategy slug (`deep-think-smollm2`, `mcst-smollm2`):
+    " `deep-think` is not a strategy; did you mean `deepthink`?", else "". Every '-' may end the head, as a
+    misspelt slug may hold one."""
+    slugs = sorted(registry)
+    for end in [i for i, ch in enumerate(model_name) if ch in "-:>"]:
+        head = model_name[:end]
+        if head in registry:
+            return ""
+        close = difflib.get_close_matches(head.replace("-", ""), slugs, n=1, cutoff=0.75)
+        if close:
+            return f" `{head}` is not a strategy; did you mean `{close[0]}`?"
+    return ""
+
+
 def parse_prefix_params(text: str, model_name: str) -> dict[str, str]:
     params: dict[str, str] = {}
     for pair in text.split(","):
@@ -57,8 +73,8 @@ def split_model_name(model_name: str, registry: Mapping[str, type[Strategy]]) ->
     if not (slug in registry and SLUG.fullmatch(slug)):
         if (colon or len(parts) > 1) and dash:
             raise InvalidRequest(
-                f"model {model_name!r} carries a strategy prefix but {slug!r} is not a strategy; "
-                f"valid strategies: {_valid_list(registry)}",
+                f"model {model_name!r} carries a strategy prefix but {slug!r} is not a strategy;"
+                f"{did_you_mean(model_name, registry)} valid strategies: {_valid_list(registry)}",
                 param="model",
                 code="unknown_strategy",
             )
