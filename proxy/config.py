@@ -138,6 +138,9 @@ class StrategySettings(StrictModel):
     max_samples: int = Field(default=64, ge=1)
     max_iterations: int = Field(default=64, ge=1)
     budget: Budget = Field(default_factory=Budget)
+    # A progress line when a run's backend call has waited this long (and again each time the wait doubles),
+    # naming the backend and its state; 0: never.
+    slow_call_seconds: float = Field(default=30.0, ge=0)
     defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Per-model parameter defaults measured by `ttc-proxy calibrate` (model -> file; a relative path is read from
     # the config file's folder). They override `defaults` for that model; a request's own parameters win.

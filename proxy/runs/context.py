@@ -48,6 +48,7 @@ from .sampling import (
 )
 from .validation import check_capabilities, check_engine_fields, check_spec
 from .verifier import VerifierClient
+from .watch import CallInFlight
 
 T = TypeVar("T")
 TextSink = Callable[[str], Awaitable[None]]
@@ -82,6 +83,7 @@ class RunState:
     # tokens), added to the estimate of a prompt not seen yet.
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     prompt_overhead: int = 0
+    calls_in_flight: dict[int, CallInFlight] = field(default_factory=dict)  # by trace node, for report_slow_calls
 
     def learn_prompt(self, key: str, tokens: int) -> None:
         self.prompt_tokens[key] = tokens
@@ -214,6 +216,7 @@ class RunContext:
 
         started = time.monotonic()
         start = _Start(budget, state, node, body, n)
+        state.calls_in_flight[node] = CallInFlight(backend, label, started)
         try:
             try:
                 async with asyncio.timeout_at(self._deadline()):
@@ -238,6 +241,7 @@ class RunContext:
                 raise
             return await self._account(payload, body, n, seed, label, keep_tokens, echoed, node, started)
         finally:
+            state.calls_in_flight.pop(node, None)
             start.release()  # only once the real usage is charged: other calls always see one or the other
 
     def _charge_unanswered(self, start: _Start, body: dict[str, Any], node: int) -> None:
@@ -454,6 +458,7 @@ class RunContext:
 
         started = time.monotonic()
         start = _Start(budget, state, node, body, 1)
+        waiting = state.calls_in_flight[node] = CallInFlight(backend, label, started)
         reader = TokenReader(backend.capabilities.kind == "llama_cpp")
         stops = stop_strings(body) if backend.capabilities.stop_kept else []
         cutter = StreamedStopCutter(stops) if stops else None
@@ -467,6 +472,7 @@ class RunContext:
                 async with backend.stream(path, body, owner=state.owner, request_id=state.request_id,
                                           on_start=start) as response:
                     async for data in _sse_data(response.aiter_raw(), backend):
+                        waiting.since = time.monotonic()  # a stream that delivers is not waiting
                         if isinstance(data.get("usage"), dict):
                             usage = data["usage"]
                         for choice in data.get("choices") or []:
@@ -532,6 +538,7 @@ class RunContext:
             status = f"cut@{sum(len(p) for p in text_parts)}"
             raise
         finally:
+            state.calls_in_flight.pop(node, None)
             start.release()
             estimated = False
             if usage is not None and usage.get("prompt_tokens") is not None:

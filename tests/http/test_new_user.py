@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from ttc_proxy.proxy.app import ProxyState
-from ttc_proxy.tools.fakebackend import FakeBackend
+from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
 
 from tests.helpers import ProxyServer, assert_openai_error, backend_entry, chat, fake_config, user, wait_until
 
@@ -149,3 +149,44 @@ def test_an_unknown_model_far_from_any_strategy_gets_no_hint(proxy, fake):
     error = assert_openai_error(chat(proxy, {"model": "gpt-4o-mini", "messages": user()}), 404,
                                 code="model_not_found")
     assert "did you mean" not in error["message"]
+
+
+# ---- defect 2: a stalled run says so while it streams ----
+
+def _streamed_progress(server: ProxyServer, body: dict) -> list[tuple[float, str]]:
+    """(seconds since the request, line) for each progress line of a streamed strategy request."""
+    lines: list[tuple[float, str]] = []
+    started = time.monotonic()
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=30) as response:
+        assert response.status_code == 200
+        for raw in response.iter_lines():
+            if raw.startswith("data: {"):
+                for choice in json.loads(raw[6:])["choices"]:
+                    text = choice["delta"].get("reasoning_content")
+                    if text:
+                        lines.extend((time.monotonic() - started, line) for line in text.splitlines())
+    return lines
+
+
+def test_a_stalled_call_is_said_while_streaming_and_so_is_the_budget_running_out(fake):
+    fake.script = lambda body: FakeReply(delay=20) if body.get("seed") == 2 else FakeReply(texts=["42"])
+    settings = {"strategies": {"slow_call_seconds": 0.5, "budget": {"max_seconds": 2.5}}}
+    with ProxyServer(fake_config(fake, **settings)) as server:
+        lines = _streamed_progress(server, {"model": "sc:n=2-fake-model", "messages": user(), "seed": 1})
+    print(*lines, sep="\n")
+    waiting = [(at, line) for at, line in lines if line.startswith("waiting:")]
+    assert waiting, lines
+    at, line = waiting[0]
+    assert 0.5 <= at < 1.5, lines
+    assert line == ("waiting: 1 call (sample; sent, no reply yet) for 0.5 s or more; backend fake up, 1 of 4 calls "
+                    "in flight, 0 queued"), line
+    assert [line for _, line in waiting[1:3]] == [line.replace("0.5 s", "1 s"), line.replace("0.5 s", "2 s")]
+    assert lines[-1][1] == "budget exhausted (wall-time budget of 2.5 s is spent): answering with the best so far"
+    assert lines[-1][0] < 4
+
+
+def test_a_run_whose_calls_answer_in_time_says_nothing_of_waiting(proxy, fake):
+    fake.script = lambda body: FakeReply(texts=["42"], delay=0.05)
+    lines = _streamed_progress(proxy, {"model": "sc:n=2-fake-model", "messages": user(), "seed": 1})
+    assert lines and not [line for _, line in lines if line.startswith(("waiting", "budget"))], lines
