@@ -55,6 +55,7 @@ TextSink = Callable[[str], Awaitable[None]]
 # Sampling fields a parent may set for a nested run (run_strategy's `sampling`).
 SAMPLING_OVERRIDES = ("temperature", "top_p", "max_tokens", "stop", "top_logprobs", "seed")
 TRACE_TEXT_LIMIT = 2000
+NESTED_LINE_LIMIT = 160  # characters of a nested run's progress line
 
 
 @dataclass
@@ -84,6 +85,8 @@ class RunState:
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     prompt_overhead: int = 0
     calls_in_flight: dict[int, CallInFlight] = field(default_factory=dict)  # by trace node, for report_slow_calls
+    # What nested runs said, per (parent node, strategy): a line a sibling run already said is not repeated.
+    said: set[tuple[int, str, str]] = field(default_factory=set)
 
     def learn_prompt(self, key: str, tokens: int) -> None:
         self.prompt_tokens[key] = tokens
@@ -116,6 +119,8 @@ class Scope:
     depth: int = 1  # strategy runs around and including this one
     fan_out: int = 1  # product of the fan-outs of the runs around this one
     emits: bool = True  # its emits reach the client (not in a nested run)
+    run_name: str = ""  # a nested run's name in progress lines ("cot 3": the third cot run of its parent)
+    siblings: tuple[int, str] | None = None  # a nested run's (parent node, strategy): whose lines are shared
 
 
 class RunContext:
@@ -652,6 +657,7 @@ class RunContext:
             sampling=child_sampling, emits=False,
             node=node, path=(*scope.path, f"{spec.slug}#{ordinal}"), over=spec.over, depth=scope.depth + 1,
             fan_out=scope.fan_out * max(1, strategy.fan_out(strategy_params)),
+            run_name=f"{spec.slug} {ordinal + 1}", siblings=(scope.node, spec.slug),
         ))
         started = time.monotonic()
         try:
@@ -670,7 +676,19 @@ class RunContext:
     # ---- reporting ----
 
     async def progress(self, line: str) -> None:
-        line = "  " * (self._scope.depth - 1) + line  # a nested run's lines sit under its parent's
+        scope = self._scope
+        if scope.siblings is not None:
+            # A nested run's line is one line, named by its run; what a sibling run already said (the same
+            # strategy under the same parent: `bon:n=8>cot`'s eight cot runs) is said once.
+            text = " ".join(line.split())
+            if len(text) > NESTED_LINE_LIMIT:
+                text = text[:NESTED_LINE_LIMIT - 1] + "…"
+            key = (*scope.siblings, text)
+            if key in self._state.said:
+                return
+            self._state.said.add(key)
+            line = f"{scope.run_name}: {text}"
+        line = "  " * (scope.depth - 1) + line  # a nested run's lines sit under its parent's
         self._state.progress_lines.append(line)
         if self._state.progress_sink is not None:
             await self._state.progress_sink(line)
