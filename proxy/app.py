@@ -42,6 +42,7 @@ from .protocol import (
     TokenizeResponse,
     validate_request,
 )
+from .catalogue import strategy_list
 from .openapi import openapi_document
 from .passthrough import pass_through
 from .registry import load_registry
@@ -68,10 +69,12 @@ class ProxyState:
     verifiers: VerifierClient | None = None
     pivot_sets: dict[str, list[dict[str, Any]]] = field(init=False)  # config `pivots:`, by name, for every run
     openapi: dict[str, Any] = field(init=False)  # GET /openapi.json
+    strategies: dict[str, Any] = field(init=False)  # GET /v1/strategies
 
     def __post_init__(self) -> None:
         self.pivot_sets = {name: pivots.records for name, pivots in self.config.pivots.items()}
         self.openapi = openapi_document(self.registry)
+        self.strategies = strategy_list(self.registry)
 
     def backends_for(self, route: Route) -> list[Backend]:
         """The backends serving the route's model that are not down, best first: healthy before passed-over ones,
@@ -261,6 +264,14 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             add(alias, "ttc-proxy", ttc={"strategy": target.strategy, "model": target.model, "params": target.params})
         return JSONResponse({"object": "list", "data": entries})
 
+    async def list_strategies(request: Request) -> Response:
+        state: ProxyState = request.app.state.proxy
+        try:
+            state.authorize(request.headers)
+        except ProxyError as exc:
+            return error_response(exc)
+        return JSONResponse(state.strategies)
+
     async def get_trace(request: Request) -> Response:
         state: ProxyState = request.app.state.proxy
         trace_id = request.path_params["trace_id"]
@@ -293,6 +304,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/openapi.json", openapi, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/strategies", list_strategies, methods=["GET"])
     app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from .catalogue import STRATEGY_LIST_SCHEMAS
+
 from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -98,7 +100,8 @@ def openapi_document(strategies: Iterable[str]) -> dict[str, Any]:
     """The document for a proxy serving `strategies` (their slugs)."""
     slugs = sorted(strategies)
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=_REF)
-    schemas: dict[str, Any] = {**defs.get("$defs", {}), **_ttc_schemas(slugs), "ErrorResponse": _ERROR_RESPONSE}
+    schemas: dict[str, Any] = {**defs.get("$defs", {}), **_ttc_schemas(slugs), **STRATEGY_LIST_SCHEMAS,
+                               "ErrorResponse": _ERROR_RESPONSE}
     chat = schemas["ChatCompletionRequest"]
     chat["properties"]["model"]["description"] = _MODEL_DESCRIPTION
     chat["properties"]["ttc"] = _ref("Ttc")
@@ -122,6 +125,8 @@ def openapi_document(strategies: Iterable[str]) -> dict[str, Any]:
             "/v1/completions": {"post": _operation("Text completion, passed through", _json({"type": "object"}),
                                                    "CompletionRequest", stream=True)},
             "/v1/models": {"get": _operation("Served models, and each with every strategy prefix", _json(listing))},
+            "/v1/strategies": {"get": _operation("The strategies served: purpose, capabilities needed, parameters",
+                                                 _json(_ref("StrategyList")))},
             "/v1/traces/{trace_id}": {"get": _operation(
                 "A strategy run's trace", _json({"type": "object"}),
                 parameters=[{"name": "trace_id", "in": "path", "required": True, "schema": {"type": "string"}}])},
