@@ -56,6 +56,10 @@ from .traces import TraceStore, open_trace_store
 
 log = logging.getLogger("ttc_proxy.app")
 
+# How long start-up waits for the backends' capability discovery before serving (a backend that answers takes
+# milliseconds; one still silent then is down until it answers, and /health is up meanwhile).
+DISCOVERY_GRACE_SECONDS = 1.0
+
 
 @dataclass
 class ProxyState:
@@ -200,7 +204,8 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                 # Backends that answer come up before the first request; a silent one holds nothing up: it stays
                 # down (503 naming it) while its discovery goes on in the background.
                 if discoveries:
-                    await asyncio.wait(discoveries, timeout=max(b.timeouts.discovery for b in config.backends))
+                    await asyncio.wait(discoveries, timeout=min(DISCOVERY_GRACE_SECONDS, max(
+                        b.timeouts.discovery for b in config.backends)))
                 app.state.proxy = state
                 yield
             finally:
@@ -235,7 +240,8 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             "status": "ok",
             "backends": {
                 name: {"url": b.base_url, "kind": b.capabilities.kind, "max_n": b.capabilities.max_n,
-                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued, "down": b.down}
+                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued, "down": b.down,
+                       **({"down_reason": b.down_reason} if b.down else {})}
                 for name, b in state.backends.items()
             },
         })

@@ -53,6 +53,8 @@ def test_a_silent_backend_does_not_block_start_up(fake_backend):
                 assert response.headers["retry-after"] == "1"
             health = httpx.get(server.url + "/health").json()["backends"]
             assert health["stalled"]["down"] is True and health["fake"]["down"] is False
+            assert health["stalled"]["down_reason"].startswith("it has not answered capability discovery yet")
+            assert "down_reason" not in health["fake"]
 
 
 class LateEngine(ThreadingHTTPServer):
