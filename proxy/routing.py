@@ -35,19 +35,30 @@ def _valid_list(registry: Mapping[str, type[Strategy]]) -> str:
     return ", ".join(sorted(registry))
 
 
-def did_you_mean(model_name: str, registry: Mapping[str, type[Strategy]]) -> str:
-    """A hint for a model name whose head is close to a strategy slug (`deep-think-smollm2`, `mcst-smollm2`):
-    " `deep-think` is not a strategy; did you mean `deepthink`?", else "". Every '-' may end the head, as a
-    misspelt slug may hold one."""
+def close_strategy(model_name: str, registry: Mapping[str, type[Strategy]]) -> tuple[str, str] | None:
+    """(head, slug) when the head of a model name is close to a strategy slug (`deep-think-smollm2`: `deep-think`
+    and `deepthink`; `mcst-smollm2`: `mcst` and `mcts`), else None. Every '-' may end the head, as a misspelt slug
+    may hold one."""
     slugs = sorted(registry)
     for end in [i for i, ch in enumerate(model_name) if ch in "-:>"]:
         head = model_name[:end]
         if head in registry:
-            return ""
+            return None
         close = difflib.get_close_matches(head.replace("-", ""), slugs, n=1, cutoff=0.75)
         if close:
-            return f" `{head}` is not a strategy; did you mean `{close[0]}`?"
-    return ""
+            return head, close[0]
+    return None
+
+
+def did_you_mean(model_name: str, registry: Mapping[str, type[Strategy]]) -> str:
+    """" `deep-think` is not a strategy; did you mean `deepthink`?" for a model name close to a strategy, else ""."""
+    close = close_strategy(model_name, registry)
+    return f" `{close[0]}` is not a strategy; did you mean `{close[1]}`?" if close else ""
+
+
+def _suggestion(model_name: str, registry: Mapping[str, type[Strategy]]) -> str:
+    close = close_strategy(model_name, registry)
+    return f" did you mean `{close[1]}`?" if close else ""
 
 
 def parse_prefix_params(text: str, model_name: str) -> dict[str, str]:
@@ -74,7 +85,7 @@ def split_model_name(model_name: str, registry: Mapping[str, type[Strategy]]) ->
         if (colon or len(parts) > 1) and dash:
             raise InvalidRequest(
                 f"model {model_name!r} carries a strategy prefix but {slug!r} is not a strategy;"
-                f"{did_you_mean(model_name, registry)} valid strategies: {_valid_list(registry)}",
+                f"{_suggestion(model_name, registry)} valid strategies: {_valid_list(registry)}",
                 param="model",
                 code="unknown_strategy",
             )

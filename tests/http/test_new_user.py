@@ -144,7 +144,10 @@ def test_a_bad_request_is_a_400_while_its_backend_is_down(fields, code):
 def test_a_misspelt_strategy_gets_a_did_you_mean(proxy, fake, model, slug, status):
     error = assert_openai_error(chat(proxy, {"model": model, "messages": user()}), status)
     head = model.split(":")[0].removesuffix("-fake-model")
-    assert f"`{head}` is not a strategy; did you mean `{slug}`?" in error["message"], error
+    if status == 404:
+        assert error["message"].endswith(f". `{head}` is not a strategy; did you mean `{slug}`?"), error
+    else:
+        assert f"but '{head}' is not a strategy; did you mean `{slug}`? valid strategies: " in error["message"]
 
 
 def test_an_unknown_model_far_from_any_strategy_gets_no_hint(proxy, fake):
