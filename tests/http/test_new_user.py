@@ -35,13 +35,13 @@ def silent_backend() -> Iterator[str]:
 
 # ---- defect 0: a silent backend does not hold start-up; the others are served meanwhile ----
 
-def test_a_silent_backend_does_not_block_start_up(fake_backend):
+def test_a_silent_backend_does_not_block_start_up(fake):
     with silent_backend() as url:
         entries = [{"name": "stalled", "kind": "llama_cpp", "base_url": url, "models": ["stalled-model"],
                     "timeouts": {"read": 30}, "health_check": {"interval": 1}},
-                   backend_entry(fake_backend, models=["fake-model"])]
+                   backend_entry(fake, models=["fake-model"])]
         started = time.monotonic()
-        with ProxyServer(fake_config(fake_backend, backends=entries)) as server:
+        with ProxyServer(fake_config(fake, backends=entries)) as server:
             assert httpx.get(server.url + "/health", timeout=5).status_code == 200
             assert time.monotonic() - started < 5
             response = chat(server, {"model": "fake-model", "messages": user()})
@@ -86,14 +86,14 @@ class LateEngine(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-def test_a_backend_that_answers_discovery_late_comes_up(fake_backend):
+def test_a_backend_that_answers_discovery_late_comes_up(fake):
     """Down while it does not answer; up, with its slots learned, once it does."""
     engine = LateEngine()
     threading.Thread(target=engine.serve_forever, daemon=True).start()
     entry = {"name": "late", "kind": "llama_cpp", "base_url": engine.url, "models": ["late-model"],
              "timeouts": {"discovery": 0.3}, "health_check": {"interval": 0.2, "failures": 100}}
     try:
-        with ProxyServer(fake_config(fake_backend, backends=[entry])) as server:
+        with ProxyServer(fake_config(fake, backends=[entry])) as server:
             backend = state_of(server).backends["late"]
             assert backend.down and backend.scheduler.capacity == 64
             assert_openai_error(chat(server, {"model": "late-model", "messages": user()}), 503,
