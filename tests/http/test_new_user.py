@@ -167,7 +167,7 @@ def _streamed_progress(server: ProxyServer, body: dict) -> list[tuple[float, str
         assert response.status_code == 200
         for raw in response.iter_lines():
             if raw.startswith("data: {"):
-                for choice in json.loads(raw[6:])["choices"]:
+                for choice in json.loads(raw[6:]).get("choices", ()):  # an error event has none
                     text = choice["delta"].get("reasoning_content")
                     if text:
                         lines.extend((time.monotonic() - started, line) for line in text.splitlines())
@@ -195,3 +195,16 @@ def test_a_run_whose_calls_answer_in_time_says_nothing_of_waiting(proxy, fake):
     fake.script = lambda body: FakeReply(texts=["42"], delay=0.05)
     lines = _streamed_progress(proxy, {"model": "sc:n=2-fake-model", "messages": user(), "seed": 1})
     assert lines and not [line for _, line in lines if line.startswith(("waiting", "budget"))], lines
+
+
+def test_calls_waiting_together_are_one_line_per_backend(fake):
+    """Eight calls of one bon stalled at once: one line saying how many, queued or sent, not eight lines."""
+    fake.script = lambda body: FakeReply(delay=20)
+    settings = {"strategies": {"slow_call_seconds": 0.5, "budget": {"max_seconds": 1.2}},
+                "backends": [backend_entry(fake, max_in_flight=3)]}
+    with ProxyServer(fake_config(fake, **settings)) as server:
+        lines = _streamed_progress(server, {"model": "bon:n=5-fake-model", "messages": user(), "seed": 1})
+    waiting = [line for _, line in lines if line.startswith("waiting:")]
+    assert waiting[0] == ("waiting: 5 calls (sample; 2 queued for a slot, 3 sent) for 0.5 s or more; backend fake "
+                          "up, 3 of 3 calls in flight, 2 queued"), lines
+    assert waiting[1:] == [waiting[0].replace("0.5 s", "1 s")], lines
