@@ -28,8 +28,7 @@ _PARAMETER_SCHEMA: dict[str, Any] = {
         "description": {"type": "string"},
         "limit": {"type": "string", "enum": ["samples", "iterations"],
                   "description": "also bounded by the proxy's strategies.max_samples or max_iterations"},
-        **{name: {"type": "number" if name != "min_length" and name != "max_length" else "integer"}
-           for name in _BOUNDS.values()},
+        **{name: {"type": "integer" if name.endswith("_length") else "number"} for name in _BOUNDS.values()},
     },
 }
 
