@@ -22,7 +22,7 @@ from pydantic_core import PydanticUndefined
 MARKER = re.compile(r"^<!-- (params|config): ([a-z0-9_]+) -->$", re.MULTILINE)
 
 
-class ReferenceError(Exception):
+class ReferenceTableError(Exception):
     """A docs page asks for a reference table that does not exist, or a field has no description."""
 
 
@@ -97,7 +97,7 @@ def field_rows(model: type[BaseModel], prefix: str = "", nested: bool = False) -
         if info.exclude:
             continue
         if not info.description:
-            raise ReferenceError(f"{model.__module__}.{model.__qualname__}.{name} has no description")
+            raise ReferenceTableError(f"{model.__module__}.{model.__qualname__}.{name} has no description")
         inner = _nested_model(info.annotation) if nested else None
         type_name = f"object ({inner.__name__})" if inner else _type_name(info.annotation)
         yield [f"`{prefix}{name}`", _cell(type_name), _cell(_default(info)), _cell(_range(info)),
@@ -119,7 +119,7 @@ def params_table(slug: str) -> str:
 
     registry = load_registry()[0]
     if slug not in registry:
-        raise ReferenceError(f"no strategy {slug!r} (registered: {sorted(registry)})")
+        raise ReferenceTableError(f"no strategy {slug!r} (registered: {sorted(registry)})")
     return markdown_table(list(field_rows(registry[slug].Params)))
 
 
@@ -128,10 +128,10 @@ def config_table(section: str) -> str:
 
     fields = ProxyConfig.model_fields
     if section not in fields:
-        raise ReferenceError(f"no config section {section!r} (sections: {sorted(fields)})")
+        raise ReferenceTableError(f"no config section {section!r} (sections: {sorted(fields)})")
     model = _nested_model(fields[section].annotation)
     if model is None:
-        raise ReferenceError(f"config section {section!r} is not a model")
+        raise ReferenceTableError(f"config section {section!r} is not a model")
     return markdown_table(list(field_rows(model, nested=True)))
 
 
