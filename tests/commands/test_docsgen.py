@@ -54,3 +54,15 @@ def test_unknown_names_and_undocumented_fields_are_errors() -> None:
 
     with pytest.raises(docsgen.ReferenceTableError, match="Undocumented.n has no description"):
         list(docsgen.field_rows(Undocumented))
+
+
+def test_the_readme_is_short_and_its_links_resolve() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200
+    targets = {m.split("#")[0] for m in re.findall(r"\]\(([^)]+)\)", readme) if not m.startswith("http")}
+    assert "docs/results/index.md" in targets
+    assert [t for t in sorted(targets) if not (root / t).exists()] == []
