@@ -61,7 +61,7 @@ redis-server:
 bench: install
 	$(VENV)/bin/ttc-proxy bench
 
-# 500 concurrent clients against the paced fake backend, direct and through the proxy (README "Under load").
+# 500 concurrent clients against the paced fake backend, direct and through the proxy (docs/results/*-load.md).
 .PHONY: load
 load: install
 	$(VENV)/bin/ttc-proxy load
