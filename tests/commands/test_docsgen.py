@@ -66,3 +66,15 @@ def test_the_readme_is_short_and_its_links_resolve() -> None:
     targets = {m.split("#")[0] for m in re.findall(r"\]\(([^)]+)\)", readme) if not m.startswith("http")}
     assert "docs/results/index.md" in targets
     assert [t for t in sorted(targets) if not (root / t).exists()] == []
+
+
+def test_every_strategy_and_config_section_has_its_table_on_a_page() -> None:
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    strategy_pages = "".join(p.read_text(encoding="utf-8") for p in sorted((docs / "strategies").glob("*.md")))
+    missing = [slug for slug in sorted(BUILTIN_STRATEGIES) if f"<!-- params: {slug} -->" not in strategy_pages]
+    assert missing == [], f"add `<!-- params: SLUG -->` to a page under docs/strategies/ for {missing}"
+    configuration = (docs / "configuration.md").read_text(encoding="utf-8")
+    missing = [s for s in ProxyConfig.model_fields if f"<!-- config: {s} -->" not in configuration]
+    assert missing == [], f"add `<!-- config: SECTION -->` to docs/configuration.md for {missing}"
