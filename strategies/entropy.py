@@ -111,21 +111,18 @@ class EntropyParams(StrategyParams):
         return chosen if chosen is not None else MAPPINGS[self.mapping][regime]
 
 
-class EntropySampling(Strategy):
+class EntropySampling(Strategy[EntropyParams]):
     slug = "entropy"
     description = "entropy-based sampling: per-token entropy and varentropy decide where to branch (or, with " \
                   "mapping=entropix, to pause, branch or redraw)"
-    Params = EntropyParams
     requires = NEEDS
     structured_output = False
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, EntropyParams)
+    def fan_out(cls, params: EntropyParams) -> int:
         return params.branches
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, EntropyParams)
+    async def run(self, ctx: StrategyContext, params: EntropyParams) -> StrategyResult:
         base = params.temperature if params.temperature is not None else (ctx.sampling.temperature or 0.0)
         decoder = GuidedDecoder(ctx, max_tokens=ctx.sampling.max_tokens, temperature=base,
                                 top_logprobs=params.top_logprobs, max_interventions=params.max_interventions)
