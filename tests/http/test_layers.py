@@ -5,7 +5,8 @@
 - the wire format (proxy/wire), the runs (proxy/runs) and the backends (proxy/backends) import nothing from the
   HTTP layer (app, passthrough, streaming, openapi, access_log, routing, registry, replicas, ...): of the proxy they
   import only each other and the modules every layer shares (errors, config, traces);
-- no module imports itself through others (no import circles).
+- no module imports itself through others (no import circles);
+- and the run modules (proxy/runs) stay small: at most 400 lines, no function over 80.
 """
 
 from __future__ import annotations
@@ -144,3 +145,13 @@ def test_a_circle_would_be_found():
         assert any("ttc_proxy.proxy.app" in c and "ttc_proxy.proxy.errors" in c for c in import_circles())
     finally:
         IMPORTS["ttc_proxy.proxy.errors"].remove("ttc_proxy.proxy.app")
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if in_package(m, "ttc_proxy.proxy.runs")])
+def test_the_run_modules_stay_small(module):
+    # One concept a module: at most 400 lines, no function over 80.
+    source = MODULES[module].read_text()
+    assert len(source.splitlines()) <= 400
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert long == []
