@@ -201,7 +201,6 @@ class RunContext:
         return self._plan("/completions", completion_body(scope.model, prompt, scope.sampling, options, max_top),
                           label, options)
 
-
     # ---- raw prompts and tokens ----
 
     async def render(self, messages: Sequence[dict[str, Any]] | None = None, *,
@@ -212,7 +211,8 @@ class RunContext:
         key = json.dumps([scope.backend.name, scope.model, conversation, add_generation_prompt], sort_keys=True)
         rendered = self._state.rendered.get(key)
         if rendered is None:
-            rendered = await in_budget(scope.budget, scope.backend.render(scope.model, conversation, add_generation_prompt))
+            rendered = await in_budget(scope.budget,
+                                       scope.backend.render(scope.model, conversation, add_generation_prompt))
             self._state.rendered[key] = rendered
         return rendered
 
@@ -339,7 +339,8 @@ class RunContext:
                                  param="ttc.params", code="unknown_verifier")
         node = state.trace.add(self._scope.node, "verify", "verifier", verifier=verifier, answer=answer)
         try:
-            passed = await in_budget(self._scope.budget, state.verifiers.verify(verifier, self._scope.messages, candidate, answer))
+            passed = await in_budget(self._scope.budget,
+                                     state.verifiers.verify(verifier, self._scope.messages, candidate, answer))
         except Exception as exc:
             state.trace.update(node, status="error", error=str(exc))
             raise
