@@ -132,7 +132,8 @@ class BudgetForcing(Strategy[ThinkParams]):
         pieces: list[str] = []
         tokens: list[Token] = []
         finish_reason = "stop"
-        async with aclosing(ctx.stream(CallOptions(max_tokens=params.answer_tokens), prefix=prefix, label="answer")) as events:
+        stream = ctx.stream(CallOptions(max_tokens=params.answer_tokens), prefix=prefix, label="answer")
+        async with aclosing(stream) as events:
             async for event in events:
                 if event.finish_reason:
                     finish_reason = event.finish_reason

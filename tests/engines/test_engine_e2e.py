@@ -212,10 +212,12 @@ def test_tokens_prefixes_and_raw_prompts_on_the_engine(engine_proxy: ProxyServer
             assert await ctx.detokenize(ids) == reply.text
             # Continuing from token ids (raw completions of the rendered template) equals continuing the text.
             cut = tokens[len(tokens) // 2]
-            by_ids = await ctx.continue_prefix(await ctx.token_ids(tokens[:len(tokens) // 2]), CallOptions(max_tokens=6))
+            by_ids = await ctx.continue_prefix(await ctx.token_ids(tokens[:len(tokens) // 2]),
+                                               CallOptions(max_tokens=6))
             by_text = await ctx.continue_prefix(reply.text[:cut.offset], CallOptions(max_tokens=6))
             assert by_ids[0].text == by_text[0].text == reply.text[cut.offset:][:len(by_ids[0].text)]
-            several = await ctx.continue_prefix(reply.text[:cut.offset], CallOptions(temperature=0.9, max_tokens=4), n=3)
+            several = await ctx.continue_prefix(reply.text[:cut.offset], CallOptions(temperature=0.9, max_tokens=4),
+                                                n=3)
             assert len(several) == 3 and len({c.seed for c in several}) == 3
             rendered = await ctx.render()
             assert rendered.endswith("assistant\n") and messages[0]["content"] in rendered

@@ -527,7 +527,8 @@ async def test_a_call_reserves_its_worst_case_and_an_unseen_prompt_counts_the_le
         assert state.prompt_overhead == 20
         other = [{"role": "user", "content": "Something else entirely, never asked before?"}]
         left = ctx.budget.tokens
-        await ctx.generate(CallOptions(max_tokens=left), messages=other)  # cut to what is left after its estimated prompt
+        # cut to what is left after its estimated prompt
+        await ctx.generate(CallOptions(max_tokens=left), messages=other)
         estimated = len(json.dumps(other, sort_keys=True)) // 4 + 20
         assert fake.chat_requests()[-1].body["max_tokens"] == left - estimated
 

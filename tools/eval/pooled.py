@@ -2,11 +2,12 @@
 
 Each strategy runs unmodified on a RunContext whose samples come from a PoolSource. A sample of the task's
 conversation (with any system prompt: so `cot`'s samples pool too) at the pool's temperature and max_tokens comes
-from that prompt's pool, whose sample i is drawn with seed + i when first needed and shared by every model string: a top-level context takes sample
-`index` (exactly what a live seeded request would draw), a nested run the next sample no nested run has taken yet
-(the same distribution as live, not the same seeds: live nested runs derive theirs). Every other call (a judge's
-questions, a revision prompt, a continuation) goes live to the engine through the proxy, and each record says
-how many did. Accuracy differences between strategies are then paired on identical samples.
+from that prompt's pool, whose sample i is drawn with seed + i when first needed and shared by every model string:
+a top-level context takes sample `index` (exactly what a live seeded request would draw), a nested run the next
+sample no nested run has taken yet (the same distribution as live, not the same seeds: live nested runs derive
+theirs). Every other call (a judge's questions, a revision prompt, a continuation) goes live to the engine through
+the proxy, and each record says how many did. Accuracy differences between strategies are then paired on
+identical samples.
 
 Pooled runs use the default strategy settings (max_samples raised to the pool size), not a running proxy's
 config: the eval may run against a proxy it cannot read.
