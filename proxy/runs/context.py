@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -183,8 +184,9 @@ class RunContext:
             plan = await self._stream_plan(options, messages, prefix, label)
             seed = options.seed if options.seed is not None else sample_seed(scope.sampling.seed, scope.path, index)
             served = stream_call(state, scope, plan, seed)
-        async for event in served:
-            yield event
+        async with aclosing(served) as events:  # closing this stream closes the call's at once (it aborts it)
+            async for event in events:
+                yield event
 
     async def _stream_plan(self, options: CallOptions, messages: Sequence[dict[str, Any]] | None,
                            prefix: str | Sequence[int] | None, label: str) -> CallPlan:

@@ -185,6 +185,19 @@ async def test_stream_continues_a_prefix_without_repeating_it(fake_backend, fake
     assert text == " 42 is it"
 
 
+async def test_closing_a_stream_early_settles_the_call_at_once(fake_backend, fake):
+    # The engine call is aborted, traced as a cut and charged when the strategy closes the stream, not later.
+    fake.script = lambda body: FakeReply(texts=["one two three four five six"], chunk_delay=0.05)
+    async with context(fake, max_tokens=16) as ctx:
+        async with aclosing(ctx.stream()) as events:
+            first = await anext(events)
+        state = ctx._state
+        (node,) = [n for n in state.trace.nodes if n.get("kind") == "stream"]
+        budget = ctx._scope.budget
+        assert node["status"] == f"cut@{len(first.text)}"
+        assert budget.reserved == 0 and budget.usage.calls == 1 and budget.usage.completion_tokens == 1
+
+
 # ================================================================ engine fields per call
 
 
