@@ -10,7 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from ttc_proxy.strategies.framework import Strategy
 
-from .protocol import (
+from .wire.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,

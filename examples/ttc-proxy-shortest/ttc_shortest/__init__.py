@@ -30,19 +30,16 @@ class ShortestParams(StrategyParams):
     limits = {"n": "samples"}
 
 
-class Shortest(Strategy):
+class Shortest(Strategy[ShortestParams]):  # the generic argument becomes `Params`
     slug = "shortest"
     description = "draw n answers, return the shortest finished one"
-    Params = ShortestParams
     composable = True  # `shortest>cot`: each answer is a run of the strategy it runs over
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, ShortestParams)
+    def fan_out(cls, params: ShortestParams) -> int:
         return params.n
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, ShortestParams)
+    async def run(self, ctx: StrategyContext, params: ShortestParams) -> StrategyResult:
         # The request's temperature when above 0, else the parameter, else the framework's default (0.8).
         temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         await ctx.progress(f"drawing {params.n} answers at temperature {temperature}")
