@@ -35,17 +35,20 @@ def waiting_line(calls: list[tuple[CallInFlight, str]], waited: float) -> str:
 async def report_slow_calls(calls: dict[int, CallInFlight], status: Callable[[int], str], threshold: float,
                             say: Callable[[str], Awaitable[None]]) -> None:
     """Until cancelled: when calls (trace node -> call) have waited `threshold` seconds, one line per backend, and
-    again each time their wait doubles. `status(node)`: the call's trace status (queued, running)."""
+    again each time their wait doubles. `status(node)`: the call's trace status (queued, running). Calls of a
+    backend that reach a mark within one check of each other (sent together) are said together."""
     reported: dict[int, float] = {}  # call node -> the wait it was last reported at
     tick = min(1.0, threshold / 4)
     while True:
         await asyncio.sleep(tick)
         now = time.monotonic()
+        crossed = {call.backend.name for node, call in calls.items()
+                   if now - call.since >= reported.get(node, threshold / 2) * 2}
         due: dict[str, list[tuple[CallInFlight, str]]] = {}
         marks: dict[str, float] = {}
         for node, call in list(calls.items()):
             mark = reported.get(node, threshold / 2) * 2
-            if now - call.since >= mark:
+            if call.backend.name in crossed and now - call.since >= mark - tick:
                 reported[node] = mark
                 due.setdefault(call.backend.name, []).append((call, status(node)))
                 marks[call.backend.name] = min(marks.get(call.backend.name, mark), mark)
