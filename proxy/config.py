@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ttc_proxy.strategies.framework import message_text
+from ttc_proxy.strategies.policy import CascadePolicy
 
 BackendKind = Literal["llama_cpp", "llamafile", "vllm", "transformers", "openai", "generic"]
 
@@ -140,6 +141,10 @@ class StrategySettings(StrictModel):
     # the config file's folder). They override `defaults` for that model; a request's own parameters win.
     calibration: dict[str, str] = Field(default_factory=dict)
     calibrated: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict, exclude=True)
+    # Per-model cascade policies for `auto` written by `ttc-proxy tune` (model -> file, relative paths as above):
+    # `auto-MODEL` runs the model's policy; a model without one gets the built-in default cascade.
+    policies: dict[str, str] = Field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="after")
     def _read_calibration(self) -> "StrategySettings":
@@ -157,9 +162,26 @@ class StrategySettings(StrictModel):
             self.calibrated[model] = defaults
         return self
 
+    @model_validator(mode="after")
+    def _read_policies(self) -> "StrategySettings":
+        for model, path in self.policies.items():
+            if model in self.tuned:
+                continue
+            try:
+                record = json.loads(Path(path).read_text())
+                CascadePolicy.model_validate(record)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"strategies.policies.{model}: {path} is not a policy (write it with "
+                                 f"`ttc-proxy tune`): {exc}") from exc
+            self.tuned[model] = record
+        return self
+
     def defaults_for(self, slug: str, model: str | None) -> dict[str, Any]:
-        """A strategy's configured parameter defaults for a model: the global ones, then the model's measured ones."""
-        return {**self.defaults.get(slug, {}), **(self.calibrated.get(model, {}).get(slug, {}) if model else {})}
+        """A strategy's configured parameter defaults for a model: the global ones, then the model's measured ones
+        (its calibration; for `auto`, its tuned policy)."""
+        measured = self.calibrated.get(model, {}).get(slug, {}) if model else {}
+        policy = {"policy": self.tuned[model]} if slug == "auto" and model in self.tuned else {}
+        return {**self.defaults.get(slug, {}), **measured, **policy}
 
 
 class Alias(StrictModel):
@@ -277,12 +299,12 @@ def load_config(path: str | Path) -> ProxyConfig:
 
 
 def _files_beside(raw: dict[str, Any], folder: Path) -> None:
-    """Relative paths of files the config names (calibrations, pivot sets) are read from the config's folder,
+    """Relative paths of files the config names (calibrations, policies, pivot sets) are read from the config's folder,
     not from wherever the proxy was started."""
-    calibration = (raw.get("strategies") or {}).get("calibration")
-    if isinstance(calibration, dict):
-        raw["strategies"]["calibration"] = {m: str(folder / p) if isinstance(p, str) else p
-                                            for m, p in calibration.items()}
+    for files in ("calibration", "policies"):
+        named = (raw.get("strategies") or {}).get(files)
+        if isinstance(named, dict):
+            raw["strategies"][files] = {m: str(folder / p) if isinstance(p, str) else p for m, p in named.items()}
     for pivot_set in (raw.get("pivots") or {}).values():
         if isinstance(pivot_set, dict) and isinstance(pivot_set.get("path"), str):
             pivot_set["path"] = str(folder / pivot_set["path"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from .auto import Auto
 from .bon import BestOfN
 from .cot import ChainOfThought
 from .deepconf import DeepConf
@@ -20,5 +21,5 @@ from .think import BudgetForcing
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
     {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
                                               ChainOfThought, EntropySampling,
-                                              PivotalTokenSearch)}
+                                              PivotalTokenSearch, Auto)}
 )
