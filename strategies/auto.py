@@ -132,7 +132,7 @@ class Auto(Strategy):
                 break
             signals = stage_signals(result)
             answer = result
-            budget_exhausted = budget_exhausted or result.budget_exhausted
+            budget_exhausted = budget_exhausted or result.budget_exhausted or ctx.budget.exhausted
             record.update(answer=result.answer.text, signals={k: round(v, 6) for k, v in signals.items()},
                           tokens=tokens_before - ctx.budget.tokens, calls=calls_before - ctx.budget.calls,
                           **({"reused_runs": reused} if reused else {}))

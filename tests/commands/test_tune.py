@@ -50,6 +50,6 @@ def test_tune_fits_a_cascade_that_escalates_only_the_unsure_tasks(proxy: ProxySe
     default = policy.points[policy.default]
     assert [s.name for s in default.stages] == ["cot", "bon:n=4,select=confidence,confidence=logprob>cot"]
     assert default.stages[0].stop is not None and default.stages[0].stop.signal == "logprob"
-    assert 0.14 < default.stages[0].stop.threshold <= 0.99
+    assert 0.14 < default.stages[0].stop.threshold <= 0.991  # between the unsure (e^-2) and sure (e^-0.01) answers
     for name in ("frontier.csv", "fixed.csv", "per_task.csv", "tune.json"):
         assert (results / name).exists()
