@@ -33,8 +33,7 @@ from .fit import Chain, CrossValidated, Scored, budget_grid, cross_validate, fit
 from .measure import Candidate, Measured, measure
 
 LOGPROB = "select=confidence,confidence=logprob"
-DEFAULT_CANDIDATES = ("cot", f"bon:n=4,{LOGPROB}>cot", f"bon:n=8,{LOGPROB}>cot", f"bon:n=16,{LOGPROB}>cot",
-                      f"bon:n=16,{LOGPROB}")
+DEFAULT_CANDIDATES = ("cot", f"bon:n=4,{LOGPROB}>cot", f"bon:n=8,{LOGPROB}>cot", f"bon:n=16,{LOGPROB}>cot")
 DEFAULT_CHAINS = (f"cot|bon:n=4,{LOGPROB}>cot|bon:n=16,{LOGPROB}>cot",
                   f"cot|bon:n=8,{LOGPROB}>cot|bon:n=16,{LOGPROB}>cot")
 
