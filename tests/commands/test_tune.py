@@ -53,3 +53,27 @@ def test_tune_fits_a_cascade_that_escalates_only_the_unsure_tasks(proxy: ProxySe
     assert 0.14 < default.stages[0].stop.threshold <= 0.991  # between the unsure (e^-2) and sure (e^-0.01) answers
     for name in ("frontier.csv", "fixed.csv", "per_task.csv", "tune.json"):
         assert (results / name).exists()
+
+
+def test_max_tokens_total_stops_cleanly_and_fits_on_the_tasks_done(proxy: ProxyServer, fake: FakeBackend,
+                                                                   tmp_path: Path) -> None:
+    fake.script = script
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    results = tmp_path / "results"
+    # Each task accounts 97 (cot) + 388 (bon:n=4>cot) + 388 (the chain) tokens: 2,000 are spent within 3 tasks.
+    assert cli.main(["tune", str(tasks), "--model", "fake-model", "--proxy", proxy.url, "--out",
+                     str(tmp_path / "p.json"), "--results", str(results), "--pool", "4", "--folds", "2",
+                     "--no-progress", "--concurrency", "1", "--max-tokens-total", "2000",
+                     "--candidates", "cot", "bon:n=4,select=confidence,confidence=logprob>cot",
+                     "--chains", "cot|bon:n=4,select=confidence,confidence=logprob>cot"]) == 0
+    meta = json.loads((results / "tune.json").read_text())["meta"]
+    assert meta["stopped_early"] is True and meta["tasks_used"] == 3
+
+
+def test_a_candidate_that_is_not_a_strategy_is_refused(proxy: ProxyServer, tmp_path: Path, capsys: Any) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(TASKS[0]) + "\n")
+    assert cli.main(["tune", str(tasks), "--model", "fake-model", "--proxy", proxy.url, "--candidates",
+                     "nope:n=2", "--chains"]) == 2
+    assert "'nope:n=2'" in capsys.readouterr().err
