@@ -77,3 +77,26 @@ def test_a_candidate_that_is_not_a_strategy_is_refused(proxy: ProxyServer, tmp_p
     assert cli.main(["tune", str(tasks), "--model", "fake-model", "--proxy", proxy.url, "--candidates",
                      "nope:n=2", "--chains"]) == 2
     assert "'nope:n=2'" in capsys.readouterr().err
+
+
+def test_an_engine_without_logprobs_gets_no_logprob_rules(proxy: ProxyServer, fake: FakeBackend,
+                                                          tmp_path: Path) -> None:
+    def without_logprobs(body: dict[str, Any]) -> FakeReply:
+        reply = script(body)
+        reply.logprobs = False
+        return reply
+
+    fake.script = without_logprobs
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    policy_path, results = tmp_path / "policy.json", tmp_path / "results"
+    assert cli.main(["tune", str(tasks), "--model", "fake-model", "--proxy", proxy.url, "--out", str(policy_path),
+                     "--results", str(results), "--pool", "4", "--folds", "2", "--no-progress",
+                     "--candidates", "cot", "--chains", "cot|bon:n=2,select=vote>cot|bon:n=4,select=vote>cot"]) == 0
+    per_task = json.loads((results / "tune.json").read_text())["per_task"]
+    chain = per_task["cot | bon:n=2,select=vote>cot | bon:n=4,select=vote>cot"]
+    assert all("logprob" not in stage["signals"] for row in chain for stage in row)
+    assert all("agreement" in row[1]["signals"] for row in chain)  # the sampling stages still expose agreement
+    policy = CascadePolicy.model_validate_json(policy_path.read_text())
+    rules = [s.stop for p in policy.points for s in p.stages if s.stop is not None]
+    assert all(rule.signal == "agreement" for rule in rules)

@@ -232,3 +232,12 @@ def test_routing_costs_well_under_a_millisecond_per_stage() -> None:
         point.stages[0].stop.stops(signals)  # type: ignore[union-attr]
     per_stage_ms = (time.perf_counter() - started) * 1000 / rounds
     assert per_stage_ms < 0.2
+
+
+def test_auto_through_the_ttc_object(client: openai.OpenAI, fake: FakeBackend) -> None:
+    fake.script = script(SURE)
+    completion = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "What is 3 + 4?"}], temperature=0,
+        extra_body={"ttc": {"strategy": "auto", "params": {"policy": policy(COT_THEN_BON4)}}})
+    assert completion.choices[0].message.content == "7"
+    assert completion.ttc["details"]["stages"][0]["decision"] == "stop"
