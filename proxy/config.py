@@ -144,7 +144,7 @@ class StrategySettings(StrictModel):
     # Per-model cascade policies for `auto` written by `ttc-proxy tune` (model -> file, relative paths as above):
     # `auto-MODEL` runs the model's policy; a model without one gets the built-in default cascade.
     policies: dict[str, str] = Field(default_factory=dict)
-    tuned: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
+    tuned: dict[str, CascadePolicy] = Field(default_factory=dict, exclude=True)  # read once, validated
 
     @model_validator(mode="after")
     def _read_calibration(self) -> "StrategySettings":
@@ -168,12 +168,10 @@ class StrategySettings(StrictModel):
             if model in self.tuned:
                 continue
             try:
-                record = json.loads(Path(path).read_text())
-                CascadePolicy.model_validate(record)
+                self.tuned[model] = CascadePolicy.model_validate_json(Path(path).read_text())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"strategies.policies.{model}: {path} is not a policy (write it with "
                                  f"`ttc-proxy tune`): {exc}") from exc
-            self.tuned[model] = record
         return self
 
     def defaults_for(self, slug: str, model: str | None) -> dict[str, Any]:
