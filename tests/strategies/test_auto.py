@@ -143,8 +143,9 @@ def test_without_a_policy_the_built_in_default_runs_and_says_so(client: openai.O
 def test_streaming_shows_each_stage_as_progress(client: openai.OpenAI, fake: FakeBackend) -> None:
     fake.script = script(UNSURE)
     stream = ask(client, {"policy": policy(COT_THEN_BON4)}, stream=True)
-    content, reasoning = [], []
+    content, reasoning, ttc = [], [], {}
     for chunk in stream:
+        ttc = getattr(chunk, "ttc", None) or ttc
         for choice in chunk.choices:
             content.append(choice.delta.content or "")
             reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
@@ -152,6 +153,8 @@ def test_streaming_shows_each_stage_as_progress(client: openai.OpenAI, fake: Fak
     assert "stage 1/2: cot" in text and "stage 2/2: bon:n=4>cot" in text
     assert "stage 1 → '7' (logprob 0.135; stop when logprob >= 0.9): continue" in text
     assert "".join(content) == "12"
+    assert [s["decision"] for s in ttc["details"]["stages"]] == ["continue", "last stage"]
+    assert ttc["backend_calls"] == 4
 
 
 def test_the_models_policy_file_from_config(fake: FakeBackend, tmp_path: Path) -> None:
