@@ -148,10 +148,10 @@ def _cot_bon(n: int) -> SpecModel:
     return SpecModel(strategy="bon", params={"n": n, **LOGPROB_BON}, over=SpecModel(strategy="cot"))
 
 
-# The cascade for a model without a policy file: one greedy-ish `cot` call, then best-of-16 `cot` runs picked by
-# the answer's logprob (the earlier `cot` answer is one of the 16) when the first answer's logprob is low. Its
-# threshold comes from `ttc-proxy tune` on SmolLM2 and the arithmetic dev set (docs/auto.md); without logprobs the
-# rule cannot fire and both stages run, so the no-logprob fallback stops on agreement instead.
+# The cascade for a model without a policy file: one `cot` call, then best-of-16 `cot` runs picked by the answer's
+# logprob (the earlier `cot` answer is one of the 16) when the first answer's logprob is below the threshold.
+# The stages are the dev set's cheapest strong single call and its most accurate composition (`make eval`); the
+# threshold is not fitted (docs/auto.md). Without logprobs the rule cannot fire, so both stages run.
 @functools.cache  # built on first use: validating it needs the registry of built-ins, which imports this module
 def default_policy() -> CascadePolicy:
     return CascadePolicy(
