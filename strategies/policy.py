@@ -148,24 +148,19 @@ def _cot_bon(n: int) -> SpecModel:
     return SpecModel(strategy="bon", params={"n": n, **LOGPROB_BON}, over=SpecModel(strategy="cot"))
 
 
-# The cascade for a model without a policy file: one `cot` call, then best-of-16 `cot` runs picked by the answer's
-# logprob (the earlier `cot` answer is one of the 16) when the first answer's logprob is below the threshold.
-# The stages are the dev set's cheapest strong single call and its most accurate composition (`make eval`); the
-# threshold is not fitted (docs/auto.md). Without logprobs the rule cannot fire, so both stages run.
+# The cascade for a model without a policy file, from what `ttc-proxy tune` found for SmolLM2 on the dev set
+# (docs/results/2026-12-07-auto.md): no cascade beat one `cot` call on held-out tasks there, so the default point is
+# `cot` alone; `budget=` from 2,000 tokens gives best-of-8 `cot` runs picked by the answer's logprob.
 @functools.cache  # built on first use: validating it needs the registry of built-ins, which imports this module
 def default_policy() -> CascadePolicy:
     return CascadePolicy(
         model="(built-in default)",
         points=[
             OperatingPoint(budget=250, stages=[Stage(name="cot", spec=SpecModel(strategy="cot"))]),
-            OperatingPoint(budget=1200, stages=[
-                Stage(name="cot", spec=SpecModel(strategy="cot"), stop=StopRule(signal="logprob", threshold=0.9)),
-                Stage(name="bon:n=16,select=confidence,confidence=logprob>cot", spec=_cot_bon(16)),
-            ]),
-            OperatingPoint(budget=4000, stages=[
-                Stage(name="bon:n=16,select=confidence,confidence=logprob>cot", spec=_cot_bon(16)),
+            OperatingPoint(budget=2000, stages=[
+                Stage(name="bon:n=8,select=confidence,confidence=logprob>cot", spec=_cot_bon(8)),
             ]),
         ],
-        default=1,
+        default=0,
         source="built-in default: no policy file is configured for this model (strategies.policies)",
     )
