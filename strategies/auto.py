@@ -25,7 +25,8 @@ from .framework import (
     StrategySpec,
     Usage,
 )
-from .policy import CascadePolicy, OperatingPoint, Stage, default_policy, stage_signals
+from .policy import CascadePolicy, Stage, default_policy, stage_signals
+from .stages import STAGE_STRATEGIES
 
 SIGNAL_TOP_LOGPROBS = 5  # alternatives asked per token of a stage's answer (what bon's confidence scores use)
 
@@ -87,16 +88,12 @@ class ReusingContext:
         return result
 
 
-class Auto(Strategy):
+class Auto(Strategy[AutoParams]):
     slug = "auto"
     description = ("a cascade tuned on measurements: a cheap stage first, a costlier one only when the cheap "
                    "answer's signal is weak, reusing what earlier stages drew")
-    Params = AutoParams
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, AutoParams)
-        from . import BUILTIN_STRATEGIES  # the registry of built-ins imports this module
-
+    async def run(self, ctx: StrategyContext, params: AutoParams) -> StrategyResult:
         policy = params.policy or default_policy()
         point, why = policy.point_for(params.budget, ctx.budget.tokens)
         source = (policy.model_extra or {}).get("source") or f"tuned for {policy.model}" + (
@@ -112,7 +109,7 @@ class Auto(Strategy):
             last = number == len(point.stages)
             record: dict[str, Any] = {"stage": stage.name}
             stages.append(record)
-            missing = _missing_capabilities(ctx, stage, BUILTIN_STRATEGIES)
+            missing = _missing_capabilities(ctx, stage, STAGE_STRATEGIES)
             if missing:
                 record["skipped"] = f"the backend lacks {', '.join(missing)}"
                 await ctx.progress(f"stage {number}: {stage.name} skipped ({record['skipped']})")
@@ -121,7 +118,7 @@ class Auto(Strategy):
             tokens_before, calls_before = ctx.budget.tokens, ctx.budget.calls
             try:
                 result, reused = await _run_stage(ctx.span(f"stage {number}", strategy=stage.name), stage, bank,
-                                                  BUILTIN_STRATEGIES)
+                                                  STAGE_STRATEGIES)
             except BudgetExceeded:
                 if answer is None:
                     raise

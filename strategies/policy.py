@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .framework import StrategyResult, StrategySpec
+from .stages import STAGE_STRATEGIES
 
 Signal = Literal["logprob", "agreement", "confidence", "verifier"]
 SIGNALS: tuple[str, ...] = ("logprob", "agreement", "confidence", "verifier")
@@ -34,9 +35,7 @@ class SpecModel(BaseModel):
     def _not_auto(self) -> "SpecModel":
         if self.strategy == "auto":
             raise ValueError("a stage of auto cannot be auto")
-        from . import BUILTIN_STRATEGIES  # the registry of built-ins imports this module
-
-        strategy = BUILTIN_STRATEGIES.get(self.strategy)  # a plugin's parameters are checked when it runs
+        strategy = STAGE_STRATEGIES.get(self.strategy)  # a plugin's parameters are checked when it runs
         if strategy is not None:
             strategy.Params.model_validate(self.params)
             if self.over is not None and not strategy.composable:
@@ -151,7 +150,7 @@ def _cot_bon(n: int) -> SpecModel:
 # The cascade for a model without a policy file, from what `ttc-proxy tune` found for SmolLM2 on the dev set
 # (docs/results/2026-12-07-auto.md): no cascade beat one `cot` call on held-out tasks there, so the default point is
 # `cot` alone; `budget=` from 2,000 tokens gives best-of-8 `cot` runs picked by the answer's logprob.
-@functools.cache  # built on first use: validating it needs the registry of built-ins, which imports this module
+@functools.cache  # built once, on first use
 def default_policy() -> CascadePolicy:
     return CascadePolicy(
         model="(built-in default)",

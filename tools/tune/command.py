@@ -21,7 +21,7 @@ import numpy as np
 
 from ttc_proxy.proxy.errors import ProxyError
 from ttc_proxy.proxy.registry import load_registry
-from ttc_proxy.strategies.framework import Strategy, StrategySpec
+from ttc_proxy.strategies.framework import Strategy
 from ttc_proxy.strategies.policy import CascadePolicy, OperatingPoint, SpecModel, Stage, StopRule
 
 from ..argtypes import positive_float, positive_int
