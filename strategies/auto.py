@@ -150,6 +150,8 @@ class Auto(Strategy[AutoParams]):
         if answer is None:
             raise StrategyError("auto: no stage of the policy could run on this backend: "
                                 + "; ".join(f"{s['stage']}: {s.get('skipped', '')}" for s in stages))
+        if stopped == "no stage ran":
+            stopped = "the stages after the last answer could not run on this backend"
         await ctx.emit(answer.answer.text)
         details = {
             "policy": source,

@@ -244,3 +244,23 @@ def test_auto_through_the_ttc_object(client: openai.OpenAI, fake: FakeBackend) -
         extra_body={"ttc": {"strategy": "auto", "params": {"policy": policy(COT_THEN_BON4)}}})
     assert completion.choices[0].message.content == "7"
     assert completion.ttc["details"]["stages"][0]["decision"] == "stop"
+
+
+def test_a_stage_the_backend_cannot_run_is_skipped_saying_why(fake: FakeBackend) -> None:
+    config = fake_config(fake, backends=[{"name": "fake", "kind": "generic", "base_url": fake.base_url,
+                                          "capabilities": {"logprobs": False}}])
+    fake.script = script(UNSURE)
+    stages = [{"name": "cot", "spec": {"strategy": "cot"}, "stop": {"signal": "logprob", "threshold": 0.5}},
+              {"name": "bon:n=4>cot", "spec": cot_over(4)}]
+    with ProxyServer(config) as server:
+        response = chat(server, {"model": "auto-fake-model", "temperature": 0,
+                                 "messages": [{"role": "user", "content": "What is 3 + 4?"}],
+                                 "ttc": {"params": {"policy": policy(stages)}}})
+    assert response.status_code == 200
+    details = response.json()["ttc"]["details"]
+    first, second = details["stages"]
+    assert first["signals"] == {} and first["decision"] == "continue"  # no logprobs: the rule cannot fire
+    assert second["skipped"] == "the backend lacks logprobs"
+    assert details["stopped"] == "the stages after the last answer could not run on this backend"
+    assert response.json()["choices"][0]["message"]["content"] == "7"
+    assert len(fake.chat_requests()) == 1
