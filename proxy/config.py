@@ -164,9 +164,11 @@ class StrategySettings(StrictModel):
                                           "override `defaults` for that model; a request's own parameters win; a "
                                           "missing or malformed file stops the proxy at start")
     calibrated: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict, exclude=True)
-    # Per-model cascade policies for `auto` written by `ttc-proxy tune` (model -> file, relative paths as above):
-    # `auto-MODEL` runs the model's policy; a model without one gets the built-in default cascade.
-    policies: dict[str, str] = Field(default_factory=dict)
+    policies: dict[str, str] = Field(
+        default_factory=dict,
+        description="per-model cascade policies for `auto` written by `ttc-proxy tune` (model -> file; a relative "
+                    "path is read from the config file's folder): `auto-MODEL` runs the model's policy, a model "
+                    "without one the built-in default")
     tuned: dict[str, CascadePolicy] = Field(default_factory=dict, exclude=True)  # read once, validated
 
     @model_validator(mode="after")
