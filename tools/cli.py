@@ -1,5 +1,5 @@
 """The `ttc-proxy` command: serve (the proxy), and the tools: eval, report, bench, bench-strategy, load, calibrate,
-probe, pts, strategies, trace."""
+probe, pts, strategies, trace, tune."""
 
 from __future__ import annotations
 
@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "backend's bounds; an embedded engine is started once, shared")
     serve_parser.set_defaults(handler=serve)
 
-    from . import bench, calibrate, engines, load, probe, pts, strategies, strategy_bench, trace
+    from . import bench, calibrate, engines, load, probe, pts, strategies, strategy_bench, trace, tune
     from . import eval as evaluation
     from .eval import regenerate
 
     for command in (bench, calibrate, engines, evaluation, regenerate, load, probe, pts, strategies, strategy_bench,
-                    trace):
+                    trace, tune):
         command.add_parser(commands)
 
     args = parser.parse_args(argv)
