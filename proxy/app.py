@@ -358,7 +358,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
                                  param="model", code="unsupported_by_strategy")
         checked = check_spec(route.spec, state.registry, state.config.strategies, model=route.model)
         strategy, params = checked[0]
-        check_strategy_request(strategy, parsed, body)
+        check_strategy_request(strategy, parsed, body, [level for level, _ in checked], state.registry)
         for level, level_params in checked:
             check_capabilities(level, backend, level_params)
             check_references(level, level_params, state.config.verifiers,

@@ -5,7 +5,8 @@ Selectors (the picking itself is in strategies.selection, pure and usable offlin
   confidence  DeepConf token confidence: the candidate whose trace is most confident (needs logprobs)
   weighted    confidence-weighted vote: the answer with the most summed confidence (needs logprobs)
   judge       the model itself verifies each distinct answer (pointwise: P(yes); pairwise: a knockout)
-  verifier    a user check (regex and/or JSON schema); the fallback picks among the candidates that pass
+  verifier    a user check (regex and/or JSON schema); with `tools`, a tool call must name an offered function
+              and its arguments satisfy that function's parameter schema; the fallback picks among those that pass
 
 Candidates are plain samples (n in one go), or, composed over another strategy (`bon:n=4>cot`), the answers of n
 concurrent runs of it (framework.draw). Scores come from strategies.scoring.
@@ -17,21 +18,25 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .formats import check_all
+from .answers import answer_text
+from .formats import CheckResult, check_all
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     BudgetExceeded,
     Candidate,
     Strategy,
     StrategyContext,
+    StrategyInputError,
     StrategyParams,
     StrategyResult,
     draw,
+    report_thinking,
     gather_all,
 )
 from .scoring import CheckParams, ConfidenceSpec, Judge
+from .toolcalls import check_tool_calls
 from .selection import (
     CONFIDENCE_SELECTORS,
     Pool,
@@ -71,12 +76,6 @@ class BestOfNParams(CheckParams):
     judge_model: str | None = Field(
         default=None, description="judge: a model served by any configured backend (default: the sampled model)")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "BestOfNParams":
-        if self.select == "verifier" and not self.has_check():
-            raise ValueError("select=verifier needs a check: regex, json_schema and/or http_verifier")
-        return self
-
     def needs_logprobs(self) -> bool:
         return bool({self.select, self.fallback} & CONFIDENCE_SELECTORS)
 
@@ -104,6 +103,7 @@ class BestOfN(Strategy):
     description = "best-of-n: n candidates, one picked by vote, token confidence, weighted vote, judge or verifier"
     Params = BestOfNParams
     composable = True
+    tool_calls = True
 
     @classmethod
     def references(cls, params: StrategyParams) -> dict[str, list[str]]:
@@ -127,6 +127,10 @@ class BestOfN(Strategy):
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, BestOfNParams)
+        tools = ctx.sampling.tools.get("tools")
+        if params.select == "verifier" and not params.has_check() and not tools:
+            raise StrategyInputError("select=verifier needs a check: regex, json_schema and/or http_verifier, or "
+                                     "the request's tools (their parameter schemas check the tool calls)")
         has_logprobs = ctx.supports("logprobs")
         fallback = resolve_fallback(params.select, params.fallback, has_logprobs)
         want_logprobs = params.select in CONFIDENCE_SELECTORS or fallback in CONFIDENCE_SELECTORS
@@ -170,7 +174,7 @@ class BestOfN(Strategy):
         if selector == "verifier":
             # Runs in the event loop: a pathological client regex holds it (CPython's re keeps the GIL, so a
             # thread would not help). Checks are linear for ordinary patterns.
-            results = check_all([c.text for c in candidates], params.regex, params.json_schema)
+            results = _verdicts(candidates, params, tools)
             verdicts = [r.passed for r in results]
             for entry, result in zip(per_candidate, results):
                 entry["passed"] = result.passed
@@ -205,6 +209,7 @@ class BestOfN(Strategy):
             selection = select(pool, selector, fallback=fallback)
 
         winner = candidates[selection.index]
+        await report_thinking(ctx, winner)
         if selection.tied:
             how = "kept" if selector == "verifier" else "tied"
             await ctx.progress(f"{how}: {', '.join(selection.tied)} → {selection.broken_by} picks")
@@ -285,6 +290,22 @@ class BestOfN(Strategy):
                         for m in matches],
         }
         return Selection(representative(pool, champion), champion, "judge", wins)
+
+
+def _verdicts(candidates: Sequence[Candidate], params: BestOfNParams, tools: Any) -> list[CheckResult]:
+    """Each candidate against the checks: a tool-calling reply against the offered tools' parameter schemas, a
+    text reply against the regex / JSON schema (its answer, thinking set apart). With tools and no text check, a
+    reply that calls no tool has nothing that passes."""
+    texts = check_all([answer_text(c.text) for c in candidates], params.regex, params.json_schema)
+    results = []
+    for candidate, text in zip(candidates, texts):
+        if candidate.tool_calls:
+            results.append(check_tool_calls(candidate.tool_calls, tools))
+        elif tools and params.regex is None and params.json_schema is None:
+            results.append(CheckResult(False, "no tool call"))
+        else:
+            results.append(text)
+    return results
 
 
 def _describe(params: BestOfNParams, fallback: str) -> str:

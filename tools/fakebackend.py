@@ -47,6 +47,22 @@ class FakeReply:
     reset_mid_body: bool = False
     truncate_after_chunks: int | None = None
     raw_stream: bytes | None = None
+    # Tool calls by choice (cycled): each a list of (function name, arguments JSON text); an empty list answers
+    # with the choice's text instead. A choice with calls has content null and finish_reason "tool_calls".
+    tool_calls: list[list[tuple[str, str]]] | None = None
+    # reasoning_content by choice (cycled), as llama-server's --reasoning-format and vLLM's reasoning parsers send it.
+    reasoning: list[str] | None = None
+
+    def calls_for(self, choice: int) -> list[tuple[str, str]]:
+        return self.tool_calls[choice % len(self.tool_calls)] if self.tool_calls else []
+
+    def reasoning_for(self, choice: int) -> str:
+        return self.reasoning[choice % len(self.reasoning)] if self.reasoning else ""
+
+
+def _tool_call(choice: int, position: int, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": f"call_fake_{choice}_{position}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -365,16 +381,26 @@ class FakeBackend:
         if body.get("stream"):
             return await self._stream(record, reply, texts[0], is_chat, reader, writer, echoed)
         choices = []
+        generated = []  # what each choice's tokens are: its text, or its calls' arguments, and its reasoning
         for i, text in enumerate(texts):
-            if is_chat:
-                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": echoed + text},
-                                          "finish_reason": reply.finish_reason}
+            calls = reply.calls_for(i) if is_chat else []
+            if calls:
+                message: dict[str, Any] = {"role": "assistant", "content": None,
+                                           "tool_calls": [_tool_call(i, k, *call) for k, call in enumerate(calls)]}
+                choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": "tool_calls"}
+                text = "".join(arguments for _, arguments in calls)
+            elif is_chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": echoed + text},
+                          "finish_reason": reply.finish_reason}
             else:
                 choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
+            if is_chat and reply.reasoning_for(i):
+                choice["message"]["reasoning_content"] = reply.reasoning_for(i)
             if body.get("logprobs") and reply.logprobs:
                 choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
             choices.append(choice)
-        counted = [len(_tokens(t)) for t in texts]
+            generated.append(text + (reply.reasoning_for(i) if is_chat else ""))
+        counted = [len(_tokens(t)) for t in generated]
         completion_tokens = counted[0] if self.usage_counts_one_choice else sum(counted)
         prompt_tokens = self._prompt_tokens(body)
         payload = {
@@ -448,6 +474,12 @@ class FakeBackend:
         if is_chat:
             event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]})
+        thinking = _tokens(reply.reasoning_for(0)) if is_chat else []
+        for piece in thinking:
+            event({**base, "choices": [{"index": 0, "delta": {"reasoning_content": piece}, "finish_reason": None}]})
+        calls = reply.calls_for(0) if is_chat else []
+        if calls:
+            return await self._stream_calls(record, reply, calls, len(thinking), base, event, writer, chunk, line_end)
         tokens = _tokens(text)
         for i, token in enumerate(tokens):
             if reply.truncate_after_chunks is not None and i >= reply.truncate_after_chunks:
@@ -482,8 +514,33 @@ class FakeBackend:
         options = record.body.get("stream_options") or {}
         if options.get("include_usage") and reply.stream_usage:
             prompt_tokens = self._prompt_tokens(record.body)
-            event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                                                    "total_tokens": prompt_tokens + len(tokens), **_cached(reply)}})
+            generated = len(tokens) + len(thinking)
+            event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                                                    "total_tokens": prompt_tokens + generated, **_cached(reply)}})
+        if reply.send_done:
+            chunk(b"data: [DONE]" + line_end * 2)
+        chunk(b"")
+        await writer.drain()
+        record.finished = True
+        return True
+
+    async def _stream_calls(self, record: RecordedRequest, reply: FakeReply, calls: list[tuple[str, str]],
+                            thinking: int, base: dict[str, Any], event: Callable[[dict[str, Any]], None],
+                            writer: asyncio.StreamWriter, chunk: Callable[[bytes], None], line_end: bytes) -> bool:
+        """Tool calls streamed as OpenAI does: each call's id, type and name first, then its arguments in pieces."""
+        generated = thinking
+        for position, (name, arguments) in enumerate(calls):
+            head = {**_tool_call(0, position, name, ""), "index": position}
+            event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [head]}, "finish_reason": None}]})
+            for piece in _tokens(arguments):
+                generated += 1
+                event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+                    {"index": position, "function": {"arguments": piece}}]}, "finish_reason": None}]})
+        event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        if (record.body.get("stream_options") or {}).get("include_usage") and reply.stream_usage:
+            prompt_tokens = self._prompt_tokens(record.body)
+            event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                                                    "total_tokens": prompt_tokens + generated}})
         if reply.send_done:
             chunk(b"data: [DONE]" + line_end * 2)
         chunk(b"")

@@ -276,8 +276,13 @@ class RunContext:
                 except ProxyError:
                     counts.append(max(1, len(choice.text) // 4))
         merges = backend.capabilities.kind == "llama_cpp"
+        whole_reply = chat and _is_whole_reply(body)
+        details = usage.get("completion_tokens_details")
+        reported_thinking = details.get("reasoning_tokens") if isinstance(details, dict) and len(parsed) == 1 else None
         candidates = [
-            make_candidate(choice, count, seed, label, merges, keep_tokens, echoed, prompt_tokens)
+            make_candidate(choice, count, seed, label, merges, keep_tokens, echoed, prompt_tokens, whole_reply,
+                           reported_thinking if isinstance(reported_thinking, int) and reported_thinking > 0
+                           else None)
             for choice, count in zip(parsed, counts)
         ]
         budget.charge(prompt_tokens=prompt_tokens, completion_tokens=sum(counts), estimated=estimated,
@@ -735,6 +740,12 @@ def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return cached if isinstance(cached, int) and cached > 0 else 0
+
+
+def _is_whole_reply(body: Mapping[str, Any]) -> bool:
+    """A chat call that asks for a new reply, not the continuation of a trailing assistant message."""
+    messages = body.get("messages") or []
+    return not (messages and isinstance(messages[-1], Mapping) and messages[-1].get("role") == "assistant")
 
 
 def prompt_key(body: Mapping[str, Any]) -> str:

@@ -52,12 +52,15 @@ from .verifier import VerifierClient
 
 log = logging.getLogger("ttc_proxy.runs")
 
+# The tool-calling fields: a strategy that compares tool calls (Strategy.tool_calls) passes them to its samples.
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 # Request fields that a strategy's backend calls never inherit as-is: the context sets them per call.
 _NOT_FORWARDED_TO_STRATEGY_CALLS = frozenset({
     "model", "messages", "stream", "stream_options", "n", "ttc", "logprobs", "top_logprobs", "temperature",
     "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user", "store", "metadata", "response_format",
+    *TOOL_FIELDS,
 })
-_UNSUPPORTED_FEATURES = ("tools", "functions", "tool_choice")
+_LEGACY_FUNCTION_FIELDS = ("functions", "function_call")
 
 
 @dataclass(frozen=True)
@@ -77,16 +80,30 @@ class StrategyRequest:
     key_id: str | None = None  # the proxy key that asked (its id): its trace is readable with that key alone
 
 
-def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequest, raw: Mapping[str, Any]) -> None:
-    for feature in _UNSUPPORTED_FEATURES:
-        value = raw.get(feature)
-        if value not in (None, False, [], 0):
+def uses_tools(raw: Mapping[str, Any]) -> bool:
+    return any(raw.get(f) not in (None, False, [], 0, "none") for f in ("tools", "tool_choice"))
+
+
+def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequest, raw: Mapping[str, Any],
+                           chain: Sequence[type[Strategy]] = (),
+                           registry: Mapping[str, type[Strategy]] | None = None) -> None:
+    """The request fits the strategy (and every strategy of its composition, `chain`, outermost first)."""
+    for feature in _LEGACY_FUNCTION_FIELDS:
+        if raw.get(feature) not in (None, False, [], 0):
             raise InvalidRequest(
-                f"strategy {strategy.slug!r} does not support {feature!r} (tool calls are not run by strategies); "
-                f"send it without a strategy prefix",
-                param=feature,
-                code="unsupported_by_strategy",
-            )
+                f"strategy {strategy.slug!r} does not take the legacy {feature!r}; send the functions as 'tools' "
+                f"(sc and bon compare tool calls), or send it without a strategy prefix",
+                param=feature, code="unsupported_by_strategy")
+    if uses_tools(raw):
+        refusing = [s.slug for s in (chain or [strategy]) if not s.tool_calls]
+        if refusing:
+            feature = "tools" if raw.get("tools") not in (None, []) else "tool_choice"
+            taking = sorted(slug for slug, s in (registry or {}).items() if s.tool_calls)
+            raise InvalidRequest(
+                f"strategy {', '.join(repr(s) for s in refusing)} does not take {feature!r}: it builds or reworks "
+                f"one text reply, where a tool call has no place. Strategies that compare tool calls: "
+                f"{', '.join(taking) or 'none registered'}; or send the request without a strategy prefix",
+                param=feature, code="unsupported_by_strategy")
     if (request.n or 1) > 1 and not strategy.multiple_choices:
         raise InvalidRequest(
             f"strategy {strategy.slug!r} returns one choice; n={request.n} is not supported "
@@ -118,6 +135,7 @@ def sampling_of(request: ChatCompletionRequest, raw: Mapping[str, Any], settings
         extra={k: v for k, v in raw.items() if k not in _NOT_FORWARDED_TO_STRATEGY_CALLS},
         response_format=raw.get("response_format") if isinstance(raw.get("response_format"), dict) else None,
         top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        tools={k: raw[k] for k in TOOL_FIELDS if raw.get(k) is not None},
     )
 
 
@@ -197,7 +215,7 @@ class StrategyRun:
 
     def usage(self, result: StrategyResult) -> UsageInfo:
         usage = self.budget.usage
-        answer_tokens = sum(c.completion_tokens for c in result.choices)
+        answer_tokens = sum(c.completion_tokens - c.thinking_tokens for c in result.choices)
         return UsageInfo(
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
@@ -225,9 +243,18 @@ class StrategyRun:
 
     @staticmethod
     def finish_reason(result: StrategyResult, choice: Candidate) -> str:
+        if choice.tool_calls:
+            return "tool_calls"  # the calls are whole: the client runs them, whatever else ran out
         if result.budget_exhausted:
             return "length"
         return choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
+
+    def tool_calls(self, choice: Candidate) -> list[dict[str, Any]] | None:
+        """The answer's tool calls in OpenAI's shape, each with an id (the engine's, else one of ours)."""
+        if not choice.tool_calls:
+            return None
+        return [{"id": call.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}} for call in choice.tool_calls]
 
     def logprobs(self, choice: Candidate) -> ChoiceLogprobs | None:
         """The returned answer's own tokens, when the request asked for logprobs."""
@@ -249,7 +276,9 @@ class StrategyRun:
         response = ChatCompletionResponse(
             id=self.id, created=self.created, model=self.job.client_model,
             choices=[
-                Choice(index=i, message=ResponseMessage(content=choice.text, reasoning_content=reasoning),
+                Choice(index=i, message=ResponseMessage(content=choice.text or (None if choice.tool_calls else ""),
+                                                        reasoning_content=reasoning,
+                                                        tool_calls=self.tool_calls(choice)),
                        finish_reason=self.finish_reason(result, choice), logprobs=self.logprobs(choice))  # type: ignore[arg-type]
                 for i, choice in enumerate(result.choices)
             ],
@@ -258,9 +287,9 @@ class StrategyRun:
         return {**_dump(response), "ttc": self.ttc_object(result)}
 
     def _chunk(self, delta: Delta, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None,
-               **extra: Any) -> bytes:
+               index: int = 0, **extra: Any) -> bytes:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.job.client_model,
-                                    choices=[ChunkChoice(delta=delta, finish_reason=finish_reason,  # type: ignore[arg-type]
+                                    choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,  # type: ignore[arg-type]
                                                          logprobs=logprobs)])
         return sse({**_dump(chunk, drop=("usage",)), **extra})
 
@@ -300,15 +329,24 @@ class StrategyRun:
                 field, text = events.get_nowait()
                 yield self._chunk(Delta(**{field: text}))
             result = task.result()  # a failed run raises here; the stream response sends it as an error event
-            choice = result.answer
-            emitted = self.state.emitted_text
-            rest = choice.text[len(emitted):] if choice.text.startswith(emitted) else ""
-            if emitted and not choice.text.startswith(emitted):
-                log.warning("strategy %s emitted text its answer does not begin with", self.job.strategy.slug)
-            logprobs = self.logprobs(choice)
-            if rest or logprobs is not None:
-                yield self._chunk(Delta(content=rest), logprobs=logprobs)
-            yield self._chunk(Delta(), self.finish_reason(result, choice), ttc=self.ttc_object(result))
+            for index, choice in enumerate(result.choices):
+                # Only the first choice can have been emitted while the run went on; the others start here.
+                emitted = self.state.emitted_text if index == 0 else ""
+                rest = choice.text[len(emitted):] if choice.text.startswith(emitted) else ""
+                if emitted and not choice.text.startswith(emitted):
+                    log.warning("strategy %s emitted text its answer does not begin with", self.job.strategy.slug)
+                if index > 0:
+                    yield self._chunk(Delta(role="assistant", content=""), index=index)
+                logprobs = self.logprobs(choice)
+                if rest or logprobs is not None:
+                    yield self._chunk(Delta(content=rest), logprobs=logprobs, index=index)
+                calls = self.tool_calls(choice)
+                for position, call in enumerate(calls or ()):
+                    # One delta per call, whole: the SDKs assemble calls by `index`, which is all they need.
+                    yield self._chunk(Delta(tool_calls=[{"index": position, **call}]), index=index)
+                last = index == len(result.choices) - 1
+                yield self._chunk(Delta(), self.finish_reason(result, choice), index=index,
+                                  **({"ttc": self.ttc_object(result)} if last else {}))
             options = self.job.request.stream_options
             if options is not None and options.include_usage:
                 yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
