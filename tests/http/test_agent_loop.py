@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-langchain_openai = pytest.importorskip("langchain_openai")
+import langchain_openai  # noqa: E402
 from langchain_core.messages import HumanMessage, ToolMessage  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 
