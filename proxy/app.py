@@ -45,6 +45,7 @@ from .protocol import (
 from .openapi import openapi_document
 from .passthrough import pass_through
 from .registry import load_registry
+from .optillm import read_optillm_request
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
 from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
@@ -342,7 +343,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
     request_id = client_id if usable else uuid.uuid4().hex
     try:
         key = state.authorize(request.headers)
-        body = parse_json_object(await state.read_body(request))
+        body = read_optillm_request(parse_json_object(await state.read_body(request)))
         parsed = validate_request(schema, body)
         access = access_record(request.scope)
         access.model = parsed.model

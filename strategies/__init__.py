@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from .bon import BestOfN
+from .combine import Parallel, Pipeline
 from .cot import ChainOfThought
 from .deepconf import DeepConf
 from .deepthink import DeepThink
@@ -20,5 +21,5 @@ from .think import BudgetForcing
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
     {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
                                               ChainOfThought, EntropySampling,
-                                              PivotalTokenSearch)}
+                                              PivotalTokenSearch, Pipeline, Parallel)}
 )
