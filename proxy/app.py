@@ -48,7 +48,14 @@ from .registry import load_registry
 from .optillm import read_optillm_request
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
-from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
+from .runs.validation import (
+    check_budget,
+    check_capabilities,
+    check_engine_fields,
+    check_references,
+    check_request_fits,
+    check_spec,
+)
 from .runs.verifier import VerifierClient
 from .streaming import EventStreamResponse, until_disconnect
 from .replicas import share_bounds
@@ -377,7 +384,9 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             request_id=request_id,
             key_id=key,
         )
-        check_engine_fields(backend, set(sampling_of(parsed, body, state.config.strategies).extra))
+        sampling = sampling_of(parsed, body, state.config.strategies)
+        check_request_fits(checked, sampling)
+        check_engine_fields(backend, set(sampling.extra))
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
                           backend_for=lambda model: state.backend_for(Route(None, model)),
                           verifiers=state.verifiers,

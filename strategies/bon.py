@@ -31,6 +31,7 @@ from .framework import (
     StrategyInputError,
     StrategyParams,
     StrategyResult,
+    Sampling,
     draw,
     report_thinking,
     gather_all,
@@ -116,6 +117,13 @@ class BestOfN(Strategy):
         return params.n
 
     @classmethod
+    def check_request(cls, params: StrategyParams, sampling: Sampling) -> None:
+        assert isinstance(params, BestOfNParams)
+        if params.select == "verifier" and not params.has_check() and not sampling.tools.get("tools"):
+            raise StrategyInputError("select=verifier needs a check: regex, json_schema and/or http_verifier, or "
+                                     "the request's tools (their parameter schemas check the tool calls)")
+
+    @classmethod
     def requirements(cls, params: StrategyParams) -> dict[str, str]:
         assert isinstance(params, BestOfNParams)
         if params.needs_logprobs():
@@ -128,9 +136,6 @@ class BestOfN(Strategy):
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         assert isinstance(params, BestOfNParams)
         tools = ctx.sampling.tools.get("tools")
-        if params.select == "verifier" and not params.has_check() and not tools:
-            raise StrategyInputError("select=verifier needs a check: regex, json_schema and/or http_verifier, or "
-                                     "the request's tools (their parameter schemas check the tool calls)")
         has_logprobs = ctx.supports("logprobs")
         fallback = resolve_fallback(params.select, params.fallback, has_logprobs)
         want_logprobs = params.select in CONFIDENCE_SELECTORS or fallback in CONFIDENCE_SELECTORS

@@ -470,6 +470,11 @@ class Strategy(ABC):
         return {capability: "" for capability in cls.requires}
 
     @classmethod
+    def check_request(cls, params: StrategyParams, sampling: Sampling) -> None:
+        """Raise StrategyInputError when these parameters cannot serve a request with this sampling (e.g. a check
+        that needs the request's tools); checked before the run starts."""
+
+    @classmethod
     def references(cls, params: StrategyParams) -> Mapping[str, Sequence[str]]:
         """Configured things these parameters name, checked before the run starts: {"verifiers": [names],
         "models": [model names], "pivots": [pivot set names]} (an HTTP verifier, a judge model, a pivot set)."""

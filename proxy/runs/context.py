@@ -46,7 +46,7 @@ from .sampling import (
     parse_choices,
     sample_seed,
 )
-from .validation import check_capabilities, check_engine_fields, check_spec
+from .validation import check_capabilities, check_engine_fields, check_request_fits, check_spec
 from .verifier import VerifierClient
 
 T = TypeVar("T")
@@ -629,14 +629,6 @@ class RunContext:
                              model=scope.model)
         for strategy_class, strategy_params in checked:
             check_capabilities(strategy_class, scope.backend, strategy_params)
-        strategy, strategy_params = checked[0]
-        key = (scope.node, spec.slug)
-        ordinal = state.span_counts.get(key, 0)
-        state.span_counts[key] = ordinal + 1
-        child_budget = scope.budget.child(budget)
-        node = state.trace.add(scope.node, spec.slug, "strategy", params=strategy_params.model_dump(),
-                               **({"over": spec.over.describe()} if spec.over else {}),
-                               **({"budget": dict(budget)} if budget else {}))
         child_sampling = scope.sampling
         if sampling:
             unknown = set(sampling) - set(SAMPLING_OVERRIDES)
@@ -645,6 +637,15 @@ class RunContext:
             if sampling.get("top_logprobs") is not None:
                 self._require("logprobs", "scoring the nested run's samples")
             child_sampling = replace(child_sampling, **sampling)
+        check_request_fits(checked, child_sampling)
+        strategy, strategy_params = checked[0]
+        key = (scope.node, spec.slug)
+        ordinal = state.span_counts.get(key, 0)
+        state.span_counts[key] = ordinal + 1
+        child_budget = scope.budget.child(budget)
+        node = state.trace.add(scope.node, spec.slug, "strategy", params=strategy_params.model_dump(),
+                               **({"over": spec.over.describe()} if spec.over else {}),
+                               **({"budget": dict(budget)} if budget else {}))
         child = self._with(replace(
             scope, messages=list(messages) if messages is not None else scope.messages, budget=child_budget,
             sampling=child_sampling, emits=False,

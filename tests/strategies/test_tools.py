@@ -196,10 +196,12 @@ def test_bon_logprob_selects_among_tool_calls(client, fake):
     assert json.loads(completion.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
 
-def test_verifier_without_a_check_or_tools_is_a_400(proxy, fake):
-    response = chat(proxy, {"model": "bon:n=2,select=verifier-fake-model", "messages": user()})
-    error = assert_openai_error(response, 400, code="unsupported_by_strategy")
-    assert "tools" in error["message"]
+@pytest.mark.parametrize("stream", [False, True])
+def test_verifier_without_a_check_or_tools_is_a_400_before_any_call(proxy, fake, stream):
+    response = chat(proxy, {"model": "bon:n=2,select=verifier-fake-model", "messages": user(), "stream": stream})
+    error = assert_openai_error(response, 400, param="ttc.params", code="invalid_strategy_params")
+    assert "the request's tools" in error["message"]
+    assert fake.requests == []
 
 
 # ---------------------------------------------------------------- strategies that refuse tools
