@@ -84,6 +84,43 @@ def uses_tools(raw: Mapping[str, Any]) -> bool:
     return any(raw.get(f) not in (None, False, [], 0, "none") for f in ("tools", "tool_choice"))
 
 
+def check_tool_fields(raw: Mapping[str, Any]) -> None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` in OpenAI's shapes: a strategy reads them (to compare and
+    check calls), so a malformed one is the client's 400 here, not an engine's error in the middle of a run."""
+    tools = raw.get("tools")
+    names: list[str] = []
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InvalidRequest("'tools' must be a list of {type: function, function: {name, parameters}}",
+                                 param="tools", code="invalid_type")
+        for i, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(function, dict)
+                    and isinstance(function.get("name"), str) and function["name"]
+                    and isinstance(function.get("parameters", {}), dict)):
+                raise InvalidRequest(f"tools[{i}] must be {{type: function, function: {{name: string, parameters: "
+                                     f"object}}}}", param=f"tools[{i}]", code="invalid_value")
+            names.append(function["name"])
+    choice = raw.get("tool_choice")
+    if choice is not None:
+        named = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+            isinstance(choice.get("function"), dict) else None
+        if choice not in ("none", "auto", "required") and not (isinstance(named, str) and
+                                                               choice.get("type") == "function"):
+            raise InvalidRequest("'tool_choice' must be none, auto, required or {type: function, function: {name}}",
+                                 param="tool_choice", code="invalid_value")
+        if named is not None and named not in names:
+            raise InvalidRequest(f"'tool_choice' names function {named!r}, which is not in 'tools'",
+                                 param="tool_choice", code="invalid_value")
+        if choice in ("required",) and not names:
+            raise InvalidRequest("'tool_choice' is required but there are no 'tools'", param="tool_choice",
+                                 code="invalid_value")
+    parallel = raw.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls",
+                             code="invalid_type")
+
+
 def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequest, raw: Mapping[str, Any],
                            chain: Sequence[type[Strategy]] = (),
                            registry: Mapping[str, type[Strategy]] | None = None) -> None:
@@ -94,6 +131,7 @@ def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequ
                 f"strategy {strategy.slug!r} does not take the legacy {feature!r}; send the functions as 'tools' "
                 f"(sc and bon compare tool calls), or send it without a strategy prefix",
                 param=feature, code="unsupported_by_strategy")
+    check_tool_fields(raw)
     if uses_tools(raw):
         refusing = [s.slug for s in (chain or [strategy]) if not s.tool_calls]
         if refusing:

@@ -225,3 +225,25 @@ def test_sdk_error_type_for_refused_tools(client, fake):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="cot-fake-model", messages=QUESTION, tools=TOOLS)
     assert info.value.body["param"] == "tools"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0]"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+])
+def test_malformed_tool_fields_are_400s_before_any_call(proxy, fake, fields, param):
+    response = chat(proxy, {"model": "sc:n=2-fake-model", "messages": QUESTION, **fields})
+    assert_openai_error(response, 400, param=param)
+    assert fake.requests == []
+
+
+def test_a_named_tool_choice_is_forwarded(client, fake):
+    fake.script = lambda body: calls(("get_weather", '{"city": "Paris"}'))
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    client.chat.completions.create(model="sc:n=2-fake-model", messages=QUESTION, tools=TOOLS, tool_choice=choice)
+    assert all(r.body["tool_choice"] == choice for r in fake.chat_requests())
