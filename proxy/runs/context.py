@@ -27,6 +27,8 @@ from ttc_proxy.strategies.framework import (
     gather_successes,
 )
 
+from ttc_proxy.strategies.toolcalls import describe_tool_calls
+
 from ..backends import Backend
 from ..backends.stops import StreamedStopCutter, cut_stops_in_reply, stop_strings
 from ..config import StrategySettings
@@ -289,7 +291,8 @@ class RunContext:
                       cached_prompt_tokens=cached_prompt_tokens(usage))
         state.trace.update(node, status="ok", ms=_ms_since(started), prompt_tokens=prompt_tokens,
                            completion_tokens=sum(counts),
-                           outputs=[c.text[:TRACE_TEXT_LIMIT] for c in candidates])
+                           outputs=[(c.text or describe_tool_calls(c.tool_calls))[:TRACE_TEXT_LIMIT]
+                                    for c in candidates])
         return candidates
 
     async def _unseeded(self, path: str, body: dict[str, Any], n: int, label: str, keep_tokens: bool,

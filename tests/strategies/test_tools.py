@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import httpx
+
 import openai
 import pytest
 
@@ -247,3 +249,11 @@ def test_a_named_tool_choice_is_forwarded(client, fake):
     choice = {"type": "function", "function": {"name": "get_weather"}}
     client.chat.completions.create(model="sc:n=2-fake-model", messages=QUESTION, tools=TOOLS, tool_choice=choice)
     assert all(r.body["tool_choice"] == choice for r in fake.chat_requests())
+
+
+def test_the_trace_shows_each_sample_s_tool_calls(client, proxy, fake):
+    fake.script = lambda body: calls(("get_weather", '{"city": "Paris"}'))
+    completion = client.chat.completions.create(model="sc:n=2-fake-model", messages=QUESTION, tools=TOOLS)
+    trace = httpx.get(f"{proxy.url}/v1/traces/{completion.model_extra['ttc']['trace_id']}", timeout=10).json()
+    outputs = [o for node in trace["nodes"] for o in node.get("outputs", [])]
+    assert outputs and all(o == 'get_weather({"city":"Paris"})' for o in outputs)
