@@ -111,3 +111,12 @@ def test_think_continues_the_thinking_the_template_opened(client, fake):
     assert prompts[-1].endswith("<think>\nsix sevens are 42\n</think>\nFinal answer:")
     assert completion.choices[0].message.content == "42"
     assert completion.model_extra["ttc"]["details"]["continued_model_thinking"] is True
+
+
+def test_cot_on_a_thinking_model_returns_the_output_tokens_only(client, fake):
+    fake.script = lambda body: FakeReply(texts=["<think>hmm 48</think><thinking>6 sevens</thinking> <output>It is 42"
+                                                "</output>"])
+    completion = client.chat.completions.create(model="cot-fake-model", messages=user(), logprobs=True)
+    assert completion.choices[0].message.content == "It is 42"
+    tokens = "".join(t.token for t in completion.choices[0].logprobs.content)
+    assert "48" not in tokens and "sevens" not in tokens and "42" in tokens
