@@ -55,11 +55,33 @@ def test_tool_request_round_trips_through_strategies(tools_proxy, model):
 async def test_tool_request_round_trips_async_and_streamed(tools_proxy):
     async with openai.AsyncOpenAI(base_url=tools_proxy.url + "/v1", api_key="x", max_retries=0,
                                   timeout=300) as client:
-        async with client.beta.chat.completions.stream(model="sc:n=2-smollm2", messages=QUESTION, tools=TOOLS,
-                                                       tool_choice="required", max_tokens=64) as stream:
-            final = await stream.get_final_completion()
-    print(f"\nstreamed: {final.choices[0].finish_reason} {final.choices[0].message.tool_calls}")
-    assert_openai_answer(final.choices[0])
+        stream = await client.chat.completions.create(model="sc:n=2-smollm2", messages=QUESTION, tools=TOOLS,
+                                                      tool_choice="required", max_tokens=64, stream=True)
+        content, arguments, names, finish = "", {}, {}, None
+        async for chunk in stream:
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                for call in choice.delta.tool_calls or ():
+                    names[call.index] = names.get(call.index, "") + (call.function.name or "")
+                    arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
+                finish = choice.finish_reason or finish
+    print(f"\nstreamed: {finish} {names or content!r} {arguments}")
+    if finish == "tool_calls":
+        assert names and all(n == "get_weather" for n in names.values())
+        for text in arguments.values():
+            json.loads(text)
+    else:
+        assert finish in ("stop", "length") and content
+
+
+def test_the_engine_itself_with_tools(tools_proxy):
+    """Pass-through: what llama-server makes of the tools with this model (the strategies' samples get the same)."""
+    with openai.OpenAI(base_url=tools_proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
+        completion = client.chat.completions.create(model="smollm2", messages=QUESTION, tools=TOOLS,
+                                                    tool_choice="required", max_tokens=64, temperature=0.7)
+    choice = completion.choices[0]
+    print(f"\npass-through: {choice.finish_reason} {choice.message.tool_calls or choice.message.content!r}")
+    assert_openai_answer(choice)
 
 
 def test_multi_turn_with_a_tool_result_round_trips(tools_proxy):
