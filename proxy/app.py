@@ -24,6 +24,7 @@ from .access_log import AccessLogMiddleware, EngineCalls, access_record
 from .backends import Backend, new_client_session
 from .backends.backend import refuse_if_down
 from .backends.engine import LocalEngine
+from .backends.scheduler import share_bounds
 from .config import ProxyConfig
 from .errors import (
     ClientDisconnected,
@@ -33,7 +34,7 @@ from .errors import (
     RequestTooLarge,
     Unauthorized,
 )
-from .protocol import (
+from .wire.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -47,7 +48,8 @@ from .passthrough import pass_through
 from .registry import load_registry
 from .optillm import read_optillm_request
 from .routing import Route, resolve_route
-from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
+from .runs.admission import check_strategy_request, sampling_of
+from .runs.run import StrategyRequest, StrategyRun
 from .runs.validation import (
     check_budget,
     check_capabilities,
@@ -58,8 +60,8 @@ from .runs.validation import (
 )
 from .runs.verifier import VerifierClient
 from .streaming import EventStreamResponse, until_disconnect
-from .replicas import share_bounds
-from .traces import TraceStore, open_trace_store
+from .trace_stores import open_trace_store
+from .traces import TraceStore
 
 log = logging.getLogger("ttc_proxy.app")
 

@@ -29,7 +29,6 @@ from .framework import (
     Strategy,
     StrategyContext,
     StrategyInputError,
-    StrategyParams,
     StrategyResult,
     Sampling,
     draw,
@@ -99,33 +98,28 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
-class BestOfN(Strategy):
+class BestOfN(Strategy[BestOfNParams]):
     slug = "bon"
     description = "best-of-n: n candidates, one picked by vote, token confidence, weighted vote, judge or verifier"
-    Params = BestOfNParams
     composable = True
     tool_calls = True
 
     @classmethod
-    def references(cls, params: StrategyParams) -> dict[str, list[str]]:
-        assert isinstance(params, BestOfNParams)
+    def references(cls, params: BestOfNParams) -> dict[str, list[str]]:
         return params.references()
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, BestOfNParams)
+    def fan_out(cls, params: BestOfNParams) -> int:
         return params.n
 
     @classmethod
-    def check_request(cls, params: StrategyParams, sampling: Sampling) -> None:
-        assert isinstance(params, BestOfNParams)
+    def check_request(cls, params: BestOfNParams, sampling: Sampling) -> None:
         if params.select == "verifier" and not params.has_check() and not sampling.tools.get("tools"):
             raise StrategyInputError("select=verifier needs a check: regex, json_schema and/or http_verifier, or "
                                      "the request's tools (their parameter schemas check the tool calls)")
 
     @classmethod
-    def requirements(cls, params: StrategyParams) -> dict[str, str]:
-        assert isinstance(params, BestOfNParams)
+    def requirements(cls, params: BestOfNParams) -> dict[str, str]:
         if params.needs_logprobs():
             which = " and ".join(f"{k}={v}" for k, v in (("select", params.select), ("fallback", params.fallback))
                                  if v in CONFIDENCE_SELECTORS)
@@ -133,8 +127,7 @@ class BestOfN(Strategy):
                                 f"do without"}
         return {}
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, BestOfNParams)
+    async def run(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
         tools = ctx.sampling.tools.get("tools")
         has_logprobs = ctx.supports("logprobs")
         fallback = resolve_fallback(params.select, params.fallback, has_logprobs)

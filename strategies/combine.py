@@ -55,13 +55,11 @@ def with_last_user_text(messages: Sequence[dict[str, Any]], text: str) -> list[d
     return [*conversation, {"role": "user", "content": text}]
 
 
-class Pipeline(Strategy):
+class Pipeline(Strategy[CombinationParams]):
     slug = "pipeline"
     description = "stages in sequence: each answers the previous stage's answer (optillm's '&')"
-    Params = CombinationParams
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, CombinationParams)
+    async def run(self, ctx: StrategyContext, params: CombinationParams) -> StrategyResult:
         messages = ctx.messages
         stages: list[dict[str, Any]] = []
         result: StrategyResult | None = None
@@ -79,18 +77,15 @@ class Pipeline(Strategy):
                               budget_exhausted=result.budget_exhausted)
 
 
-class Parallel(Strategy):
+class Parallel(Strategy[CombinationParams]):
     slug = "parallel"
     description = "stages side by side: one choice per stage (optillm's '|')"
-    Params = CombinationParams
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, CombinationParams)
+    def fan_out(cls, params: CombinationParams) -> int:
         return len(params.stages)
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, CombinationParams)
+    async def run(self, ctx: StrategyContext, params: CombinationParams) -> StrategyResult:
         await ctx.progress(f"running {', '.join(s.describe() for s in params.stages)} side by side")
         results = await gather_all(ctx.run_strategy(stage.spec()) for stage in params.stages)
         for stage, result in zip(params.stages, results):

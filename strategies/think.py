@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from .framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     Strategy,
     StrategyContext,
@@ -60,14 +61,12 @@ class ThinkParams(StrategyParams):
         return self
 
 
-class BudgetForcing(Strategy):
+class BudgetForcing(Strategy[ThinkParams]):
     slug = "think"
     description = "budget forcing (s1): think at least min and at most max tokens, appending 'Wait' to continue"
-    Params = ThinkParams
     requires = frozenset({"continue"})
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, ThinkParams)
+    async def run(self, ctx: StrategyContext, params: ThinkParams) -> StrategyResult:
         opened = await _prompt_opening_thinking(ctx, params.open_tag)
         if opened is not None:
             await ctx.progress("the model's template opens its thinking: continuing it")
@@ -103,7 +102,8 @@ class BudgetForcing(Strategy):
                     budget_exhausted = spent < params.max_thinking_tokens
                     break
                 allowed = room()
-                (step,) = await _continue(ctx, opened, thinking, max_tokens=allowed, stop=[params.close_tag],
+                (step,) = await _continue(ctx, opened, thinking, CallOptions(max_tokens=allowed,
+                                                                             stop=[params.close_tag]),
                                           label="thinking")
                 if step.finish_reason == "length" and allowed < params.max_thinking_tokens - spent:
                     budget_exhausted = True  # the budget, not max_thinking_tokens, cut the thinking
@@ -129,7 +129,8 @@ class BudgetForcing(Strategy):
         if opened is None:
             answer = await self._answer(ctx, params, forced)
         else:
-            (answer,) = await _continue(ctx, opened, forced, max_tokens=params.answer_tokens, label="answer")
+            (answer,) = await _continue(ctx, opened, forced, CallOptions(max_tokens=params.answer_tokens),
+                                        label="answer")
             answer = replace(answer, text=answer.text.lstrip(), label="think")
             await ctx.emit(answer.text)
         return StrategyResult(
@@ -147,7 +148,8 @@ class BudgetForcing(Strategy):
         pieces: list[str] = []
         tokens: list[Token] = []
         finish_reason = "stop"
-        async with aclosing(ctx.stream(prefix=prefix, max_tokens=params.answer_tokens, label="answer")) as events:
+        stream = ctx.stream(CallOptions(max_tokens=params.answer_tokens), prefix=prefix, label="answer")
+        async with aclosing(stream) as events:
             async for event in events:
                 if event.finish_reason:
                     finish_reason = event.finish_reason
@@ -174,10 +176,10 @@ async def _prompt_opening_thinking(ctx: StrategyContext, open_tag: str) -> str |
     return rendered if rendered.rstrip().endswith(open_tag) else None
 
 
-async def _continue(ctx: StrategyContext, opened: str | None, text: str, *, max_tokens: int | None,
-                    stop: list[str] | None = None, label: str) -> list[Candidate]:
+async def _continue(ctx: StrategyContext, opened: str | None, text: str, options: CallOptions, *,
+                    label: str) -> list[Candidate]:
     """Continue the reply `text`: by prefix (prefill or the context's raw path) when the strategy opened the
     thinking, else as raw completions of the prompt whose template opened it."""
     if opened is None:
-        return await ctx.continue_prefix(text, max_tokens=max_tokens, stop=stop, label=label)
-    return await ctx.complete(opened + text, max_tokens=max_tokens, stop=stop, label=label)
+        return await ctx.continue_prefix(text, options, label=label)
+    return await ctx.complete(opened + text, options, label=label)
