@@ -6,20 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from .bon import BestOfN
+from .auto import Auto
 from .combine import Parallel, Pipeline
-from .cot import ChainOfThought
-from .deepconf import DeepConf
-from .deepthink import DeepThink
-from .entropy import EntropySampling
 from .framework import Strategy
-from .mcts import Mcts
-from .pts import PivotalTokenSearch
-from .sc import SelfConsistency
-from .think import BudgetForcing
+from .stages import STAGE_STRATEGIES
 
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
-    {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
-                                              ChainOfThought, EntropySampling,
-                                              PivotalTokenSearch, Pipeline, Parallel)}
-)
+    {**STAGE_STRATEGIES, Pipeline.slug: Pipeline, Parallel.slug: Parallel, Auto.slug: Auto})
