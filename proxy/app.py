@@ -47,9 +47,18 @@ from .catalogue import strategy_list
 from .openapi import openapi_document
 from .passthrough import pass_through
 from .registry import load_registry
+from .optillm import read_optillm_request
 from .routing import Route, did_you_mean, resolve_route
-from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
-from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
+from .runs.admission import check_strategy_request, sampling_of
+from .runs.run import StrategyRequest, StrategyRun
+from .runs.validation import (
+    check_budget,
+    check_capabilities,
+    check_engine_fields,
+    check_references,
+    check_request_fits,
+    check_spec,
+)
 from .runs.verifier import VerifierClient
 from .streaming import EventStreamResponse, until_disconnect
 from .trace_stores import open_trace_store
@@ -372,7 +381,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
     request_id = client_id if usable else uuid.uuid4().hex
     try:
         key = state.authorize(request.headers)
-        body = parse_json_object(await state.read_body(request))
+        body = read_optillm_request(parse_json_object(await state.read_body(request)))
         parsed = validate_request(schema, body)
         access = access_record(request.scope)
         access.model = parsed.model
@@ -388,8 +397,10 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
                                  param="model", code="unsupported_by_strategy")
         checked = check_spec(route.spec, state.registry, state.config.strategies, model=route.model)
         strategy, params = checked[0]
-        check_strategy_request(strategy, parsed, body)
+        check_strategy_request(strategy, parsed, body, [level for level, _ in checked], state.registry)
         budget = check_budget(route.budget, state.config.strategies.budget)
+        sampling = sampling_of(parsed, body, state.config.strategies)
+        check_request_fits(checked, sampling)
         backend = state.backend_for(route)
         for level, level_params in checked:
             check_capabilities(level, backend, level_params)
@@ -408,7 +419,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             request_id=request_id,
             key_id=key,
         )
-        check_engine_fields(backend, set(sampling_of(parsed, body, state.config.strategies).extra))
+        check_engine_fields(backend, set(sampling.extra))
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
                           backend_for=lambda model: state.backend_for(Route(None, model)),
                           verifiers=state.verifiers,

@@ -3,7 +3,8 @@ which backend, which model on it, and which strategy (if any) with which paramet
 
 Model-name grammar: `<spec>[><spec>...]-<model>` with `<spec>` = `<slug>[:<key>=<value>[,<key>=<value>...]]`,
 e.g. `bon:n=4>cot-smollm2` (best-of-4 over runs of cot). The `ttc` object says the same as
-`{"strategy": "bon", "params": {"n": 4}, "over": {"strategy": "cot", "params": {}}}`.
+`{"strategy": "bon", "params": {"n": 4}, "over": {"strategy": "cot", "params": {}}}`. optillm's prefixes
+(`cot_reflection-<model>`, `bon|mcts-<model>`, `none-<model>`) are read too (proxy/optillm.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ttc_proxy.strategies.framework import Strategy, StrategySpec
 
 from .config import ProxyConfig
 from .errors import InvalidRequest
+from .optillm import is_optillm_prefix, optillm_spec
 
 SLUG = re.compile(r"[a-z0-9_]+")
 _TTC_KEYS = ("strategy", "params", "over", "budget")
@@ -81,6 +83,8 @@ def split_model_name(model_name: str, registry: Mapping[str, type[Strategy]]) ->
     head, dash, rest = model_name.partition("-")
     parts = head.split(">")
     slug, colon, _ = parts[0].partition(":")
+    if dash and rest and slug not in registry and is_optillm_prefix(head):
+        return optillm_spec(head, model_name), rest  # optillm's slugs, '&' and '|' (docs/optillm.md)
     if not (slug in registry and SLUG.fullmatch(slug)):
         if (colon or len(parts) > 1) and dash:
             raise InvalidRequest(

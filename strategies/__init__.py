@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from .auto import Auto
+from .combine import Parallel, Pipeline
 from .framework import Strategy
 from .stages import STAGE_STRATEGIES
 
-BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType({**STAGE_STRATEGIES, Auto.slug: Auto})
+BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
+    {**STAGE_STRATEGIES, Pipeline.slug: Pipeline, Parallel.slug: Parallel, Auto.slug: Auto})

@@ -1,7 +1,11 @@
-"""Reading a final answer out of a free-text reply: numbers, \\boxed{}, "the answer is", normalised text.
+"""Reading a final answer out of a reply: its thinking set apart, then numbers, \\boxed{}, "the answer is",
+normalised text; a reply that calls tools answers with its calls.
 
-One module for both uses: strategies vote and select on `extract_answer`, and the eval grades replies with
-`last_number`, `numbers_equal`, `boxed_content` and `normalise_text`, so a reply is read the same way by both.
+One module for every reader: strategies vote and select on `candidate_answer` / `extract_answer`, scorers and
+checks read `answer_text`, and the eval grades replies with `answer_text`, `last_number`, `numbers_equal`,
+`boxed_content` and `normalise_text`, so a reply is read the same way by all of them. The thinking of a reasoning
+model (inline `<think>...</think>`, or the engine's separate `reasoning_content`, which never reaches the text) is
+never part of the answer: `split_thinking` is the one place that decides where it ends.
 """
 
 from __future__ import annotations
@@ -10,6 +14,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Protocol
+
+from .toolcalls import ToolCall, tool_calls_key
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 
 # A number as people write it: thousands separators only in groups of three ("1,000"; "1,2,3" is three numbers),
 # an ASCII or Unicode minus glued to the digits, decimals, simple fractions ("3/4").
@@ -82,9 +92,51 @@ def normalise_text(text: str) -> str:
     return text.strip(" .!?,;:\"'`*$。")
 
 
+def split_thinking(text: str, open_tag: str = THINK_OPEN, close_tag: str = THINK_CLOSE) -> tuple[str, str]:
+    """(thinking, answer) of a reply's content. Thinking is everything up to the last close tag (its open tag
+    dropped; a model whose template opened the thinking writes only the close tag); a reply that opens its
+    thinking and never closes it has no answer yet. Content without tags is all answer."""
+    end = text.rfind(close_tag)
+    if end >= 0:
+        thinking = text[:end]
+        start = thinking.find(open_tag)
+        if start >= 0 and not thinking[:start].strip():
+            thinking = thinking[start + len(open_tag):]
+        return thinking.strip(), text[end + len(close_tag):].lstrip()
+    stripped = text.lstrip()
+    if stripped.startswith(open_tag):
+        return stripped[len(open_tag):].strip(), ""
+    return "", text
+
+
+def answer_text(text: str) -> str:
+    """A reply's content without its thinking: what is graded, voted on, scored and checked."""
+    return split_thinking(text)[1]
+
+
+class Reply(Protocol):
+    """What `candidate_answer` reads of a candidate (strategies.framework.Candidate)."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]: ...
+
+
+def candidate_answer(reply: Reply) -> str:
+    """The answer a candidate votes with: its tool calls (name and canonical arguments, see
+    strategies.toolcalls.tool_calls_key) when it made any, else the answer extracted from its text."""
+    if reply.tool_calls:
+        return tool_calls_key(reply.tool_calls)
+    return extract_answer(reply.text)
+
+
 def extract_answer(text: str) -> str:
-    """\\boxed{}, then '####', then 'the answer is', then the last number, else the normalised text; a number is
-    given in canonical form (see normalise_number), so '1,000', '1000.0' and '1000' vote together."""
+    """From the reply's answer (its thinking set apart): \\boxed{}, then '####', then 'the answer is', then the
+    last number, else the normalised text; a number is given in canonical form (see normalise_number), so '1,000',
+    '1000.0' and '1000' vote together."""
+    text = answer_text(text)
     for found in (boxed_content(text), _last_group(_HASHES, text), _last_group(_ANSWER_IS, text)):
         if found is not None and found.strip():
             number = last_number(found)

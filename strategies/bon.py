@@ -5,7 +5,8 @@ Selectors (the picking itself is in strategies.selection, pure and usable offlin
   confidence  DeepConf token confidence: the candidate whose trace is most confident (needs logprobs)
   weighted    confidence-weighted vote: the answer with the most summed confidence (needs logprobs)
   judge       the model itself verifies each distinct answer (pointwise: P(yes); pairwise: a knockout)
-  verifier    a user check (regex and/or JSON schema); the fallback picks among the candidates that pass
+  verifier    a user check (regex and/or JSON schema); with `tools`, a tool call must name an offered function
+              and its arguments satisfy that function's parameter schema; the fallback picks among those that pass
 
 Candidates are plain samples (n in one go), or, composed over another strategy (`bon:n=4>cot`), the answers of n
 concurrent runs of it (framework.draw). Scores come from strategies.scoring.
@@ -17,20 +18,25 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .formats import check_all
+from .answers import answer_text
+from .formats import CheckResult, check_all
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     BudgetExceeded,
     Candidate,
     Strategy,
     StrategyContext,
+    StrategyInputError,
     StrategyResult,
+    Sampling,
     draw,
+    report_thinking,
     gather_all,
 )
 from .scoring import CheckParams, ConfidenceSpec, Judge
+from .toolcalls import check_tool_calls
 from .selection import (
     CONFIDENCE_SELECTORS,
     Pool,
@@ -74,12 +80,6 @@ class BestOfNParams(CheckParams):
     judge_model: str | None = Field(
         default=None, description="judge: a model served by any configured backend (default: the sampled model)")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "BestOfNParams":
-        if self.select == "verifier" and not self.has_check():
-            raise ValueError("select=verifier needs a check: regex, json_schema and/or http_verifier")
-        return self
-
     def needs_logprobs(self) -> bool:
         return bool({self.select, self.fallback} & CONFIDENCE_SELECTORS)
 
@@ -106,6 +106,7 @@ class BestOfN(Strategy[BestOfNParams]):
     slug = "bon"
     description = "best-of-n: n candidates, one picked by vote, token confidence, weighted vote, judge or verifier"
     composable = True
+    tool_calls = True
 
     @classmethod
     def references(cls, params: BestOfNParams) -> dict[str, list[str]]:
@@ -114,6 +115,12 @@ class BestOfN(Strategy[BestOfNParams]):
     @classmethod
     def fan_out(cls, params: BestOfNParams) -> int:
         return params.n
+
+    @classmethod
+    def check_request(cls, params: BestOfNParams, sampling: Sampling) -> None:
+        if params.select == "verifier" and not params.has_check() and not sampling.tools.get("tools"):
+            raise StrategyInputError("select=verifier needs a check: regex, json_schema and/or http_verifier, or "
+                                     "the request's tools (their parameter schemas check the tool calls)")
 
     @classmethod
     def requirements(cls, params: BestOfNParams) -> dict[str, str]:
@@ -125,6 +132,7 @@ class BestOfN(Strategy[BestOfNParams]):
         return {}
 
     async def run(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
+        tools = ctx.sampling.tools.get("tools")
         has_logprobs = ctx.supports("logprobs")
         fallback = resolve_fallback(params.select, params.fallback, has_logprobs)
         want_logprobs = params.select in CONFIDENCE_SELECTORS or fallback in CONFIDENCE_SELECTORS
@@ -168,7 +176,7 @@ class BestOfN(Strategy[BestOfNParams]):
         if selector == "verifier":
             # Runs in the event loop: a pathological client regex holds it (CPython's re keeps the GIL, so a
             # thread would not help). Checks are linear for ordinary patterns.
-            results = check_all([c.text for c in candidates], params.regex, params.json_schema)
+            results = _verdicts(candidates, params, tools)
             verdicts = [r.passed for r in results]
             for entry, result in zip(per_candidate, results):
                 entry["passed"] = result.passed
@@ -203,6 +211,7 @@ class BestOfN(Strategy[BestOfNParams]):
             selection = select(pool, selector, fallback=fallback)
 
         winner = candidates[selection.index]
+        await report_thinking(ctx, winner)
         if selection.tied:
             how = "kept" if selector == "verifier" else "tied"
             await ctx.progress(f"{how}: {', '.join(selection.tied)} → {selection.broken_by} picks")
@@ -283,6 +292,22 @@ class BestOfN(Strategy[BestOfNParams]):
                         for m in matches],
         }
         return Selection(representative(pool, champion), champion, "judge", wins)
+
+
+def _verdicts(candidates: Sequence[Candidate], params: BestOfNParams, tools: Any) -> list[CheckResult]:
+    """Each candidate against the checks: a tool-calling reply against the offered tools' parameter schemas, a
+    text reply against the regex / JSON schema (its answer, thinking set apart). With tools and no text check, a
+    reply that calls no tool has nothing that passes."""
+    texts = check_all([answer_text(c.text) for c in candidates], params.regex, params.json_schema)
+    results = []
+    for candidate, text in zip(candidates, texts):
+        if candidate.tool_calls:
+            results.append(check_tool_calls(candidate.tool_calls, tools))
+        elif tools and params.regex is None and params.json_schema is None:
+            results.append(CheckResult(False, "no tool call"))
+        else:
+            results.append(text)
+    return results
 
 
 def _describe(params: BestOfNParams, fallback: str) -> str:

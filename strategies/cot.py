@@ -84,12 +84,15 @@ class ChainOfThought(Strategy[CotParams]):
         await ctx.progress("thinking, then reflecting, then answering in one call")
         (sample,) = await ctx.generate(n=1, messages=cot_messages(ctx.messages, params), label="cot")
         answer, reasoning, start = split_reply(sample.text)
+        # A reasoning model's own thinking was already set apart: the tokens index the reply it came from.
+        generated = sample.generated if sample.generated is not None else sample.text
+        start += sample.text_start if sample.generated is not None else 0
         candidate = Candidate(
             text=answer, finish_reason=sample.finish_reason,
-            completion_tokens=estimate_tokens(sample.text, sample.tokens, sample.completion_tokens, start,
+            completion_tokens=estimate_tokens(generated, sample.tokens, sample.completion_tokens, start,
                                               start + len(answer)),
             tokens=sample.tokens, reasoning="\n".join(p for p in (sample.reasoning, reasoning) if p),
-            seed=sample.seed, label="cot", generated=sample.text, text_start=start,
+            seed=sample.seed, label="cot", generated=generated, text_start=start,
             prompt_tokens=sample.prompt_tokens,
         )
         if reasoning:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_orig
 from pydantic import BaseModel, ConfigDict
 
 from .formats import parses_as
+from .toolcalls import ToolCall
 
 DEFAULT_SAMPLING_TEMPERATURE = 0.8
 MAX_COMPOSITION_DEPTH = 3  # strategy runs nested in one request, the outermost included
@@ -119,8 +120,9 @@ def is_truncated(finish_reason: str | None) -> bool:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One reply: its content (`text`), reasoning text if the engine or strategy separated one, finish reason,
-    completion tokens and (when asked) its generated tokens with logprobs.
+    """One reply: its content (`text`, the answer without any thinking), reasoning text if the engine or strategy
+    separated one, its tool calls (a reply that acts rather than answers), finish reason, completion tokens (of
+    which `thinking_tokens` were thinking) and (when asked) its generated tokens with logprobs.
 
     `tokens` are the tokens of the reply as generated; their offsets index `generated` (which is `text` unless a
     strategy derived `text` from a longer reply, as `cot` takes its output section).
@@ -140,6 +142,8 @@ class Candidate:
     generated: str | None = None  # the text the tokens belong to, when it is not `text`
     text_start: int = 0  # where `text` begins in `generated`
     prompt_tokens: int = 0  # what the call that made it reported for its prompt (shared by n choices of one call)
+    tool_calls: tuple[ToolCall, ...] = ()
+    thinking_tokens: int = 0  # of completion_tokens, those spent on the reasoning (inline or the engine's)
 
     @property
     def truncated(self) -> bool:
@@ -194,6 +198,8 @@ class Sampling:
     response_format: dict[str, Any] | None = None
     # The request asked for logprobs (with this many alternatives): every sample answering it carries its tokens.
     top_logprobs: int | None = None
+    # The request's tools, tool_choice and parallel_tool_calls, as sent: every sample answering it carries them.
+    tools: dict[str, Any] = field(default_factory=dict)
 
     def sampling_temperature(self, default: float = DEFAULT_SAMPLING_TEMPERATURE) -> float:
         """A sampling strategy draws at the request's temperature when it is above 0, else at its default."""
@@ -458,6 +464,9 @@ class Strategy(ABC, Generic[P]):
     # Can honour a JSON response_format: False for a strategy whose one reply is continued from raw token ids,
     # where no grammar follows it and there are no other candidates to filter by it.
     structured_output: ClassVar[bool] = True
+    # Takes requests with `tools` (tool_choice, parallel_tool_calls): its samples carry them and it compares
+    # candidates by their tool calls (strategies.answers.candidate_answer). Others refuse tools with a 400.
+    tool_calls: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -473,6 +482,11 @@ class Strategy(ABC, Generic[P]):
         Checked before the run starts. The default is the static `requires`; override when parameters decide.
         """
         return {capability: "" for capability in cls.requires}
+
+    @classmethod
+    def check_request(cls, params: P, sampling: Sampling) -> None:
+        """Raise StrategyInputError when these parameters cannot serve a request with this sampling (e.g. a check
+        that needs the request's tools); checked before the run starts."""
 
     @classmethod
     def references(cls, params: P) -> Mapping[str, Sequence[str]]:
@@ -621,6 +635,13 @@ def keep_parsing(ctx: StrategyContext, candidates: list[Candidate], label: str =
     if parsing and len(parsing) < len(candidates):
         ctx.note(f"{label}_not_parsing", len(candidates) - len(parsing))
     return parsing or candidates
+
+
+async def report_thinking(ctx: StrategyContext, chosen: Candidate) -> None:
+    """The chosen reply's own thinking (the engine's reasoning_content or inline <think>), as progress: the client
+    sees the reasoning behind the answer it gets, never inside the answer."""
+    if chosen.reasoning:
+        await ctx.progress(f"the chosen reply's thinking: {chosen.reasoning}")
 
 
 def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .answers import Tally, extract_answer, tally
+from .answers import Tally, candidate_answer, tally
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     BudgetExceeded,
@@ -24,6 +24,7 @@ from .framework import (
     StrategyParams,
     StrategyResult,
     draw,
+    report_thinking,
 )
 from .selection import Pool, select
 
@@ -116,6 +117,7 @@ class SelfConsistency(Strategy[SelfConsistencyParams]):
     slug = "sc"
     description = "self-consistency: samples, majority vote over extracted answers (adaptive: stop when settled)"
     composable = True
+    tool_calls = True
 
     @classmethod
     def fan_out(cls, params: SelfConsistencyParams) -> int:
@@ -147,7 +149,7 @@ class SelfConsistency(Strategy[SelfConsistencyParams]):
                 break
             for candidate in drawn:
                 candidates.append(candidate)
-                answers.append(extract_answer(candidate.text))
+                answers.append(candidate_answer(candidate))
                 voting.append(params.count_truncated or not candidate.truncated)
                 cut_off = "" if voting[-1] else " (cut off by max_tokens: no vote)"
                 await ctx.progress(f"sample {len(candidates)}/{params.n} → {answers[-1]}{cut_off}")
@@ -177,6 +179,7 @@ class SelfConsistency(Strategy[SelfConsistencyParams]):
         selection = select(pool, "vote", fallback="first")  # a tie goes to the answer seen first
         counted = set(pool.counted())
         winner = candidates[selection.index]
+        await report_thinking(ctx, winner)
         await ctx.progress(f"winner: {selection.answer}, {selection.scores[selection.answer]:g} of {len(counted)} "
                            f"votes")
         details = {

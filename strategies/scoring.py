@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from .answers import extract_answer
+from .answers import answer_text, candidate_answer, extract_answer
 from pydantic import Field, field_validator
 
 from .formats import check_schema, run_checks
@@ -258,8 +258,8 @@ class AgreementScorer(PureScorer):
         voters = [c for c in others if not c.truncated] or others
         if not voters:
             return UNINFORMED
-        answer = extract_answer(candidate.text)
-        return sum(extract_answer(c.text) == answer for c in voters) / len(voters)
+        answer = candidate_answer(candidate)
+        return sum(candidate_answer(c) == answer for c in voters) / len(voters)
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ class VerifierScorer:
 
     async def score(self, candidate: Candidate, pool: Sequence[Candidate], *,
                     ctx: StrategyContext | None = None) -> float:
-        if not run_checks(candidate.text, self.regex, self.json_schema).passed:
+        if not run_checks(answer_text(candidate.text), self.regex, self.json_schema).passed:
             return 0.0
         if self.http_verifier is not None:
             if ctx is None:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from .answers import extract_answer
+from .answers import candidate_answer
 from .framework import Candidate, gather_all
 from .scoring import ConfidenceSpec
 
@@ -54,10 +54,11 @@ class Pool:
 
     @classmethod
     def of(cls, candidates: Sequence[Candidate], spec: ConfidenceSpec | None = ConfidenceSpec(),
-           extract: Callable[[str], str] = extract_answer, count_truncated: bool = False) -> "Pool":
-        """`count_truncated`: treat replies cut off by max_tokens like finished ones."""
+           answer: Callable[[Candidate], str] = candidate_answer, count_truncated: bool = False) -> "Pool":
+        """`answer`: what a candidate votes with (its extracted answer, or its tool calls); `count_truncated`:
+        treat replies cut off by max_tokens like finished ones."""
         return cls(
-            tuple(extract(c.text) for c in candidates),
+            tuple(answer(c) for c in candidates),
             tuple(spec.score(c.answer_tokens) if spec is not None else None for c in candidates),
             tuple(count_truncated or not c.truncated for c in candidates),
         )

@@ -8,6 +8,10 @@ reasoning; the answer is the content.
 
 Needs an engine that can continue a prefix: prefill (a trailing assistant message), or raw completions of the
 rendered conversation; elsewhere the request is a 400 naming that capability.
+
+A reasoning model whose chat template opens the thinking itself (its generation prompt ends with the open tag, as
+Qwen3's and DeepSeek-R1's do) is continued inside that thinking, on the rendered prompt through raw completions:
+the strategy adds no open tag of its own, so the tags never nest.
 """
 
 from __future__ import annotations
@@ -63,7 +67,11 @@ class BudgetForcing(Strategy[ThinkParams]):
     requires = frozenset({"continue"})
 
     async def run(self, ctx: StrategyContext, params: ThinkParams) -> StrategyResult:
-        thinking = f"{params.open_tag}\n"
+        opened = await _prompt_opening_thinking(ctx, params.open_tag)
+        if opened is not None:
+            await ctx.progress("the model's template opens its thinking: continuing it")
+        own_tag = f"{params.open_tag}\n" if opened is None else ""
+        thinking = own_tag
         spent = 0
         waits = 0
         next_prompt = 0  # the next call's prompt, from the last one's report plus what it generated (0: unknown)
@@ -94,8 +102,9 @@ class BudgetForcing(Strategy[ThinkParams]):
                     budget_exhausted = spent < params.max_thinking_tokens
                     break
                 allowed = room()
-                (step,) = await ctx.continue_prefix(thinking, CallOptions(max_tokens=allowed, stop=[params.close_tag]),
-                                                    label="thinking")
+                (step,) = await _continue(ctx, opened, thinking, CallOptions(max_tokens=allowed,
+                                                                             stop=[params.close_tag]),
+                                          label="thinking")
                 if step.finish_reason == "length" and allowed < params.max_thinking_tokens - spent:
                     budget_exhausted = True  # the budget, not max_thinking_tokens, cut the thinking
                 spent += step.completion_tokens
@@ -117,11 +126,18 @@ class BudgetForcing(Strategy[ThinkParams]):
         if budget_exhausted:
             await ctx.progress("the budget keeps what is left for the answer; answering now")
         forced = thinking.rstrip() + f"\n{params.close_tag}\n{params.answer_cue}"
-        answer = await self._answer(ctx, params, forced)
+        if opened is None:
+            answer = await self._answer(ctx, params, forced)
+        else:
+            (answer,) = await _continue(ctx, opened, forced, CallOptions(max_tokens=params.answer_tokens),
+                                        label="answer")
+            answer = replace(answer, text=answer.text.lstrip(), label="think")
+            await ctx.emit(answer.text)
         return StrategyResult(
-            choices=[replace(answer, reasoning=thinking[len(params.open_tag):].strip())],
+            choices=[replace(answer, reasoning=thinking[len(own_tag):].strip())],
             details={"thinking_tokens": spent, "waits": waits, "answer_tokens": answer.completion_tokens,
-                     "cut_at_max": spent >= params.max_thinking_tokens},
+                     "cut_at_max": spent >= params.max_thinking_tokens,
+                     "continued_model_thinking": opened is not None},
             budget_exhausted=budget_exhausted,
         )
 
@@ -149,3 +165,21 @@ class BudgetForcing(Strategy[ThinkParams]):
         return Candidate(text=answer, finish_reason=finish_reason, completion_tokens=len(tokens) or len(pieces),
                          tokens=tuple(tokens) or None, label="think",
                          generated=generated if tokens else None, text_start=max(0, start))
+
+
+async def _prompt_opening_thinking(ctx: StrategyContext, open_tag: str) -> str | None:
+    """The rendered prompt when the model's own chat template opens the thinking (its generation prompt ends with
+    the open tag), and the engine can continue a raw prompt; else None (the strategy opens the thinking itself)."""
+    if not (ctx.supports("render") and ctx.supports("completions")):
+        return None
+    rendered = await ctx.render()
+    return rendered if rendered.rstrip().endswith(open_tag) else None
+
+
+async def _continue(ctx: StrategyContext, opened: str | None, text: str, options: CallOptions, *,
+                    label: str) -> list[Candidate]:
+    """Continue the reply `text`: by prefix (prefill or the context's raw path) when the strategy opened the
+    thinking, else as raw completions of the prompt whose template opened it."""
+    if opened is None:
+        return await ctx.continue_prefix(text, options, label=label)
+    return await ctx.complete(opened + text, options, label=label)

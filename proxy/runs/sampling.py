@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ttc_proxy.strategies.answers import split_thinking
 from ttc_proxy.strategies.framework import CallOptions, Candidate, Sampling, Token, TokenAlternative, message_text
+from ttc_proxy.strategies.toolcalls import ToolCall, tool_calls_of
 
 from ..wire.protocol import choice_index
 
@@ -53,6 +55,8 @@ def chat_body(model: str, messages: Sequence[Mapping[str, Any]], sampling: Sampl
     body["messages"] = list(messages)
     if sampling.response_format is not None and options.answers:
         body["response_format"] = sampling.response_format
+    if options.answers:
+        body.update(sampling.tools)
     requested = options.request_top_logprobs(sampling)
     top = max(options.top_logprobs or 0, requested or 0)
     if options.logprobs or top or requested is not None:
@@ -190,6 +194,7 @@ class ParsedChoice:
     reasoning: str
     finish_reason: str | None
     entries: list[dict[str, Any]] | None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 def parse_choices(payload: Mapping[str, Any], chat: bool) -> list[ParsedChoice]:
@@ -202,10 +207,11 @@ def parse_choices(payload: Mapping[str, Any], chat: bool) -> list[ParsedChoice]:
             message = choice.get("message") or {}
             text = message_text(message)
             reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+            calls = tool_calls_of(message) if isinstance(message, dict) else ()
         else:
-            text, reasoning = str(choice.get("text") or ""), ""
+            text, reasoning, calls = str(choice.get("text") or ""), "", ()
         parsed.append(ParsedChoice(text, reasoning if isinstance(reasoning, str) else "",
-                                   choice.get("finish_reason"), logprob_entries(choice)))
+                                   choice.get("finish_reason"), logprob_entries(choice), calls))
     return parsed
 
 
@@ -223,12 +229,37 @@ def completion_counts(parsed: Sequence[ParsedChoice], reported: int, counts_one_
     return counts
 
 
+def is_whole_reply(body: Mapping[str, Any]) -> bool:
+    """A chat call that asks for a new reply, not the continuation of a trailing assistant message."""
+    messages = body.get("messages") or []
+    return not (messages and isinstance(messages[-1], Mapping) and messages[-1].get("role") == "assistant")
+
+
 def make_candidate(choice: ParsedChoice, completion_tokens: int, seed: int | None, label: str,
                    merges_split_characters: bool, keep_tokens: bool, echoed: str = "",
-                   prompt_tokens: int = 0) -> Candidate:
+                   prompt_tokens: int = 0, whole_reply: bool = False,
+                   reported_thinking_tokens: int | None = None) -> Candidate:
+    """`whole_reply`: the choice is a whole assistant reply (not the continuation of a prefix), so inline thinking
+    at its start is set apart as reasoning (strategies.answers.split_thinking), the tokens kept for the answer."""
     text = choice.text
     if echoed and text.startswith(echoed):
         text = text[len(echoed):]
     tokens = read_tokens(choice.entries, merges_split_characters) if keep_tokens else None
+    reasoning, generated, start = choice.reasoning, None, 0
+    if whole_reply:
+        thinking, answer = split_thinking(text)
+        if thinking or answer != text:
+            reasoning = "\n".join(p for p in (reasoning, thinking) if p)
+            generated, start = text, len(text) - len(answer)
+            text = answer
+    if reported_thinking_tokens is not None:
+        thinking_tokens = min(completion_tokens, reported_thinking_tokens)
+    elif reasoning:
+        # The engine did not say: the share of the reply's characters that are thinking.
+        thinking_tokens = round(completion_tokens * len(reasoning) / (len(reasoning) + len(text)))
+    else:
+        thinking_tokens = 0
     return Candidate(text=text, finish_reason=choice.finish_reason, completion_tokens=completion_tokens,
-                     tokens=tokens, reasoning=choice.reasoning, seed=seed, label=label, prompt_tokens=prompt_tokens)
+                     tokens=tokens, reasoning=reasoning, seed=seed, label=label, prompt_tokens=prompt_tokens,
+                     tool_calls=choice.tool_calls, thinking_tokens=thinking_tokens, generated=generated,
+                     text_start=start)

@@ -8,7 +8,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ttc_proxy.strategies.framework import MAX_COMPOSITION_DEPTH, Strategy, StrategyParams, StrategySpec
+from ttc_proxy.strategies.framework import (
+    MAX_COMPOSITION_DEPTH,
+    Sampling,
+    Strategy,
+    StrategyInputError,
+    StrategyParams,
+    StrategySpec,
+)
 
 from ..backends import Backend
 from ..config import Budget, StrategySettings
@@ -144,3 +151,14 @@ def check_references(strategy: type[Strategy], params: StrategyParams, verifiers
         except NotFound as exc:  # a named model no backend serves; one that is down is a 503 as it is
             raise InvalidRequest(f"strategy {strategy.slug!r}: {exc.message}", param="ttc.params",
                                  code="model_not_found") from exc
+
+
+def check_request_fits(checked: list[tuple[type[Strategy], StrategyParams]], sampling: Sampling) -> None:
+    """Each strategy's own check of its parameters against the request (Strategy.check_request), before anything
+    is sent."""
+    for strategy, params in checked:
+        try:
+            strategy.check_request(params, sampling)
+        except StrategyInputError as exc:
+            raise InvalidRequest(f"strategy {strategy.slug!r}: {exc}", param="ttc.params",
+                                 code="invalid_strategy_params") from exc

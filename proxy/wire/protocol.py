@@ -137,6 +137,7 @@ class ResponseMessage(OpenAIModel):
     content: str | None
     refusal: str | None = None
     reasoning_content: str | None = None  # the strategy's progress, as llama-server and vLLM name thinking
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Choice(OpenAIModel):
@@ -159,6 +160,7 @@ class Delta(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChunkChoice(OpenAIModel):

@@ -259,7 +259,10 @@ def test_params():
     assert BestOfNParams().confidence == "logprob"  # the best measured (issue 17)
     assert BestOfNParams.model_validate({"json_schema": '{"type": "object"}', "select": "verifier"}).json_schema == \
         {"type": "object"}
-    for bad in ({"select": "verifier"}, {"regex": "("}, {"json_schema": {"$ref": "#"}}, {"top_k": 1},
+    # select=verifier alone is valid: the request's tools may be the check (without them the run is a 400,
+    # tests/strategies/test_tools.py)
+    assert BestOfNParams.model_validate({"select": "verifier"}).select == "verifier"
+    for bad in ({"regex": "("}, {"json_schema": {"$ref": "#"}}, {"top_k": 1},
                 {"generator": "sc"}):
         with pytest.raises(ValueError):
             BestOfNParams.model_validate(bad)

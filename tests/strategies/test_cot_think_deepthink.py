@@ -192,7 +192,8 @@ def test_think_appends_wait_then_cuts_at_max_and_asks_for_the_answer(client, pro
     assert answer["messages"][-1]["content"] == THINKING + "\n</think>\nFinal answer:"
     assert answer["stream"] is True
     details = completion.ttc["details"]
-    assert details == {"thinking_tokens": 20, "waits": 1, "answer_tokens": 4, "cut_at_max": True}
+    assert details == {"thinking_tokens": 20, "waits": 1, "answer_tokens": 4, "cut_at_max": True,
+                       "continued_model_thinking": False}
     assert completion.choices[0].message.content == "The answer is 42."
     reasoning = reasoning_of(completion)
     assert FIRST_THOUGHT in reasoning and " w14" in reasoning

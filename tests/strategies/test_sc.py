@@ -182,11 +182,10 @@ def test_client_n_above_one_is_refused(client, fake):
 
 
 @pytest.mark.parametrize("feature", [
-    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
-    {"tool_choice": "auto"},
     {"functions": [{"name": "f", "parameters": {"type": "object"}}]},
+    {"function_call": "auto"},
 ])
-def test_unsupported_features_are_refused(proxy, fake, feature):
+def test_legacy_function_fields_are_refused(proxy, fake, feature):
     (name,) = feature
     response = chat(proxy, {"model": "sc-fake-model", "messages": user(), **feature})
     error = assert_openai_error(response, 400, param=name, code="unsupported_by_strategy")

@@ -1,4 +1,5 @@
-"""Grading a reply against a task's answer. Replies are read with strategies.answers, as strategies read them.
+"""Grading a reply against a task's answer. Replies are read with strategies.answers, as strategies read them: a
+reasoning model's thinking (`<think>...</think>`) is set apart first, so only the answer is graded.
 
 Checks:
     number  the last number in the reply equals `answer` numerically ("1,000" == "1000", "56.0" == "56", "−3" == "-3")
@@ -14,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ttc_proxy.strategies.answers import boxed_content, last_number, normalise_text, numbers_equal, parse_number
+from ttc_proxy.strategies.answers import answer_text, boxed_content, last_number, normalise_text, numbers_equal, parse_number
 
 
 @dataclass(frozen=True)
@@ -56,4 +57,4 @@ CHECKS: dict[str, Callable[[str, str], Verdict]] = {
 
 
 def check_reply(check: str, reply: str, answer: str) -> Verdict:
-    return CHECKS[check](reply, answer)
+    return CHECKS[check](answer_text(reply), answer)
