@@ -18,12 +18,14 @@ _BOUNDS = {"minimum": "minimum", "maximum": "maximum", "exclusiveMinimum": "excl
 
 _PARAMETER_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
-    "required": ["name", "type", "nullable", "default", "choices", "description"],
+    "required": ["name", "type", "nullable", "default", "required", "choices", "description"],
     "properties": {
         "name": {"type": "string"},
         "type": {"type": "string", "description": "the JSON type: integer, number, string, boolean, object"},
         "nullable": {"type": "boolean", "description": "null (unset) is accepted"},
-        "default": {"description": "the value used when the request does not set it (config defaults aside)"},
+        "default": {"description": "the value used when the request does not set it (config defaults aside); "
+                               "null for a required parameter"},
+        "required": {"type": "boolean", "description": "the request must set it (it has no default)"},
         "choices": {"type": ["array", "null"], "description": "the values it takes, when it is one of a list"},
         "description": {"type": "string"},
         "limit": {"type": "string", "enum": ["samples", "iterations"],
@@ -96,7 +98,8 @@ def describe_parameters(params: type[BaseModel]) -> list[dict[str, Any]]:
             "name": name,
             "type": main.get("type", "string" if "enum" in main else "object"),
             "nullable": nullable,
-            "default": to_jsonable_python(field.get_default(call_default_factory=True)),
+            "default": None if field.is_required() else to_jsonable_python(field.get_default(call_default_factory=True)),
+            "required": field.is_required(),
             "choices": main.get("enum"),
             "description": field.description or "",
         }

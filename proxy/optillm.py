@@ -55,6 +55,11 @@ def is_optillm_prefix(head: str) -> bool:
     return head == PASS_THROUGH or all(part in APPROACHES or part == PASS_THROUGH for part in _JOINERS.split(head))
 
 
+def optillm_names() -> list[str]:
+    """optillm's approach and plugin slugs that have a counterpart here."""
+    return [slug for slug, target in APPROACHES.items() if target is not None]
+
+
 def mapped() -> str:
     return ", ".join(f"{slug} → {target[0]}" + (f" ({_params(target[1])})" if target[1] else "")
                      for slug, target in APPROACHES.items() if target is not None)

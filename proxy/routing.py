@@ -19,7 +19,7 @@ from ttc_proxy.strategies.framework import Strategy, StrategySpec
 
 from .config import ProxyConfig
 from .errors import InvalidRequest
-from .optillm import is_optillm_prefix, optillm_spec
+from .optillm import is_optillm_prefix, optillm_names, optillm_spec
 
 SLUG = re.compile(r"[a-z0-9_]+")
 _TTC_KEYS = ("strategy", "params", "over", "budget")
@@ -41,12 +41,14 @@ def close_strategy(model_name: str, registry: Mapping[str, type[Strategy]]) -> t
     """(head, slug) when the head of a model name is close to a strategy slug (`deep-think-smollm2`: `deep-think`
     and `deepthink`; `mcst-smollm2`: `mcst` and `mcts`), else None. Every '-' may end the head, as a misspelt slug
     may hold one."""
-    slugs = sorted(registry)
+    # optillm's approach names that map onto a strategy are names a user may mean too (`self-consistency`).
+    names = sorted(set(registry) | set(optillm_names()))
     for end in [i for i, ch in enumerate(model_name) if ch in "-:>"]:
         head = model_name[:end]
         if head in registry:
             return None
-        close = difflib.get_close_matches(head.replace("-", ""), slugs, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(head.replace("-", "_"), names, n=1, cutoff=0.75) or \
+            difflib.get_close_matches(head.replace("-", ""), names, n=1, cutoff=0.75)
         if close:
             return head, close[0]
     return None

@@ -140,6 +140,7 @@ def test_a_bad_request_is_a_400_while_its_backend_is_down(fields, code):
     ("mcst-fake-model", "mcts", 404),
     ("deepthinking-fake-model", "deepthink", 404),
     ("mcst:iterations=2-fake-model", "mcts", 400),
+    ("self-consistency-fake-model", "self_consistency", 404),  # optillm's name, which maps onto sc
 ])
 def test_a_misspelt_strategy_gets_a_did_you_mean(proxy, fake, model, slug, status):
     error = assert_openai_error(chat(proxy, {"model": model, "messages": user()}), status)

@@ -40,8 +40,8 @@ def test_a_parameter_says_its_type_default_range_choices_and_limit(proxy, fake):
     listing = httpx.get(proxy.url + "/v1/strategies").json()
     bon = next(entry for entry in listing["data"] if entry["id"] == "bon")
     parameters = {p["name"]: p for p in bon["parameters"]}
-    assert parameters["n"] == {"name": "n", "type": "integer", "nullable": False, "default": 8, "choices": None,
-                               "description": "candidates to draw", "minimum": 1, "limit": "samples"}
+    assert parameters["n"] == {"name": "n", "type": "integer", "nullable": False, "default": 8, "required": False,
+                               "choices": None, "description": "candidates to draw", "minimum": 1, "limit": "samples"}
     assert parameters["select"]["choices"] == ["vote", "confidence", "weighted", "judge", "verifier"]
     assert parameters["select"]["type"] == "string" and parameters["select"]["default"] == "confidence"
     assert parameters["temperature"]["nullable"] is True and parameters["temperature"]["type"] == "number"
@@ -51,6 +51,13 @@ def test_a_parameter_says_its_type_default_range_choices_and_limit(proxy, fake):
     assert bon["composable"] is True and bon["multiple_choices"] is False
     entropy = next(entry for entry in listing["data"] if entry["id"] == "entropy")
     assert [c["name"] for c in entropy["capabilities"]] == ["completions", "logprobs", "render", "tokenize"]
+
+
+def test_a_parameter_without_a_default_is_said_to_be_required(proxy, fake):
+    listing = httpx.get(proxy.url + "/v1/strategies").json()
+    pipeline = next(entry for entry in listing["data"] if entry["id"] == "pipeline")
+    stages = next(p for p in pipeline["parameters"] if p["name"] == "stages")
+    assert stages["required"] is True and stages["default"] is None and stages["type"] == "array"
 
 
 def test_the_list_needs_a_proxy_key_when_keys_are_set(fake_backend):
