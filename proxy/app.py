@@ -44,7 +44,10 @@ from .protocol import (
 )
 from .openapi import openapi_document
 from .passthrough import pass_through
+from .metrics import PASS_THROUGH, ProxyMetrics
+from .observing import ObservingMiddleware, request_labels
 from .registry import load_registry
+from .telemetry import Telemetry, otlp_configured
 from .routing import Route, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
 from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
@@ -54,6 +57,8 @@ from .replicas import share_bounds
 from .traces import TraceStore, open_trace_store
 
 log = logging.getLogger("ttc_proxy.app")
+
+MAX_LISTED_TRACES = 200
 
 
 @dataclass
@@ -66,6 +71,8 @@ class ProxyState:
     backends: dict[str, Backend] = field(default_factory=dict)
     api_keys: frozenset[str] = frozenset()
     verifiers: VerifierClient | None = None
+    metrics: ProxyMetrics | None = None
+    telemetry: Telemetry | None = None
     pivot_sets: dict[str, list[dict[str, Any]]] = field(init=False)  # config `pivots:`, by name, for every run
     openapi: dict[str, Any] = field(init=False)  # GET /openapi.json
 
@@ -164,13 +171,17 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None = None) -> FastAPI:
     """The proxy as an ASGI app. `registry`: the strategies it serves (default: built-ins and installed plugins)."""
 
+    metrics = ProxyMetrics(()) if config.telemetry.metrics else None
+    telemetry = Telemetry(config.telemetry) if otlp_configured(config.telemetry) else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         strategies = registry if registry is not None else load_registry()[0]
         engines: list[LocalEngine] = []
         health_checks: list[asyncio.Task[None]] = []
         async with new_client_session(limit=1024) as client, open_trace_store(config.server) as traces:
-            state = ProxyState(config, strategies, traces, api_keys=config.server.accepted_keys())
+            state = ProxyState(config, strategies, traces, api_keys=config.server.accepted_keys(),
+                               metrics=metrics, telemetry=telemetry)
             state.verifiers = VerifierClient(config.verifiers, client)
             try:
                 for backend_config in config.backends:
@@ -182,11 +193,16 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                         base_url = engine.base_url
                     assert base_url is not None
                     backend = Backend(backend_config, base_url, client)
+                    backend.metrics = metrics
+                    if telemetry is not None:
+                        backend.trace_headers = telemetry.outgoing_headers
                     await backend.discover()
                     share_bounds(backend.name, backend.scheduler, config.server.sharing())
                     state.backends[backend.name] = backend
                     health_checks.append(asyncio.create_task(backend.check_health_forever()))
                     log.info("backend %s at %s: %s", backend.name, backend.base_url, backend.capabilities)
+                if metrics is not None:  # labels name served models only: anything else a client sends is `other`
+                    metrics.served_models = frozenset(m for b in state.backends.values() for m in b.served_models)
                 app.state.proxy = state
                 yield
             finally:
@@ -195,9 +211,13 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                 await asyncio.gather(*health_checks, return_exceptions=True)
                 for engine in engines:
                     await engine.stop()
+                if telemetry is not None:
+                    await asyncio.to_thread(telemetry.shutdown)  # sends the spans still buffered
 
     app = FastAPI(title="ttc-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AccessLogMiddleware, identify=_key_id_of)
+    if metrics is not None or telemetry is not None:
+        app.add_middleware(ObservingMiddleware, metrics=metrics, telemetry=telemetry)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -263,6 +283,31 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             return error_response(exc)
         return Response(trace, media_type="application/json")
 
+    async def get_metrics(request: Request) -> Response:
+        state: ProxyState = request.app.state.proxy
+        try:
+            state.authorize(request.headers)
+            if state.metrics is None:
+                raise NotFound("metrics are off (telemetry.metrics: false)", code="metrics_off")
+        except ProxyError as exc:
+            return error_response(exc)
+        text, content_type = state.metrics.exposition()
+        return Response(text, media_type=content_type)
+
+    async def list_traces(request: Request) -> Response:
+        """GET /v1/traces?limit=N: this key's latest traces (the console's list), newest first."""
+        state: ProxyState = request.app.state.proxy
+        raw_limit = request.query_params.get("limit", "50")
+        try:
+            owner = state.authorize(request.headers)
+            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LISTED_TRACES:
+                raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LISTED_TRACES}", param="limit",
+                                     code="invalid_value")
+            bodies = await state.traces.recent(owner, int(raw_limit))
+        except ProxyError as exc:
+            return error_response(exc)
+        return Response(b'{"object":"list","data":[' + b",".join(bodies) + b"]}", media_type="application/json")
+
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(request.app.state.proxy.openapi)
 
@@ -282,7 +327,9 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/openapi.json", openapi, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/traces", list_traces, methods=["GET"])
     app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
+    app.add_route("/metrics", get_metrics, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     for prefix in ("", "/v1"):  # at the root as vLLM serves them, and beside the OpenAI API for SDK base URLs
@@ -346,10 +393,14 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         parsed = validate_request(schema, body)
         access = access_record(request.scope)
         access.model = parsed.model
+        labels = request_labels(request.scope)
+        labels.client_model = parsed.model
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
         candidates = state.backends_for(route)
         backend = candidates[0]
+        labels.model = route.model  # served: backends_for found it
         if route.spec is None:
+            labels.strategy = PASS_THROUGH
             calls = EngineCalls()
             access.sources.append(calls)
             return await pass_through(request, candidates, path, body, route, request_id, calls)
@@ -357,6 +408,8 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
         checked = check_spec(route.spec, state.registry, state.config.strategies, model=route.model)
+        labels.strategy = ">".join(level.slug for level, _ in checked)  # registered slugs only
+        labels.composition = route.spec.describe()
         strategy, params = checked[0]
         check_strategy_request(strategy, parsed, body)
         for level, level_params in checked:
@@ -380,8 +433,11 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
                           backend_for=lambda model: state.backend_for(Route(None, model)),
                           verifiers=state.verifiers,
-                          pivot_sets=state.pivot_sets)
+                          pivot_sets=state.pivot_sets,
+                          trace_observer=state.telemetry.run_spans(route.spec.describe(), body.get("messages") or [])
+                          if state.telemetry is not None else None)
         access.sources.append(run)
+        labels.runs.append(run)
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

@@ -243,8 +243,20 @@ class ServerSettings(StrictModel):
         return frozenset(keys)
 
 
+class TelemetrySettings(StrictModel):
+    """What the proxy shows about itself: Prometheus metrics at /metrics, OpenTelemetry traces sent over OTLP/HTTP
+    (off unless an endpoint is set here or in OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT; the other OTEL_* variables are
+    honoured), and the web console at /ui."""
+
+    metrics: bool = True
+    otlp_endpoint: str | None = None  # the collector's base URL (http://host:4318); spans go to {it}/v1/traces
+    capture_content: bool = False  # prompt and completion text in spans
+    console: bool = True
+
+
 class ProxyConfig(StrictModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     backends: list[BackendConfig] = Field(min_length=1)
     strategies: StrategySettings = Field(default_factory=StrategySettings)
     aliases: dict[str, Alias] = Field(default_factory=dict)

@@ -155,6 +155,7 @@ class DeepConf(Strategy):
         selection = select(pool, "weighted", among=survivors, fallback="first")
         winner = traces[selection.index][0]
         pruned = sum(1 for _, _, pruned_at in traces if pruned_at is not None)
+        ctx.count("deepconf_traces_cut", pruned)
         weight = selection.scores[selection.answer]
         await ctx.progress(f"winner: {selection.answer}, weight {weight:.2f} of {sum(selection.scores.values()):.2f} "
                            f"({len(survivors)} survivors, {pruned} stopped early)")

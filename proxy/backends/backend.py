@@ -9,7 +9,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ import aiohttp
 from yarl import URL
 
 from ..config import BackendConfig
+from ..metrics import BackendCallTimer, ProxyMetrics
 from ..errors import (
     BackendConnectFailed,
     BackendDown,
@@ -46,6 +47,9 @@ _RETRY_HEADERS = ("retry-after", "x-should-retry")
 # A prefill no reply of one token can contain: whether the engine echoes it shows in its answer (see
 # Backend.prefill_echoes).
 _ECHO_PROBE = "Echo probe 7Q3:"
+# A call's kind, by the engine path it goes to (the `kind` label of ttc_backend_calls_total).
+_CALL_KINDS = {"/chat/completions": "chat", "/completions": "completions", "/tokenize": "tokenize",
+               "/detokenize": "detokenize", "/apply-template": "render"}
 
 
 def connections_in_use(client: aiohttp.ClientSession) -> int:
@@ -180,6 +184,9 @@ class Backend:
         self._urls: dict[str, URL] = {}  # parsed once per path
         self._prefill_echo: bool | None = None  # learned on first use (prefill_echoes)
         self._echo_lock = asyncio.Lock()
+        self.metrics: ProxyMetrics | None = None  # set by the app when metrics are on
+        # The trace context to send with a call (W3C traceparent), set by the app when telemetry is on.
+        self.trace_headers: Callable[[], Mapping[str, str]] | None = None
 
     def _preset(self, kind: Any) -> Capabilities:
         capabilities = PRESETS[kind]
@@ -319,6 +326,8 @@ class Backend:
 
     async def _send(self, path: str, content: bytes, request_id: str | None) -> BackendResponse:
         headers = self._headers if request_id is None else {**self._headers, "x-request-id": request_id}
+        if self.trace_headers is not None:
+            headers = {**headers, **self.trace_headers()}
         retries = self.config.connect_retries
         refused = 0
         stale = False
@@ -416,13 +425,37 @@ class Backend:
         async with self.scheduler.slot(owner, cost):
             if on_start is not None:
                 on_start()
-            payload = content if content is not None else json.dumps(body).encode()
-            response = await self._send(path, payload, request_id)
+            timer = self._timer(path)
+            status = "error"
             try:
-                await self._raise_for_status(response, body)
-                yield response
+                payload = content if content is not None else json.dumps(body).encode()
+                response = await self._send(path, payload, request_id)
+                status = str(response.status_code)
+                try:
+                    await self._raise_for_status(response, body)
+                    yield response
+                finally:
+                    response.close()  # closes the connection unless the body was read to its end
+            except (BackendTimeout, TimeoutError):
+                status = "timeout"
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                status = "cancelled" if status == "200" else status
+                raise
             finally:
-                response.close()  # closes the connection unless the body was read to its end
+                if timer is not None:
+                    timer.done(status)
+                    self._report_load()
+
+    def _timer(self, path: str) -> BackendCallTimer | None:
+        if self.metrics is None:
+            return None
+        self._report_load()
+        return BackendCallTimer(self.metrics, self.name, _CALL_KINDS.get(path, "other"))
+
+    def _report_load(self) -> None:
+        if self.metrics is not None:
+            self.metrics.backend_load(self.name, self.scheduler.in_use, self.scheduler.queued)
 
     async def call(
         self,
@@ -453,6 +486,25 @@ class Backend:
     async def _engine_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A small POST to an engine endpoint (no generation, so no scheduler slot); errors as ProxyErrors.
         Idempotent, so a stale pooled connection is retried once on a fresh one."""
+        timer = self._timer(path)
+        status = "error"
+        try:
+            payload = await self._engine_call(path, body)
+            status = "200"
+            return payload
+        except BackendTimeout:
+            status = "timeout"
+            raise
+        except BackendUnreachable:
+            raise
+        except ProxyError as exc:
+            status = str(exc.status_code)  # the engine's own error status
+            raise
+        finally:
+            if timer is not None:
+                timer.done(status)
+
+    async def _engine_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         for attempt in range(2):
             try:
                 async with self.client.post(f"{self.root_url}{path}", json=body, headers=self._headers,

@@ -82,6 +82,7 @@ class RunState:
     # tokens), added to the estimate of a prompt not seen yet.
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     prompt_overhead: int = 0
+    counts: dict[str, float] = field(default_factory=dict)  # what the strategies counted (ctx.count), by name
 
     def learn_prompt(self, key: str, tokens: int) -> None:
         self.prompt_tokens[key] = tokens
@@ -677,6 +678,9 @@ class RunContext:
 
     def note(self, key: str, value: Any) -> None:
         self._state.trace.nodes[self._scope.node].setdefault("notes", {})[key] = value
+
+    def count(self, event: str, amount: float = 1) -> None:
+        self._state.counts[event] = self._state.counts.get(event, 0) + amount
 
     def pivots(self, name: str) -> Sequence[Mapping[str, Any]]:
         records = self._state.pivot_sets.get(name)
