@@ -422,30 +422,32 @@ class Backend:
         and it may still change `body` (the budget cuts max_tokens to what is left then).
         Reading the body raises BackendUnreachable or BackendTimeout if the backend breaks off or stalls.
         """
-        async with self.scheduler.slot(owner, cost):
-            if on_start is not None:
-                on_start()
-            timer = self._timer(path)
-            status = "error"
-            try:
-                payload = content if content is not None else json.dumps(body).encode()
-                response = await self._send(path, payload, request_id)
-                status = str(response.status_code)
+        try:
+            async with self.scheduler.slot(owner, cost):
+                if on_start is not None:
+                    on_start()
+                timer = self._timer(path)
+                status = "error"
                 try:
-                    await self._raise_for_status(response, body)
-                    yield response
+                    payload = content if content is not None else json.dumps(body).encode()
+                    response = await self._send(path, payload, request_id)
+                    status = str(response.status_code)
+                    try:
+                        await self._raise_for_status(response, body)
+                        yield response
+                    finally:
+                        response.close()  # closes the connection unless the body was read to its end
+                except (BackendTimeout, TimeoutError):
+                    status = "timeout"
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    status = "cancelled" if status == "200" else status
+                    raise
                 finally:
-                    response.close()  # closes the connection unless the body was read to its end
-            except (BackendTimeout, TimeoutError):
-                status = "timeout"
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                status = "cancelled" if status == "200" else status
-                raise
-            finally:
-                if timer is not None:
-                    timer.done(status)
-                    self._report_load()
+                    if timer is not None:
+                        timer.done(status)
+        finally:
+            self._report_load()  # the slot is given back (or was never had: the queue is shorter by one)
 
     def _timer(self, path: str) -> BackendCallTimer | None:
         if self.metrics is None:
