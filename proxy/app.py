@@ -25,6 +25,7 @@ from .backends import Backend, new_client_session
 from .backends.backend import refuse_if_down
 from .backends.engine import LocalEngine
 from .config import ProxyConfig
+from .console import ASSETS as CONSOLE_ASSETS, asset as console_asset
 from .errors import (
     ClientDisconnected,
     InvalidRequest,
@@ -59,6 +60,9 @@ from .traces import TraceStore, open_trace_store
 log = logging.getLogger("ttc_proxy.app")
 
 MAX_LISTED_TRACES = 200
+# The console runs its own script and style only and talks to this proxy only.
+CONSOLE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+                  "img-src 'self' data:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 
 
 @dataclass
@@ -308,6 +312,16 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             return error_response(exc)
         return Response(b'{"object":"list","data":[' + b",".join(bodies) + b"]}", media_type="application/json")
 
+    async def console(request: Request) -> Response:
+        """GET /ui and its two files: static, holding nothing private (the page fetches with the key entered)."""
+        name = request.path_params.get("name", "index.html")
+        body = console_asset(name) if config.telemetry.console else None
+        if body is None:
+            return error_response(NotFound(f"no console file {name!r}" if config.telemetry.console
+                                           else "the console is off (telemetry.console: false)", code="not_found"))
+        return Response(body, media_type=CONSOLE_ASSETS[name],
+                        headers={"content-security-policy": CONSOLE_POLICY, "x-content-type-options": "nosniff"})
+
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(request.app.state.proxy.openapi)
 
@@ -330,6 +344,8 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     app.add_route("/v1/traces", list_traces, methods=["GET"])
     app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
     app.add_route("/metrics", get_metrics, methods=["GET"])
+    app.add_route("/ui", console, methods=["GET"])
+    app.add_route("/ui/{name}", console, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     for prefix in ("", "/v1"):  # at the root as vLLM serves them, and beside the OpenAI API for SDK base URLs

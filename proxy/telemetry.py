@@ -141,7 +141,7 @@ class RunSpans:
             return
         kind = node["kind"]
         context = otel_trace.set_span_in_context(parent)
-        if kind == "call":
+        if kind in ("call", "stream"):
             operation = "chat" if node.get("endpoint") == "/chat/completions" else "text_completion"
             model = self.model or ""
             span = self.tracer.start_span(f"{operation} {model}".strip(), context=context, kind=SpanKind.CLIENT,
