@@ -79,3 +79,64 @@ def show_run(driver: Any, trace_id: str) -> Any:
     driver.find_element(By.CSS_SELECTOR, f'#run-list li[data-trace-id="{trace_id}"]').click()
     wait_for(driver, lambda d: d.find_element(By.ID, "run-detail").get_attribute("data-trace-id") == trace_id)
     return driver.find_element(By.ID, "run-detail")
+
+
+def check_drawing(detail: Any, ttc: dict[str, Any], trace: dict[str, Any]) -> None:
+    """The run's drawing shows what its trace holds: every candidate and the chosen one, every mcts node and the
+    chosen one, every token and exactly the intervened ones, deepthink's route, think's waits, nested runs."""
+    from selenium.webdriver.common.by import By
+
+    root = trace["nodes"][0]
+    details = ttc["details"]
+    found = lambda selector: detail.find_elements(By.CSS_SELECTOR, selector)  # noqa: E731
+    strategy = root["label"]
+    nested = [n for n in trace["nodes"] if n["kind"] == "strategy"]
+    if strategy in ("bon", "sc", "deepconf"):
+        assert len(found(".run > div > .pool > .candidate")) == len(details["candidates"])
+        chosen = [c.get_attribute("data-index") for c in found(".run > div > .pool > .candidate.chosen")]
+        if strategy == "bon":
+            assert chosen == [str(details["winner"]["index"])]
+        else:
+            assert len(chosen) == 1 and details["candidates"][int(chosen[0])]["answer"] == details["answer"]
+    elif strategy == "mcts":
+        assert len(found("g.mcts-node")) == len(root["notes"]["tree"]) == details["nodes"]
+        assert [g.get_attribute("data-node-id") for g in found("g.mcts-node.chosen")] == [str(details["node"])]
+    elif strategy in ("entropy", "pts"):
+        assert len(found(".token[data-position]")) == len(root["notes"]["positions"])
+        forked = [t.get_attribute("data-position") for t in found(".token.intervention[data-position]")]
+        assert forked == [str(i["position"]) for i in details["interventions"]]
+    elif strategy == "deepthink":
+        assert found(".route")[0].text == details["route"]
+        assert len(found(".approaches .candidate")) == len(details["explorations"])
+    elif strategy == "think":
+        assert len(found(".thinking .wait")) == details["waits"]
+    if nested:
+        assert len(found(f'section.nested[data-strategy="{nested[0]["label"]}"]')) == min(len(nested), 6)
+
+
+def run_playground(driver: Any, url: str, models: list[str], question: str, max_tokens: int = 48,
+                   timeout: float = 300.0) -> list[Any]:
+    """The playground run with one or two models; their lanes once both have finished (each must succeed)."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url + "/ui")
+    driver.find_element(By.CSS_SELECTOR, '[data-tab="playground"]').click()
+    for field, model in zip(("model-a", "model-b"), [*models, ""]):
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(model)
+    question_box = driver.find_element(By.ID, "question")
+    question_box.clear()
+    question_box.send_keys(question)
+    tokens = driver.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(max_tokens))
+    driver.find_element(By.ID, "play").click()
+    wait_for(driver, lambda d: all(lane.get_attribute("data-state") != "running"
+                                   for lane in d.find_elements(By.CSS_SELECTOR, ".lane")), timeout)
+    lanes = driver.find_elements(By.CSS_SELECTOR, ".lane")
+    assert [lane.get_attribute("data-model") for lane in lanes] == models
+    assert [lane.get_attribute("data-state") for lane in lanes] == ["done"] * len(models), \
+        [lane.text for lane in lanes]
+    assert all(int(lane.get_attribute("data-tokens")) > 0 for lane in lanes)
+    return lanes

@@ -12,7 +12,7 @@ from ttc_proxy.tools.fakebackend import FakeBackend
 
 from tests.helpers import ProxyServer, fake_config, sync_client, user
 
-from .browser import open_console, screenshot, show_run, wait_for
+from .browser import check_drawing, open_console, run_playground, screenshot, show_run
 
 KEY = "sk-console-a"
 OTHER_KEY = "sk-console-b"
@@ -63,54 +63,23 @@ def test_a_key_sees_its_own_runs_only(fake: FakeBackend, browser: Any) -> None:
 
 def test_the_drawings_match_the_traces(fake: FakeBackend, browser: Any) -> None:
     with ProxyServer(fake_config(fake)) as server, sync_client(server) as client:
-        runs = {model: client.chat.completions.create(model=model, messages=user(), max_tokens=24).model_extra["ttc"]
-                for model in ("bon:n=4-fake-model", "mcts:iterations=2-fake-model", "entropy-fake-model",
-                              "deepthink-fake-model", "think-fake-model", "bon:n=2>cot-fake-model")}
+        runs = {name: client.chat.completions.create(model=model, messages=user(), max_tokens=24).model_extra["ttc"]
+                for name, model in (("bon", "bon:n=4-fake-model"), ("sc", "sc:n=3-fake-model"),
+                                    ("deepconf", "deepconf:n=4,warmup=2-fake-model"),
+                                    ("mcts", "mcts:iterations=2-fake-model"), ("entropy", "entropy-fake-model"),
+                                    ("pts", "pts-fake-model"), ("deepthink", "deepthink-fake-model"),
+                                    ("think", "think-fake-model"), ("bon-over-cot", "bon:n=2>cot-fake-model"))}
         open_console(browser, server.url)
-        for model, ttc in runs.items():
+        for name, ttc in runs.items():
             detail = show_run(browser, ttc["trace_id"])
             trace = httpx.get(f"{server.url}/v1/traces/{ttc['trace_id']}").json()
-            root = trace["nodes"][0]
-            if model.startswith("bon:n=4"):
-                cards = detail.find_elements(By.CSS_SELECTOR, ".candidate")
-                assert len(cards) == 4
-                chosen = detail.find_elements(By.CSS_SELECTOR, ".candidate.chosen")
-                assert [c.get_attribute("data-index") for c in chosen] == [str(ttc["details"]["winner"]["index"])]
-            elif model.startswith("mcts"):
-                drawn = detail.find_elements(By.CSS_SELECTOR, "g.mcts-node")
-                assert len(drawn) == len(root["notes"]["tree"]) == ttc["details"]["nodes"]
-                assert [g.get_attribute("data-node-id") for g in detail.find_elements(By.CSS_SELECTOR, "g.mcts-node.chosen")] \
-                    == [str(ttc["details"]["node"])]
-            elif model.startswith("entropy"):
-                tokens = detail.find_elements(By.CSS_SELECTOR, ".token[data-position]")
-                assert len(tokens) == len(root["notes"]["positions"])
-                forked = [t.get_attribute("data-position") for t in detail.find_elements(By.CSS_SELECTOR, ".token.intervention[data-position]")]
-                assert forked == [str(i["position"]) for i in ttc["details"]["interventions"]]
-            elif model.startswith("deepthink"):
-                assert detail.find_element(By.CSS_SELECTOR, ".route").text == ttc["details"]["route"]
-                assert len(detail.find_elements(By.CSS_SELECTOR, ".approaches .candidate")) == len(ttc["details"]["explorations"])
-            elif model.startswith("think"):
-                assert len(detail.find_elements(By.CSS_SELECTOR, ".thinking .wait")) == ttc["details"]["waits"]
-            else:  # bon over cot: the nested cot runs drawn inside bon's
-                nested = detail.find_elements(By.CSS_SELECTOR, 'section.nested[data-strategy="cot"]')
-                assert len(nested) == 2
-            screenshot(browser, f"fake-{model.split('-')[0].replace(':', '_').replace('>', '_over_')}")
+            check_drawing(detail, ttc, trace)
+            screenshot(browser, f"fake-{name}")
 
 
 def test_the_playground_streams_two_models_side_by_side(fake: FakeBackend, browser: Any) -> None:
     with ProxyServer(fake_config(fake)) as server:
-        browser.get(server.url + "/ui")
-        browser.find_element(By.CSS_SELECTOR, '[data-tab="playground"]').click()
-        browser.find_element(By.ID, "model-a").clear()
-        browser.find_element(By.ID, "model-a").send_keys("fake-model")
-        browser.find_element(By.ID, "model-b").send_keys("sc:n=3-fake-model")
-        browser.find_element(By.ID, "play").click()
-        wait_for(browser, lambda d: all(lane.get_attribute("data-state") != "running"
-                                        for lane in d.find_elements(By.CSS_SELECTOR, ".lane")))
-        lanes = browser.find_elements(By.CSS_SELECTOR, ".lane")
-        assert [lane.get_attribute("data-state") for lane in lanes] == ["done", "done"]
+        lanes = run_playground(browser, server.url, ["fake-model", "sc:n=3-fake-model"], "What is 6 times 7?")
         assert all("42" in lane.find_element(By.CSS_SELECTOR, ".answer-text").text for lane in lanes)
-        assert "sc: 3 samples" in lanes[1].find_element(By.CSS_SELECTOR, ".reasoning").text or \
-            lanes[1].find_element(By.CSS_SELECTOR, ".reasoning").text
-        assert all(lane.get_attribute("data-tokens") for lane in lanes)
+        assert "winner: 42" in lanes[1].find_element(By.CSS_SELECTOR, ".reasoning").text
         screenshot(browser, "fake-playground")
