@@ -96,6 +96,11 @@ class ProxyMetrics:
         self.strategy_events = Counter("ttc_strategy_events",
                                        "What strategies report through their context (mcts nodes, entropy "
                                        "interventions, deepconf traces cut, ...)", ["strategy", "event"], registry=r)
+        # Labelled children by label values: looked up once per series (labels are bounded), not per request.
+        self._request_series: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+        self._backend_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._load_series: dict[str, tuple[Any, Any]] = {}
+        self._token_series: dict[tuple[str, str, str], Any] = {}
 
     # ---- labels ----
 
@@ -111,8 +116,13 @@ class ProxyMetrics:
     def request_finished(self, labels: RequestLabels, request: FinishedRequest) -> None:
         endpoint = self.endpoint_label(request.path)
         model, strategy = labels.model, labels.strategy
-        self.requests.labels(endpoint, model, strategy, str(request.status)).inc()
-        self.duration.labels(endpoint, model, strategy).observe(request.seconds)
+        key = (endpoint, model, strategy, request.status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (self.requests.labels(endpoint, model, strategy, str(request.status)),
+                                                  self.duration.labels(endpoint, model, strategy))
+        series[0].inc()
+        series[1].observe(request.seconds)
         if request.first_token_seconds is not None:
             self.first_token.labels(model, strategy).observe(request.first_token_seconds)
         if request.status == CLIENT_CLOSED:
@@ -127,15 +137,27 @@ class ProxyMetrics:
                 self.strategy_events.labels(strategy, event).inc(count)
         for kind, count in tokens.items():
             if count:
-                self.tokens.labels(kind, model, strategy).inc(count)
+                token_key = (kind, model, strategy)
+                counter = self._token_series.get(token_key)
+                if counter is None:
+                    counter = self._token_series[token_key] = self.tokens.labels(kind, model, strategy)
+                counter.inc(count)
 
     def backend_call(self, backend: str, kind: str, status: str, seconds: float) -> None:
-        self.backend_calls.labels(backend, kind, status).inc()
-        self.backend_duration.labels(backend, kind).observe(seconds)
+        key = (backend, kind, status)
+        series = self._backend_series.get(key)
+        if series is None:
+            series = self._backend_series[key] = (self.backend_calls.labels(backend, kind, status),
+                                                  self.backend_duration.labels(backend, kind))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def backend_load(self, backend: str, in_flight: int, queued: int) -> None:
-        self.in_flight.labels(backend).set(in_flight)
-        self.queued.labels(backend).set(queued)
+        series = self._load_series.get(backend)
+        if series is None:
+            series = self._load_series[backend] = (self.in_flight.labels(backend), self.queued.labels(backend))
+        series[0].set(in_flight)
+        series[1].set(queued)
 
     # ---- exposition ----
 

@@ -104,16 +104,21 @@ class ObservingMiddleware:
                                                 tokens=tokens)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _usage(data: bytes, stream: bool) -> Mapping[str, Any] | None:
-    """The usage object of a JSON reply, or of the stream chunk that carried it."""
-    if stream:
-        lines = [line[6:] for line in data.split(b"\n") if line.startswith(b"data: {") and b'"usage"' in line]
-        data = lines[-1] if lines else b""
-    if not data.startswith(b"{") or b'"usage"' not in data:
+    """The usage object of a JSON reply, or of the stream chunk that carried it: only the object after the last
+    `"usage":` is decoded, not the whole reply."""
+    at = data.rfind(b'"usage"')
+    if at < 0 or not (stream or data.startswith(b"{")):
+        return None
+    colon = data.find(b":", at + 7)
+    if colon < 0:
         return None
     try:
-        payload = json.loads(data)
+        text = data[colon + 1:colon + 1 + 4096].decode("utf-8", "replace")
+        usage, _ = _DECODER.raw_decode(text.lstrip())
     except (ValueError, RecursionError):
         return None
-    usage = payload.get("usage") if isinstance(payload, dict) else None
     return usage if isinstance(usage, dict) else None
