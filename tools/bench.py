@@ -315,6 +315,13 @@ def metrics_comparison(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     def added(phase: str, key: str, stat: str) -> float | None:
         return _diff(mean(phases[phase], "proxy_metrics_off", key, stat), mean(phases[phase], "proxy", key, stat))
 
+    def cpu_added(phase: str) -> float | None:
+        sides = []
+        for side in ("proxy", "proxy_metrics_off"):
+            values = [_cpu(phases[phase][name], "proxy") for name in (side, f"{side}#2")]
+            sides.append(None if None in values else sum(values) / 2)  # type: ignore[arg-type]
+        return _diff(sides[1], sides[0])
+
     conc = phases["concurrent"]
     on_rps = (conc["proxy"]["rps"] + conc["proxy#2"]["rps"]) / 2
     off_rps = (conc["proxy_metrics_off"]["rps"] + conc["proxy_metrics_off#2"]["rps"]) / 2
@@ -323,6 +330,8 @@ def metrics_comparison(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "sequential_added_p99_ms": added("sequential", "latency_ms", "p99"),
         "ttft_added_p50_ms": added("streaming", "ttft_ms", "p50"),
         "ttft_added_p99_ms": added("streaming", "ttft_ms", "p99"),
+        # the proxy process's CPU time per request: less moved by other processes on the machine than latency
+        "cpu_added_ms": {phase: cpu_added(phase) for phase in ("sequential", "streaming", "concurrent")},
         "rps_on": on_rps,
         "rps_off": off_rps,
         "runs": {name: {"sequential_p50_ms": _p(phases["sequential"][name], "latency_ms", "p50"),
@@ -400,6 +409,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{_fmt(metrics['sequential_added_p99_ms'], sign=True)}; TTFT p50 "
                      f"{_fmt(metrics['ttft_added_p50_ms'], sign=True)}, p99 {_fmt(metrics['ttft_added_p99_ms'], sign=True)}; "
                      f"req/s {_fmt(metrics['rps_on'], 'rps')} on, {_fmt(metrics['rps_off'], 'rps')} off")
+        cpu = metrics["cpu_added_ms"]
+        lines.append(f"  proxy CPU per request added by metrics: non-streaming {_fmt(cpu['sequential'], sign=True)}, "
+                     f"streaming {_fmt(cpu['streaming'], sign=True)}, 16 connections {_fmt(cpu['concurrent'], sign=True)}")
     lines.append("")
     counts = []
     for name, pair in phases.items():
