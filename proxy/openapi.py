@@ -122,6 +122,10 @@ def openapi_document(strategies: Iterable[str]) -> dict[str, Any]:
             "/v1/completions": {"post": _operation("Text completion, passed through", _json({"type": "object"}),
                                                    "CompletionRequest", stream=True)},
             "/v1/models": {"get": _operation("Served models, and each with every strategy prefix", _json(listing))},
+            "/v1/traces": {"get": _operation(
+                "This key's latest strategy-run traces, newest first (the console's list)", _json(listing),
+                parameters=[{"name": "limit", "in": "query", "required": False,
+                             "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}}])},
             "/v1/traces/{trace_id}": {"get": _operation(
                 "A strategy run's trace", _json({"type": "object"}),
                 parameters=[{"name": "trace_id", "in": "path", "required": True, "schema": {"type": "string"}}])},

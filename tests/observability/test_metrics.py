@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
 
-from ..helpers import ProxyServer, chat, fake_config, sync_client, user
+from ..helpers import ProxyServer, assert_openai_error, chat, fake_config, sync_client, user, wait_until
 
 
 def samples(server: ProxyServer, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
@@ -82,9 +82,7 @@ def test_budget_exhaustion_is_counted(fake: FakeBackend) -> None:
 def test_metrics_need_the_proxy_key_when_keys_are_configured(fake: FakeBackend) -> None:
     config = fake_config(fake, server={"api_keys": ["sk-metrics"]})
     with ProxyServer(config) as server:
-        refused = httpx.get(server.url + "/metrics")
-        assert refused.status_code == 401
-        assert refused.json()["error"]["type"] == "invalid_request_error" or refused.json()["error"]["code"]
+        assert_openai_error(httpx.get(server.url + "/metrics"), 401)
         found = samples(server, {"authorization": "Bearer sk-metrics"})
     assert value(found, "ttc_requests_total", endpoint="/metrics", model="-", strategy="-", status="401") == 1
 
@@ -94,3 +92,19 @@ def test_metrics_can_be_switched_off(fake: FakeBackend) -> None:
         response = httpx.get(server.url + "/metrics")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "metrics_off"
+
+
+def test_a_client_that_leaves_mid_stream_is_counted(fake: FakeBackend) -> None:
+    fake.reset(lambda body: FakeReply(texts=["one two three four five six seven eight"], chunk_delay=0.3))
+    with ProxyServer(fake_config(fake)) as server:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "fake-model", "messages": user(), "stream": True}) as response:
+            for line in response.iter_lines():
+                if '"content": "one"' in line:
+                    break  # leaves with the rest of the stream unread
+        wait_until(lambda: value(samples(server), "ttc_client_disconnects_total", endpoint="/v1/chat/completions",
+                                 strategy="none") == 1, timeout=10, interval=0.1)
+        found = samples(server)
+    assert value(found, "ttc_requests_total", endpoint="/v1/chat/completions", model="fake-model", strategy="none",
+                 status="499") == 1
+    assert value(found, "ttc_time_to_first_token_seconds_count", model="fake-model", strategy="none") == 1
