@@ -47,7 +47,15 @@ class Trace:
 
     def observe(self, observer: TraceObserver) -> None:
         self.observer = observer
-        observer.started(self.id, self.nodes[0])
+        self._tell(observer.started, self.id, self.nodes[0])
+
+    def _tell(self, hook: Any, *args: Any) -> None:
+        # What watches the trace (telemetry) must never fail the run it records.
+        try:
+            hook(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("trace observer failed; trace %s goes on without it", self.id)
+            self.observer = None
 
     def add(self, parent: int, label: str, kind: str, /, **attrs: Any) -> int:
         reserved = _RESERVED & set(attrs)
@@ -56,13 +64,13 @@ class Trace:
         node_id = len(self.nodes)
         self.nodes.append({"id": node_id, "parent": parent, "label": label, "kind": kind, **attrs})
         if self.observer is not None:
-            self.observer.added(self.nodes[node_id])
+            self._tell(self.observer.added, self.nodes[node_id])
         return node_id
 
     def update(self, node_id: int, **attrs: Any) -> None:
         self.nodes[node_id].update(attrs)
         if self.observer is not None:
-            self.observer.updated(self.nodes[node_id])
+            self._tell(self.observer.updated, self.nodes[node_id])
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "object": "ttc.trace", "created": int(self.started), "nodes": self.nodes}

@@ -440,8 +440,8 @@ class Backend:
                 except (BackendTimeout, TimeoutError):
                     status = "timeout"
                     raise
-                except (asyncio.CancelledError, GeneratorExit):
-                    status = "cancelled" if status == "200" else status
+                except asyncio.CancelledError:
+                    status = "cancelled"
                     raise
                 finally:
                     if timer is not None:
