@@ -232,7 +232,7 @@ function drawMcts(node) {
   };
   place("root", 0);
   const depth = Math.max(...[...pos.values()].map((p) => p.depth));
-  const dx = 78, dy = 90, pad = 46;
+  const dx = Math.max(44, Math.min(78, 1000 / Math.max(1, column))), dy = 90, pad = 46;  // wide trees packed
   // below the deepest row: its largest circle and two lines of text
   const width = Math.max(column * dx + pad * 2, 320), height = depth * dy + pad + 22 + 36;
   const at = (id) => ({ x: pad + pos.get(id).x * dx, y: pad + pos.get(id).depth * dy });
@@ -297,7 +297,7 @@ function drawDeepthink(node) {
     el("p", {}, "route: ", el("span", { class: "route", "data-route": d.route, text: d.route || "?" }),
       d.agreement !== undefined ? ` · agreement ${Number(d.agreement).toFixed(2)}` : ""),
     el("div", { class: "approaches" }, explorations.map((x, i) =>
-      el("div", { class: `candidate${x.answer === d.answer ? " chosen" : ""}`, "data-index": i },
+      el("div", { class: `candidate${x.answer === d.answer ? " agrees" : ""}`, "data-index": i },
         el("div", { class: "muted", text: `approach ${i + 1}` }), el("div", { text: x.approach }),
         el("div", { class: "answer", text: x.answer ?? "(no answer)" })))));
 }
