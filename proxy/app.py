@@ -175,7 +175,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None = None) -> FastAPI:
     """The proxy as an ASGI app. `registry`: the strategies it serves (default: built-ins and installed plugins)."""
 
-    metrics = ProxyMetrics(()) if config.telemetry.metrics else None
+    metrics = ProxyMetrics() if config.telemetry.metrics else None
     telemetry = Telemetry(config.telemetry) if otlp_configured(config.telemetry) else None
 
     @asynccontextmanager
@@ -205,8 +205,6 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                     state.backends[backend.name] = backend
                     health_checks.append(asyncio.create_task(backend.check_health_forever()))
                     log.info("backend %s at %s: %s", backend.name, backend.base_url, backend.capabilities)
-                if metrics is not None:  # labels name served models only: anything else a client sends is `other`
-                    metrics.served_models = frozenset(m for b in state.backends.values() for m in b.served_models)
                 app.state.proxy = state
                 yield
             finally:
@@ -414,7 +412,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
         candidates = state.backends_for(route)
         backend = candidates[0]
-        labels.model = route.model  # served: backends_for found it
+        labels.model = route.model  # a served model (backends_for found it): never a name the client made up
         if route.spec is None:
             labels.strategy = PASS_THROUGH
             calls = EngineCalls()

@@ -1,6 +1,6 @@
 """Prometheus metrics (`GET /metrics`): what the proxy served, what it asked of its backends, what strategies did.
 
-Every label is bounded: a model is one some backend serves (or an alias), else `other`; a strategy is the chain of
+Every label is bounded: a model is one some backend serves, `-` for a request refused before one was known; a strategy is the chain of
 registered slugs that ran (`bon>cot`), `none` for pass-through, `-` before one was known; an endpoint is one of the
 proxy's routes, else `other`. What a client sends never becomes a series of its own.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,8 +66,7 @@ class FinishedRequest:
 class ProxyMetrics:
     """The proxy's metrics, in a registry of its own (one per app: tests run several apps in one process)."""
 
-    def __init__(self, served_models: Iterable[str]) -> None:
-        self.served_models = frozenset(served_models)
+    def __init__(self) -> None:
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -103,9 +102,6 @@ class ProxyMetrics:
         self._token_series: dict[tuple[str, str, str], Any] = {}
 
     # ---- labels ----
-
-    def model_label(self, model: str) -> str:
-        return model if model in self.served_models else OTHER
 
     @staticmethod
     def endpoint_label(path: str) -> str:
