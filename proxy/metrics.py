@@ -1,8 +1,8 @@
 """Prometheus metrics (`GET /metrics`): what the proxy served, what it asked of its backends, what strategies did.
 
-Every label is bounded: a model is one some backend serves, `-` for a request refused before one was known; a strategy is the chain of
-registered slugs that ran (`bon>cot`), `none` for pass-through, `-` before one was known; an endpoint is one of the
-proxy's routes, else `other`. What a client sends never becomes a series of its own.
+Every label is bounded: a model is one some backend serves, `-` for a request refused before one was known; a
+strategy is the chain of registered slugs that ran (`bon>cot`), `none` for pass-through, `-` before one was known; an
+endpoint is one of the proxy's routes, else `other`. What a client sends never becomes a series of its own.
 
 With `ttc-proxy serve --workers N` each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR (set by the
 parent before the workers start: prometheus-client's multiprocess mode), and whichever worker answers a scrape
