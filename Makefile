@@ -35,7 +35,7 @@ test: install engines
 	$(PY) -m pytest -q
 
 # The edit-test loop: every test but the real-engine suites (no llama-server, vLLM or transformers started).
-test-fast: install redis-server observability-tools
+test-fast: install redis-server observability-tools phoenix
 	$(PY) -m pytest -q -m "not engine" --ignore=tests/engines
 
 # tests/test_replicas.py starts a real redis-server (the Debian package), installed here when missing: apt-get, with
