@@ -275,10 +275,12 @@ function drawTokens(node) {
     const level = Math.max(0, Math.min(1, measure(p) / top));
     const forked = marked.has(p.position) || (!interventions.length && p.action && !/^(keep|continue|in kept branch)$/.test(p.action));
     const why = marked.get(p.position);
+    // where the strategy branched, the reply goes on with the branch it kept, not the token first sampled there
+    const shown = why && typeof why.kept === "string" ? why.kept : p.token;
     return el("span", { class: `token${forked ? " intervention" : ""}`, "data-position": p.position,
                         style: `background:hsl(${140 - 140 * level},${70 + 15 * level}%,${85 - 13 * level}%)`,
-                        title: `${JSON.stringify(p.token)} · ${byEntropy ? `entropy ${p.entropy}, varentropy ${p.varentropy}, ${p.regime}` : `top p ${p.top_probability}`} · ${p.action}${why ? ` · ${why.why || ""} kept ${JSON.stringify(why.kept)}` : ""}` },
-      p.token);
+                        title: `${JSON.stringify(p.token)} · ${byEntropy ? `entropy ${p.entropy}, varentropy ${p.varentropy}, ${p.regime}` : `top p ${p.top_probability}`} · ${p.action}${why ? ` · ${why.why || ""}: sampled ${JSON.stringify(p.token)}, kept ${JSON.stringify(why.kept)}` : ""}` },
+      shown);
   }));
   const list = interventions.length ? el("ol", { class: "interventions" }, interventions.map((i) =>
     el("li", { text: `token ${i.position} ${JSON.stringify(i.token ?? "")}: ${i.action}${i.why ? ` (${i.why})` : ""}${i.kept !== undefined ? ` → kept ${JSON.stringify(i.kept)}` : ""}${i.inserted ? ` inserted ${JSON.stringify(i.inserted)}` : ""}` }))) : null;
