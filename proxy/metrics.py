@@ -12,7 +12,6 @@ sums them all.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -182,16 +181,3 @@ def usage_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
         "completion": count(usage.get("completion_tokens")),
         "reasoning": count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else 0,
     }
-
-
-class BackendCallTimer:
-    """Times one backend call and reports it (and the backend's load) when it ends."""
-
-    __slots__ = ("metrics", "backend", "kind", "started")
-
-    def __init__(self, metrics: ProxyMetrics, backend: str, kind: str) -> None:
-        self.metrics, self.backend, self.kind = metrics, backend, kind
-        self.started = time.perf_counter()
-
-    def done(self, status: str) -> None:
-        self.metrics.backend_call(self.backend, self.kind, status, time.perf_counter() - self.started)

@@ -11,13 +11,12 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from yarl import URL
 
 from ..config import BackendConfig
-from ..metrics import BackendCallTimer, ProxyMetrics
 from ..errors import (
     BackendConnectFailed,
     BackendDown,
@@ -156,6 +155,14 @@ class BackendResponse:
             self._response.close()
 
 
+class CallObserver(Protocol):
+    """What watches a backend's calls (the proxy's metrics, proxy/metrics.py)."""
+
+    def backend_call(self, backend: str, kind: str, status: str, seconds: float) -> None: ...
+
+    def backend_load(self, backend: str, in_flight: int, queued: int) -> None: ...
+
+
 class Backend:
     def __init__(
         self, config: BackendConfig, base_url: str, client: aiohttp.ClientSession, api_key: str | None = None
@@ -184,7 +191,7 @@ class Backend:
         self._urls: dict[str, URL] = {}  # parsed once per path
         self._prefill_echo: bool | None = None  # learned on first use (prefill_echoes)
         self._echo_lock = asyncio.Lock()
-        self.metrics: ProxyMetrics | None = None  # set by the app when metrics are on
+        self.metrics: CallObserver | None = None  # set by the app when metrics are on
         # The trace context to send with a call (W3C traceparent), set by the app when telemetry is on.
         self.trace_headers: Callable[[], Mapping[str, str]] | None = None
 
@@ -444,16 +451,21 @@ class Backend:
                     status = "cancelled"
                     raise
                 finally:
-                    if timer is not None:
-                        timer.done(status)
+                    self._observe(path, timer, status)
         finally:
             self._report_load()  # the slot is given back (or was never had: the queue is shorter by one)
 
-    def _timer(self, path: str) -> BackendCallTimer | None:
+    def _timer(self, path: str) -> float | None:
+        """When a watched call starts (None: nothing watches)."""
         if self.metrics is None:
             return None
         self._report_load()
-        return BackendCallTimer(self.metrics, self.name, _CALL_KINDS.get(path, "other"))
+        return time.perf_counter()
+
+    def _observe(self, path: str, started: float | None, status: str) -> None:
+        if self.metrics is not None and started is not None:
+            self.metrics.backend_call(self.name, _CALL_KINDS.get(path, "other"), status,
+                                      time.perf_counter() - started)
 
     def _report_load(self) -> None:
         if self.metrics is not None:
@@ -503,8 +515,7 @@ class Backend:
             status = str(exc.status_code)  # the engine's own error status
             raise
         finally:
-            if timer is not None:
-                timer.done(status)
+            self._observe(path, timer, status)
 
     async def _engine_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         for attempt in range(2):
