@@ -39,7 +39,8 @@ def test_counts_after_a_known_mix_of_requests(fake: FakeBackend) -> None:
                  status="200") == 3
     assert value(found, "ttc_requests_total", endpoint=chat_path, model="fake-model", strategy="sc",
                  status="200") == 1
-    assert value(found, "ttc_requests_total", endpoint=chat_path, model="-", strategy="-", status="404") == 1
+    # routed as pass-through, refused before a backend was found: no model label
+    assert value(found, "ttc_requests_total", endpoint=chat_path, model="-", strategy="none", status="404") == 1
     assert value(found, "ttc_requests_total", endpoint=chat_path, model="-", strategy="-", status="400") == 1
     # the client's made-up names are no series of their own
     assert not any("no-such-model" in str(labels) or "bogus" in str(labels) for _, labels in found)
