@@ -45,7 +45,7 @@ test: install engines docs
 	$(PY) -m pytest -q
 
 # The edit-test loop: every test but the real-engine suites (no llama-server, vLLM or transformers started).
-test-fast: install redis-server
+test-fast: install redis-server observability-tools phoenix
 	$(PY) -m pytest -q -m "not engine" --ignore=tests/engines
 
 # tests/test_replicas.py starts a real redis-server (the Debian package), installed here when missing: apt-get, with
@@ -57,6 +57,22 @@ redis-server:
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; \
 	} || echo "make: could not install redis-server; the replica tests will skip (and fail under CI=true)"
+
+# The observability tests' real tools (tests/observability, tests/console): Debian's prometheus, chromium and
+# chromium-driver (installed like redis-server), and Arize Phoenix, the OTLP receiver, in a venv of its own (~0.9 GB).
+.PHONY: observability-tools phoenix
+test: observability-tools phoenix
+observability-tools:
+	@command -v prometheus >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q prometheus chromium chromium-driver; \
+	} || echo "make: could not install prometheus/chromium; their tests will skip (and fail under CI=true)"
+
+PHOENIX_VENV := .venv-phoenix
+phoenix: $(PHOENIX_VENV)/bin/phoenix
+$(PHOENIX_VENV)/bin/phoenix:
+	python3 -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install -q arize-phoenix
 
 bench: install
 	$(VENV)/bin/ttc-proxy bench

@@ -26,6 +26,7 @@ from .backends.backend import refuse_if_down
 from .backends.engine import LocalEngine
 from .backends.scheduler import share_bounds
 from .config import ProxyConfig
+from .console import ASSETS as CONSOLE_ASSETS, asset as console_asset
 from .errors import (
     ClientDisconnected,
     InvalidRequest,
@@ -46,9 +47,12 @@ from .wire.protocol import (
 from .catalogue import strategy_list
 from .openapi import openapi_document
 from .passthrough import pass_through
+from .metrics import PASS_THROUGH, ProxyMetrics
+from .observing import ObservingMiddleware, request_labels
 from .registry import load_registry
 from .optillm import read_optillm_request
 from .routing import Route, did_you_mean, resolve_route
+from .telemetry import Telemetry, otlp_configured
 from .runs.admission import check_strategy_request, sampling_of
 from .runs.run import StrategyRequest, StrategyRun
 from .runs.validation import (
@@ -69,6 +73,10 @@ log = logging.getLogger("ttc_proxy.app")
 # How long start-up waits for the backends' capability discovery before serving (a backend that answers takes
 # milliseconds; one still silent then is down until it answers, and /health is up meanwhile).
 DISCOVERY_GRACE_SECONDS = 1.0
+MAX_LISTED_TRACES = 200
+# The console runs its own script and style only and talks to this proxy only.
+CONSOLE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+                  "img-src 'self' data:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 
 
 @dataclass
@@ -81,6 +89,8 @@ class ProxyState:
     backends: dict[str, Backend] = field(default_factory=dict)
     api_keys: frozenset[str] = frozenset()
     verifiers: VerifierClient | None = None
+    metrics: ProxyMetrics | None = None
+    telemetry: Telemetry | None = None
     pivot_sets: dict[str, list[dict[str, Any]]] = field(init=False)  # config `pivots:`, by name, for every run
     openapi: dict[str, Any] = field(init=False)  # GET /openapi.json
     strategies: dict[str, Any] = field(init=False)  # GET /v1/strategies
@@ -187,13 +197,17 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None = None) -> FastAPI:
     """The proxy as an ASGI app. `registry`: the strategies it serves (default: built-ins and installed plugins)."""
 
+    metrics = ProxyMetrics() if config.telemetry.metrics else None
+    telemetry = Telemetry(config.telemetry) if otlp_configured(config.telemetry) else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         strategies = registry if registry is not None else load_registry()[0]
         engines: list[LocalEngine] = []
         background: list[asyncio.Task[None]] = []  # health checks, and discoveries still waiting for an answer
         async with new_client_session(limit=1024) as client, open_trace_store(config.server) as traces:
-            state = ProxyState(config, strategies, traces, api_keys=config.server.accepted_keys())
+            state = ProxyState(config, strategies, traces, api_keys=config.server.accepted_keys(),
+                               metrics=metrics, telemetry=telemetry)
             state.verifiers = VerifierClient(config.verifiers, client)
             try:
                 discoveries: list[asyncio.Task[None]] = []
@@ -206,6 +220,9 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                         base_url = engine.base_url
                     assert base_url is not None
                     backend = Backend(backend_config, base_url, client)
+                    backend.metrics = metrics
+                    if telemetry is not None:
+                        backend.trace_headers = telemetry.outgoing_headers
                     state.backends[backend.name] = backend
                     discoveries.append(asyncio.create_task(backend.discover_in_background(
                         lambda backend=backend: _discovered(backend, config))))
@@ -224,9 +241,13 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                 await asyncio.gather(*background, return_exceptions=True)
                 for engine in engines:
                     await engine.stop()
+                if telemetry is not None:
+                    await asyncio.to_thread(telemetry.shutdown)  # sends the spans still buffered
 
     app = FastAPI(title="ttc-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AccessLogMiddleware, identify=_key_id_of)
+    if metrics is not None or telemetry is not None:
+        app.add_middleware(ObservingMiddleware, metrics=metrics, telemetry=telemetry)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -301,6 +322,41 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             return error_response(exc)
         return Response(trace, media_type="application/json")
 
+    async def get_metrics(request: Request) -> Response:
+        state: ProxyState = request.app.state.proxy
+        try:
+            state.authorize(request.headers)
+            if state.metrics is None:
+                raise NotFound("metrics are off (telemetry.metrics: false)", code="metrics_off")
+        except ProxyError as exc:
+            return error_response(exc)
+        text, content_type = state.metrics.exposition()
+        return Response(text, media_type=content_type)
+
+    async def list_traces(request: Request) -> Response:
+        """GET /v1/traces?limit=N: this key's latest traces (the console's list), newest first."""
+        state: ProxyState = request.app.state.proxy
+        raw_limit = request.query_params.get("limit", "50")
+        try:
+            owner = state.authorize(request.headers)
+            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LISTED_TRACES:
+                raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LISTED_TRACES}", param="limit",
+                                     code="invalid_value")
+            bodies = await state.traces.recent(owner, int(raw_limit))
+        except ProxyError as exc:
+            return error_response(exc)
+        return Response(b'{"object":"list","data":[' + b",".join(bodies) + b"]}", media_type="application/json")
+
+    async def console(request: Request) -> Response:
+        """GET /ui and its two files: static, holding nothing private (the page fetches with the key entered)."""
+        name = request.path_params.get("name", "index.html")
+        body = console_asset(name) if config.telemetry.console else None
+        if body is None:
+            return error_response(NotFound(f"no console file {name!r}" if config.telemetry.console
+                                           else "the console is off (telemetry.console: false)", code="not_found"))
+        return Response(body, media_type=CONSOLE_ASSETS[name],
+                        headers={"content-security-policy": CONSOLE_POLICY, "x-content-type-options": "nosniff"})
+
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(request.app.state.proxy.openapi)
 
@@ -321,7 +377,11 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     app.add_route("/openapi.json", openapi, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/strategies", list_strategies, methods=["GET"])
+    app.add_route("/v1/traces", list_traces, methods=["GET"])
     app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
+    app.add_route("/metrics", get_metrics, methods=["GET"])
+    app.add_route("/ui", console, methods=["GET"])
+    app.add_route("/ui/{name}", console, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     for prefix in ("", "/v1"):  # at the root as vLLM serves them, and beside the OpenAI API for SDK base URLs
@@ -385,23 +445,31 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         parsed = validate_request(schema, body)
         access = access_record(request.scope)
         access.model = parsed.model
+        labels = request_labels(request.scope)
+        labels.client_model = parsed.model
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
         if route.spec is None:
+            labels.strategy = PASS_THROUGH
             calls = EngineCalls()
             access.sources.append(calls)
-            return await pass_through(request, state.backends_for(route), path, body, route, request_id, calls)
+            candidates = state.backends_for(route)
+            labels.model = route.model  # a served model (backends_for found it): never a name the client made up
+            return await pass_through(request, candidates, path, body, route, request_id, calls)
         # Everything that does not depend on the backend is checked before its health is: a request that can
         # never succeed is a 400 whatever the engine's state (a 503 would be retried by the SDKs).
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
         checked = check_spec(route.spec, state.registry, state.config.strategies, model=route.model)
+        labels.strategy = ">".join(level.slug for level, _ in checked)  # registered slugs only
+        labels.composition = route.spec.describe()
         strategy, params = checked[0]
         check_strategy_request(strategy, parsed, body, [level for level, _ in checked], state.registry)
         budget = check_budget(route.budget, state.config.strategies.budget)
         sampling = sampling_of(parsed, body, state.config.strategies)
         check_request_fits(checked, sampling)
         backend = state.backend_for(route)
+        labels.model = route.model
         for level, level_params in checked:
             check_capabilities(level, backend, level_params)
             check_references(level, level_params, state.config.verifiers,
@@ -423,8 +491,11 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         run = StrategyRun(job, state.config.strategies, state.registry, state.traces,
                           backend_for=lambda model: state.backend_for(Route(None, model)),
                           verifiers=state.verifiers,
-                          pivot_sets=state.pivot_sets)
+                          pivot_sets=state.pivot_sets,
+                          trace_observer=state.telemetry.run_spans(route.spec.describe(), body.get("messages") or [])
+                          if state.telemetry is not None else None)
         access.sources.append(run)
+        labels.runs.append(run)
         if parsed.stream:
             return EventStreamResponse(run.stream(state.config.server.keepalive_seconds),
                                        {"x-request-id": request_id})  # type: ignore[return-value]

@@ -313,8 +313,24 @@ class ServerSettings(StrictModel):
         return frozenset(keys)
 
 
+class TelemetrySettings(StrictModel):
+    """What the proxy shows about itself: Prometheus metrics at /metrics, OpenTelemetry traces sent over OTLP/HTTP
+    (off unless an endpoint is set here or in OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT; the other OTEL_* variables are
+    honoured), and the web console at /ui."""
+
+    metrics: bool = Field(default=True, description="`GET /metrics` (Prometheus); behind the proxy key when keys "
+                                                     "are set")
+    otlp_endpoint: str | None = Field(default=None, description="an OTLP/HTTP collector's base URL "
+                                                               "(`http://host:4318`): spans go to `{it}/v1/traces`; "
+                                                               "unset: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else off")
+    capture_content: bool = Field(default=False, description="prompt and completion text in spans")
+    console: bool = Field(default=True, description="the web console at `/ui`")
+
+
 class ProxyConfig(StrictModel):
     server: ServerSettings = Field(default_factory=ServerSettings, description="the proxy's own settings")
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings,
+                                         description="metrics at /metrics, OpenTelemetry traces, the console at /ui")
     backends: list[BackendConfig] = Field(min_length=1, description="the engines it serves")
     strategies: StrategySettings = Field(default_factory=StrategySettings, description="limits and defaults")
     aliases: dict[str, Alias] = Field(default_factory=dict, description="model names that stand for a model and "

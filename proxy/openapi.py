@@ -133,6 +133,10 @@ def openapi_document(strategies: Mapping[str, type[Strategy]]) -> dict[str, Any]
             "/v1/models": {"get": _operation("Served models, and each with every strategy prefix", _json(listing))},
             "/v1/strategies": {"get": _operation("The strategies served: purpose, capabilities needed, parameters",
                                                  _json(_ref("StrategyList")))},
+            "/v1/traces": {"get": _operation(
+                "This key's latest strategy-run traces, newest first (the console's list)", _json(listing),
+                parameters=[{"name": "limit", "in": "query", "required": False,
+                             "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}}])},
             "/v1/traces/{trace_id}": {"get": _operation(
                 "A strategy run's trace", _json({"type": "object"}),
                 parameters=[{"name": "trace_id", "in": "path", "required": True, "schema": {"type": "string"}}])},

@@ -13,6 +13,8 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI
@@ -21,6 +23,7 @@ from .access_log import configure_logging
 from .app import create_app
 from .backends.engine import LocalEngine
 from .config import ProxyConfig, resolve_config
+from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("ttc_proxy.replicas")
 
@@ -82,6 +85,11 @@ def run_workers(config: ProxyConfig, setup: WorkerSetup, *, host: str, port: int
     import uvicorn
 
     engines = {b.name: LocalEngine(b.embedded) for b in config.backends if b.embedded is not None}
+    # /metrics sums every worker's values: prometheus-client's multiprocess mode, each worker writing its own files
+    # here (the workers are fresh interpreters: they read the variable when they import prometheus-client).
+    metrics_dir = None
+    if not os.environ.get(MULTIPROC_ENV):
+        metrics_dir = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="ttc-proxy-metrics-")
     try:
         for engine in engines.values():
             asyncio.run(engine.start())
@@ -93,3 +101,6 @@ def run_workers(config: ProxyConfig, setup: WorkerSetup, *, host: str, port: int
     finally:
         for engine in engines.values():
             asyncio.run(engine.stop())
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            del os.environ[MULTIPROC_ENV]

@@ -21,8 +21,10 @@ from .traces import Trace, TraceStoreUnavailable
 log = logging.getLogger("ttc_proxy.traces")
 
 KEY_PREFIX = "ttc:trace:"
+RECENT_PREFIX = "ttc:recent:"  # a sorted set per owner: its trace ids by start time (the console's list)
+RECENT_KEPT = 256
 _PENDING_LIMIT = 10_000  # snapshots waiting for the writer; beyond it new ones are dropped (and logged)
-_Write = tuple[str, bytes, "asyncio.Future[None]"]
+_Write = tuple[str, bytes, "asyncio.Future[None]", Trace]
 
 
 def display_url(url: str) -> str:
@@ -77,7 +79,7 @@ class RedisTraceStore:
             return
         record = json.dumps(trace.owner).encode() + b"\n" + trace.encode(self.max_trace_bytes)
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((KEY_PREFIX + trace.id, record, written))
+        self._pending.put_nowait((KEY_PREFIX + trace.id, record, written, trace))
         written.add_done_callback(lambda done: self._log_failure(trace.id, done))
         try:
             await asyncio.wait_for(asyncio.shield(written), self.save_wait_seconds)
@@ -101,6 +103,21 @@ class RedisTraceStore:
         stored_owner, _, body = raw.partition(b"\n")
         return body if json.loads(stored_owner) == owner else None
 
+    async def recent(self, owner: str | None, limit: int) -> list[bytes]:
+        try:
+            ids = await self._client.zrevrange(RECENT_PREFIX + json.dumps(owner), 0, limit - 1)
+            raws = await self._client.mget([KEY_PREFIX + i.decode() for i in ids]) if ids else []
+        except (RedisError, OSError) as exc:
+            raise TraceStoreUnavailable(f"the trace store at {display_url(self.url)} cannot be reached: "
+                                        f"{type(exc).__name__}") from exc
+        found = []
+        for raw in raws:
+            if raw is not None:
+                stored_owner, _, body = raw.partition(b"\n")
+                if json.loads(stored_owner) == owner:
+                    found.append(body)
+        return found
+
     def describe(self) -> str:
         return f"traces are kept in the shared store for {self.ttl_ms / 1000:g} s"
 
@@ -112,13 +129,17 @@ class RedisTraceStore:
                 batch.append(self._pending.get_nowait())
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for key, record, _ in batch:
+                    for key, record, _, trace in batch:
                         pipe.set(key, record, px=self.ttl_ms)
+                        recent = RECENT_PREFIX + json.dumps(trace.owner)
+                        pipe.zadd(recent, {trace.id: trace.started})
+                        pipe.zremrangebyrank(recent, 0, -RECENT_KEPT - 1)
+                        pipe.pexpire(recent, self.ttl_ms)
                     await pipe.execute()
                 outcome: BaseException | None = None
             except (RedisError, OSError) as exc:
                 outcome = exc
-            for _, _, written in batch:
+            for _, _, written, _ in batch:
                 if not written.done():  # done: its saver was cancelled; the write happened all the same
                     if outcome is None:
                         written.set_result(None)

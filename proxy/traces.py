@@ -25,12 +25,35 @@ log = logging.getLogger("ttc_proxy.traces")
 _RESERVED = frozenset({"id", "parent", "label", "kind"})
 
 
+class TraceObserver(Protocol):
+    """Follows a trace as it grows (proxy/telemetry.py's RunSpans mirrors it as OpenTelemetry spans)."""
+
+    def started(self, trace_id: str, root: dict[str, Any]) -> None: ...
+
+    def added(self, node: dict[str, Any]) -> None: ...
+
+    def updated(self, node: dict[str, Any]) -> None: ...
+
+
 class Trace:
     def __init__(self, root_label: str, owner: str | None = None) -> None:
         self.id = f"trace-{uuid.uuid4().hex[:16]}"
         self.owner = owner  # the id of the proxy key that made it (never the key); None without keys
         self.started = time.time()
         self.nodes: list[dict[str, Any]] = [{"id": 0, "parent": None, "label": root_label, "kind": "run"}]
+        self.observer: TraceObserver | None = None
+
+    def observe(self, observer: TraceObserver) -> None:
+        self.observer = observer
+        self._tell(observer.started, self.id, self.nodes[0])
+
+    def _tell(self, hook: Any, *args: Any) -> None:
+        # What watches the trace (telemetry) must never fail the run it records.
+        try:
+            hook(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("trace observer failed; trace %s goes on without it", self.id)
+            self.observer = None
 
     def add(self, parent: int, label: str, kind: str, /, **attrs: Any) -> int:
         reserved = _RESERVED & set(attrs)
@@ -38,10 +61,14 @@ class Trace:
             raise ValueError(f"trace attributes {sorted(reserved)} are reserved for the tree itself")
         node_id = len(self.nodes)
         self.nodes.append({"id": node_id, "parent": parent, "label": label, "kind": kind, **attrs})
+        if self.observer is not None:
+            self._tell(self.observer.added, self.nodes[node_id])
         return node_id
 
     def update(self, node_id: int, **attrs: Any) -> None:
         self.nodes[node_id].update(attrs)
+        if self.observer is not None:
+            self._tell(self.observer.updated, self.nodes[node_id])
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "object": "ttc.trace", "created": int(self.started), "nodes": self.nodes}
@@ -116,6 +143,10 @@ class TraceStore(Protocol):
     def describe(self) -> str:
         """What the store keeps, for the 404 message."""
 
+    async def recent(self, owner: str | None, limit: int) -> list[bytes]:
+        """The owner's latest traces still kept, newest first, at most `limit`. Raises TraceStoreUnavailable
+        when the store cannot be reached."""
+
 
 @dataclass
 class _Entry:
@@ -151,6 +182,16 @@ class MemoryTraceStore:
         self._evict()
         entry = self._entries.get(trace_id)
         return entry.body if entry is not None and entry.owner == owner else None
+
+    async def recent(self, owner: str | None, limit: int) -> list[bytes]:
+        self._evict()
+        found: list[bytes] = []
+        for entry in reversed(self._entries.values()):  # saved last first: a running trace moves up as it saves
+            if entry.owner == owner:
+                found.append(entry.body)
+                if len(found) >= limit:
+                    break
+        return found
 
     def describe(self) -> str:
         return (f"this proxy process keeps the latest {self.capacity} traces, up to {self.max_total_bytes:,} bytes "

@@ -155,6 +155,7 @@ class DeepConf(Strategy[DeepConfParams]):
         selection = select(pool, "weighted", among=survivors, fallback="first")
         winner = traces[selection.index][0]
         pruned = sum(1 for _, _, pruned_at in traces if pruned_at is not None)
+        ctx.count("deepconf_traces_cut", pruned)
         total_weight = sum(selection.scores.values())
         share = selection.scores[selection.answer] / total_weight if total_weight > 0 else 0.0
         await ctx.progress(f"winner: {selection.answer}, {share:.0%} of the confidence-weighted vote "

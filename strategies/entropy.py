@@ -130,6 +130,7 @@ class EntropySampling(Strategy[EntropyParams]):
         policy = EntropyPolicy(ctx, params, base, random.Random(ctx.random_seed))
         answer = await decoder.run(policy)
         ctx.note("positions", decoder.positions)
+        ctx.count("entropy_interventions", len(decoder.interventions))
         regimes: dict[str, int] = {}
         for position in decoder.positions:
             regimes[position["regime"]] = regimes.get(position["regime"], 0) + 1

@@ -432,6 +432,11 @@ class StrategyContext(Protocol):
         """Record a fact in this context's trace node."""
         ...
 
+    def count(self, event: str, amount: float = 1) -> None:
+        """Add to one of the run's counters (the proxy's ttc_strategy_events_total{event=...}): a name the
+        strategy fixes in its code (mcts_nodes, entropy_interventions, ...), never one made from the request."""
+        ...
+
     async def run_strategy(self, spec: StrategySpec | str, params: Mapping[str, Any] | None = None, *,
                            messages: Sequence[dict[str, Any]] | None = None,
                            budget: Mapping[str, float] | None = None,

@@ -358,6 +358,7 @@ class MctsRun:
         node = Node(len(self.nodes), parent, action, candidate, score, depth)
         self.nodes.append(node)
         self.ctx.note("tree", [n.summary() for n in self.nodes])
+        self.ctx.count("mcts_nodes")
         return node
 
     @staticmethod

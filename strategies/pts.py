@@ -151,6 +151,7 @@ class PivotalTokenSearch(Strategy[PtsParams]):
                                 top_logprobs=params.top_logprobs, max_interventions=budget)
         answer = await decoder.run(policy)
         ctx.note("positions", decoder.positions)
+        ctx.count("pts_interventions", len(decoder.interventions))
         details: dict[str, Any] = {
             "temperature": base,
             "searches": policy.searches,

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ttc_proxy.proxy.config import config_for_backend_url
+from ttc_proxy.proxy.config import TelemetrySettings, config_for_backend_url
 
 from .argtypes import positive_float, positive_int
 from .rawhttp import HTTPConnection, Tally, connect, post_bytes
@@ -186,9 +186,15 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
+# --metrics-off-too: a second proxy without metrics, measured in both orders in each phase (on, off, off, on), so
+# neither gains from running second; the two runs of each are averaged.
+METRICS_ORDER = ("proxy", "proxy_metrics_off", "proxy_metrics_off#2", "proxy#2")
+TARGET_METRICS_ADDED_MS = 0.1
+
+
 def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 5.0, concurrency: int = 16,
                   loop: str | None = None, http: str | None = None,
-                  progress: Any = None) -> dict[str, Any]:
+                  progress: Any = None, metrics_off_too: bool = False) -> dict[str, Any]:
     """Start the backend and the proxy, run every phase direct and through the proxy, return all numbers."""
     if not 1 <= requests <= MAX_REQUESTS:
         raise ValueError(f"requests must be in 1..{MAX_REQUESTS}")
@@ -200,15 +206,20 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
     loop, http = proxy_runtime(loop, http)
     say = progress or (lambda message: None)
 
-    backend = proxy = None
+    backend = proxy = quiet = None
     started = time.time()
     load_before = load_average()
     try:
         backend = start_backend(max(64, concurrency))
-        proxy = start_proxy(config_for_backend_url(f"http://{HOST}:{backend.port}/v1"), loop, http)
+        config = config_for_backend_url(f"http://{HOST}:{backend.port}/v1")
+        proxy = start_proxy(config, loop, http)
         backend_port, proxy_port = backend.port, proxy.port
 
         targets = {"direct": backend_port, "proxy": proxy_port}
+        if metrics_off_too:
+            quiet = start_proxy(config.model_copy(update={"telemetry": TelemetrySettings(metrics=False)}), loop, http)
+            ports = {"proxy": proxy_port, "proxy_metrics_off": quiet.port}
+            targets = {"direct": backend_port, **{name: ports[name.split("#")[0]] for name in METRICS_ORDER}}
         sequential_timeout = 60.0 + (requests + warmup) * 0.05
         concurrent_timeout = 60.0 + duration * 2 + warmup * 0.05
         phases: dict[str, dict[str, Any]] = {"sequential": {}, "streaming": {}, "concurrent": {}}
@@ -223,10 +234,11 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
         for name, spec, timeout in plan:
             for target, port in targets.items():
                 say(f"{name:<11} {target:<6} ...")
-                before = {child.name: process_cpu_seconds(child.proc.pid) for child in (backend, proxy)}
+                serving = quiet if quiet is not None and port == quiet.port else proxy
+                before = {child.name: process_cpu_seconds(child.proc.pid) for child in (backend, serving)}
                 result = _run_loadgen({**spec, "port": port}, timeout)
                 cpu: dict[str, float | None] = {}
-                for child in (backend, proxy):
+                for child in (backend, serving):
                     end, start = process_cpu_seconds(child.proc.pid), before[child.name]
                     cpu[child.key] = (None if end is None or start is None or not result["sent"]
                                       else (end - start) * 1000.0 / result["sent"])
@@ -235,7 +247,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
                 backend.check_alive()
                 proxy.check_alive()
     finally:
-        for child in (proxy, backend):
+        for child in (quiet, proxy, backend):
             if child is not None:
                 child.stop()
 
@@ -261,6 +273,14 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
                                    (True, True, False)):
         value = check["value"]
         check["met"] = value is not None and (value <= limit if upper else value >= limit)
+    if metrics_off_too:
+        summary["metrics"] = metrics_comparison(phases)
+        for key, name in (("sequential_added_p50_ms", "latency p50, 1 connection, non-streaming"),
+                          ("ttft_added_p50_ms", "TTFT p50, 1 connection, streaming")):
+            value = summary["metrics"][key]
+            checks.append({"name": f"metrics on vs off: {name}", "value": value,
+                           "target": f"<= {TARGET_METRICS_ADDED_MS:g} ms", "unit": "ms",
+                           "met": value is not None and value <= TARGET_METRICS_ADDED_MS})
     answered = all(result["requests"] > 0 and result["ok"] == result["requests"]
                    for phase in phases.values() for result in phase.values())
     return {
@@ -276,11 +296,47 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
             "warmup": warmup,
             "duration_s": duration,
             "concurrency": concurrency,
+            "metrics_off_too": metrics_off_too,
         },
         "phases": phases,
         "summary": summary,
         "targets": checks,
         "all_answered_ok": answered,
+    }
+
+
+def metrics_comparison(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What metrics add: each measure with metrics on minus off, each side the mean of its two runs."""
+
+    def mean(phase: dict[str, Any], side: str, key: str, stat: str) -> float | None:
+        values = [_p(phase[name], key, stat) for name in (side, f"{side}#2")]
+        return None if None in values else sum(values) / 2  # type: ignore[arg-type]
+
+    def added(phase: str, key: str, stat: str) -> float | None:
+        return _diff(mean(phases[phase], "proxy_metrics_off", key, stat), mean(phases[phase], "proxy", key, stat))
+
+    def cpu_added(phase: str) -> float | None:
+        sides = []
+        for side in ("proxy", "proxy_metrics_off"):
+            values = [_cpu(phases[phase][name], "proxy") for name in (side, f"{side}#2")]
+            sides.append(None if None in values else sum(values) / 2)  # type: ignore[arg-type]
+        return _diff(sides[1], sides[0])
+
+    conc = phases["concurrent"]
+    on_rps = (conc["proxy"]["rps"] + conc["proxy#2"]["rps"]) / 2
+    off_rps = (conc["proxy_metrics_off"]["rps"] + conc["proxy_metrics_off#2"]["rps"]) / 2
+    return {
+        "sequential_added_p50_ms": added("sequential", "latency_ms", "p50"),
+        "sequential_added_p99_ms": added("sequential", "latency_ms", "p99"),
+        "ttft_added_p50_ms": added("streaming", "ttft_ms", "p50"),
+        "ttft_added_p99_ms": added("streaming", "ttft_ms", "p99"),
+        # the proxy process's CPU time per request: less moved by other processes on the machine than latency
+        "cpu_added_ms": {phase: cpu_added(phase) for phase in ("sequential", "streaming", "concurrent")},
+        "rps_on": on_rps,
+        "rps_off": off_rps,
+        "runs": {name: {"sequential_p50_ms": _p(phases["sequential"][name], "latency_ms", "p50"),
+                        "ttft_p50_ms": _p(phases["streaming"][name], "ttft_ms", "p50"),
+                        "rps": conc[name]["rps"]} for name in METRICS_ORDER},
     }
 
 
@@ -342,6 +398,20 @@ def format_report(report: dict[str, Any]) -> str:
     row("", "latency p50", "latency_ms", "p50", conc)
     row("", "latency p99", "latency_ms", "p99", conc)
     cpu_rows(conc)
+    metrics = report["summary"].get("metrics")
+    if metrics is not None:
+        lines.append("")
+        lines.append("metrics on vs off (two proxies, same backend, run on, off, off, on in each phase):")
+        for name, run in metrics["runs"].items():
+            lines.append(f"  {name:<22} latency p50 {_fmt(run['sequential_p50_ms'])}   TTFT p50 "
+                         f"{_fmt(run['ttft_p50_ms'])}   {_fmt(run['rps'], 'rps')} req/s")
+        lines.append(f"  added by metrics: latency p50 {_fmt(metrics['sequential_added_p50_ms'], sign=True)}, p99 "
+                     f"{_fmt(metrics['sequential_added_p99_ms'], sign=True)}; TTFT p50 "
+                     f"{_fmt(metrics['ttft_added_p50_ms'], sign=True)}, p99 {_fmt(metrics['ttft_added_p99_ms'], sign=True)}; "
+                     f"req/s {_fmt(metrics['rps_on'], 'rps')} on, {_fmt(metrics['rps_off'], 'rps')} off")
+        cpu = metrics["cpu_added_ms"]
+        lines.append(f"  proxy CPU per request added by metrics: non-streaming {_fmt(cpu['sequential'], sign=True)}, "
+                     f"streaming {_fmt(cpu['streaming'], sign=True)}, 16 connections {_fmt(cpu['concurrent'], sign=True)}")
     lines.append("")
     counts = []
     for name, pair in phases.items():
@@ -380,6 +450,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], help="the proxy's event loop (default uvloop)")
     parser.add_argument("--http", choices=["httptools", "h11"], help="the proxy's HTTP parser (default httptools)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--metrics-off-too", action="store_true",
+                        help="also measure a proxy with metrics off (telemetry.metrics: false), both orders in "
+                             "each phase, and report what metrics add")
     parser.add_argument("--log-level", default="warning")
     engine = parser.add_argument_group("in front of a real engine (tools/engine_bench.py): paired requests, "
                                        "direct and through the proxy")
@@ -411,7 +484,8 @@ def _bench(args: argparse.Namespace) -> int:
             int(bool(report["non_streaming"]["failed"] + report["streaming_ttft"]["failed"]))
     report = _run_and_write(lambda: run_benchmark(requests=args.requests, warmup=args.warmup, duration=args.duration,
                                                   concurrency=args.concurrency, loop=args.loop, http=args.http,
-                                                  progress=say), format_report, Path(args.output))
+                                                  progress=say, metrics_off_too=args.metrics_off_too),
+                                   format_report, Path(args.output))
     if isinstance(report, int):
         return report
     if not report["all_answered_ok"]:

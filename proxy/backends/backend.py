@@ -9,9 +9,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -46,6 +46,9 @@ _RETRY_HEADERS = ("retry-after", "x-should-retry")
 # A prefill no reply of one token can contain: whether the engine echoes it shows in its answer (see
 # Backend.prefill_echoes).
 _ECHO_PROBE = "Echo probe 7Q3:"
+# A call's kind, by the engine path it goes to (the `kind` label of ttc_backend_calls_total).
+_CALL_KINDS = {"/chat/completions": "chat", "/completions": "completions", "/tokenize": "tokenize",
+               "/detokenize": "detokenize", "/apply-template": "render"}
 
 
 def connections_in_use(client: aiohttp.ClientSession) -> int:
@@ -154,6 +157,14 @@ class BackendResponse:
             self._response.close()
 
 
+class CallObserver(Protocol):
+    """What watches a backend's calls (the proxy's metrics, proxy/metrics.py)."""
+
+    def backend_call(self, backend: str, kind: str, status: str, seconds: float) -> None: ...
+
+    def backend_load(self, backend: str, in_flight: int, queued: int) -> None: ...
+
+
 class Backend:
     def __init__(
         self, config: BackendConfig, base_url: str, client: aiohttp.ClientSession, api_key: str | None = None
@@ -183,6 +194,9 @@ class Backend:
         self._urls: dict[str, URL] = {}  # parsed once per path
         self._prefill_echo: bool | None = None  # learned on first use (prefill_echoes)
         self._echo_lock = asyncio.Lock()
+        self.metrics: CallObserver | None = None  # set by the app when metrics are on
+        # The trace context to send with a call (W3C traceparent), set by the app when telemetry is on.
+        self.trace_headers: Callable[[], Mapping[str, str]] | None = None
 
     def _preset(self, kind: Any) -> Capabilities:
         capabilities = PRESETS[kind]
@@ -372,6 +386,8 @@ class Backend:
 
     async def _send(self, path: str, content: bytes, request_id: str | None) -> BackendResponse:
         headers = self._headers if request_id is None else {**self._headers, "x-request-id": request_id}
+        if self.trace_headers is not None:
+            headers = {**headers, **self.trace_headers()}
         retries = self.config.connect_retries
         refused = 0
         stale = False
@@ -466,16 +482,47 @@ class Backend:
         and it may still change `body` (the budget cuts max_tokens to what is left then).
         Reading the body raises BackendUnreachable or BackendTimeout if the backend breaks off or stalls.
         """
-        async with self.scheduler.slot(owner, cost):
-            if on_start is not None:
-                on_start()
-            payload = content if content is not None else json.dumps(body).encode()
-            response = await self._send(path, payload, request_id)
-            try:
-                await self._raise_for_status(response, body)
-                yield response
-            finally:
-                response.close()  # closes the connection unless the body was read to its end
+        try:
+            async with self.scheduler.slot(owner, cost):
+                if on_start is not None:
+                    on_start()
+                timer = self._timer(path)
+                status = "error"
+                try:
+                    payload = content if content is not None else json.dumps(body).encode()
+                    response = await self._send(path, payload, request_id)
+                    status = str(response.status_code)
+                    try:
+                        await self._raise_for_status(response, body)
+                        yield response
+                    finally:
+                        response.close()  # closes the connection unless the body was read to its end
+                except (BackendTimeout, TimeoutError):
+                    status = "timeout"
+                    raise
+                except asyncio.CancelledError:
+                    status = "cancelled"
+                    raise
+                finally:
+                    self._observe(path, timer, status)
+        finally:
+            self._report_load()  # the slot is given back (or was never had: the queue is shorter by one)
+
+    def _timer(self, path: str) -> float | None:
+        """When a watched call starts (None: nothing watches)."""
+        if self.metrics is None:
+            return None
+        self._report_load()
+        return time.perf_counter()
+
+    def _observe(self, path: str, started: float | None, status: str) -> None:
+        if self.metrics is not None and started is not None:
+            self.metrics.backend_call(self.name, _CALL_KINDS.get(path, "other"), status,
+                                      time.perf_counter() - started)
+
+    def _report_load(self) -> None:
+        if self.metrics is not None:
+            self.metrics.backend_load(self.name, self.scheduler.in_use, self.scheduler.queued)
 
     async def call(
         self,
@@ -506,6 +553,24 @@ class Backend:
     async def _engine_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A small POST to an engine endpoint (no generation, so no scheduler slot); errors as ProxyErrors.
         Idempotent, so a stale pooled connection is retried once on a fresh one."""
+        timer = self._timer(path)
+        status = "error"
+        try:
+            payload = await self._engine_call(path, body)
+            status = "200"
+            return payload
+        except BackendTimeout:
+            status = "timeout"
+            raise
+        except BackendUnreachable:
+            raise
+        except ProxyError as exc:
+            status = str(exc.status_code)  # the engine's own error status
+            raise
+        finally:
+            self._observe(path, timer, status)
+
+    async def _engine_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         for attempt in range(2):
             try:
                 async with self.client.post(f"{self.root_url}{path}", json=body, headers=self._headers,

@@ -341,6 +341,9 @@ class RunContext:
     def note(self, key: str, value: Any) -> None:
         self._state.note(self._scope.node, key, value)
 
+    def count(self, event: str, amount: float = 1) -> None:
+        self._state.counts[event] = self._state.counts.get(event, 0) + amount
+
     def pivots(self, name: str) -> Sequence[Mapping[str, Any]]:
         records = self._state.pivot_sets.get(name)
         if records is None:

@@ -43,7 +43,7 @@ from ..wire.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from ..traces import Trace, TraceStore
+from ..traces import Trace, TraceObserver, TraceStore
 from .accounting import BudgetScope
 from .context import RunContext
 from .state import RunState, Scope
@@ -77,7 +77,8 @@ class StrategyRun:
                  registry: Mapping[str, type[Strategy]], traces: TraceStore,
                  backend_for: Callable[[str], Backend] | None = None,
                  verifiers: VerifierClient | None = None,
-                 pivot_sets: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> None:
+                 pivot_sets: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 trace_observer: TraceObserver | None = None) -> None:
         self.job = job
         self.id = f"chatcmpl-ttc-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -95,6 +96,10 @@ class StrategyRun:
         )
         self.trace.update(0, params=job.params.model_dump(), backend=job.backend.name, model=job.backend_model,
                           **({"over": job.spec.over.describe()} if job.spec.over else {}))
+        if trace_observer is not None:
+            self.trace.observe(trace_observer)
+        self.result: StrategyResult | None = None
+        self.budget_exhausted = False
 
     async def execute(self) -> StrategyResult:
         await self.traces.save(self.trace)  # readable while it runs
@@ -126,6 +131,7 @@ class StrategyRun:
             if not result.choices:
                 raise StrategyFailed(f"strategy {self.job.strategy.slug!r} returned no answer")
         except ProxyError as exc:
+            self.budget_exhausted = isinstance(exc, BudgetExhausted)
             self.trace.update(0, status="error", error=exc.message, ms=self._wall_ms(), **self.budget.usage_attrs())
             if not isinstance(exc, (Overloaded, BackendDown)):  # capacity, for now; anything else would repeat
                 exc.not_to_be_retried()
@@ -136,12 +142,27 @@ class StrategyRun:
         result.usage = self.budget.usage
         result.budget_exhausted = (result.budget_exhausted or self.budget.exhausted
                                    or any(c.budget_exhausted for c in result.choices))
+        self.result = result
+        self.budget_exhausted = result.budget_exhausted
         if result.budget_exhausted:
             await RunContext(self.state, self.scope).progress(
                 f"budget exhausted ({self.budget.reason or 'a nested run ran out'}): answering with the best so far")
         self.trace.update(0, status="ok", ms=self._wall_ms(), details=result.details,
                           budget_exhausted=result.budget_exhausted, **self.budget.usage_attrs())
         return result
+
+    def observations(self) -> dict[str, Any]:
+        """For the metrics, once the run has ended: its tokens by kind, whether its budget ran out, and what its
+        strategies counted."""
+        usage = self.budget.usage
+        answer_tokens = sum(c.completion_tokens for c in self.result.choices) if self.result is not None else 0
+        return {
+            "tokens": {"prompt": usage.prompt_tokens, "cached": usage.cached_prompt_tokens,
+                       "completion": usage.completion_tokens,
+                       "reasoning": max(0, usage.completion_tokens - answer_tokens) if self.result is not None else 0},
+            "budget_exhausted": self.budget_exhausted,
+            "events": dict(self.state.counts),
+        }
 
     def access_fields(self) -> dict[str, Any]:
         """For the access log: the composition that ran and what it spent."""

@@ -69,6 +69,7 @@ class RunState:
     calls_in_flight: dict[int, CallInFlight] = field(default_factory=dict)  # by trace node, for report_slow_calls
     # What nested runs said, per (parent node, strategy): a line a sibling run already said is not repeated.
     said: set[tuple[int, str, str]] = field(default_factory=set)
+    counts: dict[str, float] = field(default_factory=dict)  # what the strategies counted (ctx.count), by name
 
     def learn_prompt(self, key: str, tokens: int) -> None:
         self.prompt_tokens[key] = tokens
