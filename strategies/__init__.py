@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 from .bon import BestOfN
 from .cot import ChainOfThought
+from .cot_decoding import CotDecoding
 from .deepconf import DeepConf
 from .deepthink import DeepThink
 from .entropy import EntropySampling
@@ -20,5 +21,5 @@ from .think import BudgetForcing
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
     {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
                                               ChainOfThought, EntropySampling,
-                                              PivotalTokenSearch)}
+                                              PivotalTokenSearch, CotDecoding)}
 )
