@@ -14,12 +14,14 @@ from .deepthink import DeepThink
 from .entropy import EntropySampling
 from .framework import Strategy
 from .mcts import Mcts
+from .moa import MixtureOfAgents
 from .pts import PivotalTokenSearch
+from .re2 import ReRead
 from .sc import SelfConsistency
 from .think import BudgetForcing
 
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
     {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
                                               ChainOfThought, EntropySampling,
-                                              PivotalTokenSearch, CotDecoding)}
+                                              PivotalTokenSearch, CotDecoding, ReRead, MixtureOfAgents)}
 )
