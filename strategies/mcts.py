@@ -35,6 +35,7 @@ from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     BudgetExceeded,
     Candidate,
+    ModelNames,
     Strategy,
     StrategyContext,
     StrategyError,
@@ -42,7 +43,6 @@ from .framework import (
     StrategyParams,
     StrategyResult,
     draw,
-    ModelNames,
     gather_all,
     gather_successes,
 )
@@ -305,9 +305,9 @@ class MctsRun:
     def _node(self, node_id: int | None) -> Node | None:
         return self.nodes[node_id] if node_id is not None else None
 
-    @staticmethod
-    def _model(action: str) -> str | None:
-        return None if action == GENERATE else action
+    def _model(self, action: str) -> str | None:
+        """The model an action names (None: the request's own, in a one-model search)."""
+        return action if self.params.models else None
 
     def _context(self, model: str | None) -> StrategyContext:
         """Where a node's calls go: the model's backend (pass-through's routing), in this run's budget and trace."""
