@@ -182,3 +182,27 @@ def test_a_failed_path_leaves_the_others(client, fake):
     assert completion.choices[0].message.content == "So it is 41."
     details = completion.model_extra["ttc"]["details"]
     assert [p["first_token"] for p in details["paths"]] == ["The", "I", "So"]
+
+
+def test_vllm_style_alternatives_named_by_id_are_detokenized_and_forced_by_id(client, fake):
+    fake.script = script_for(fake)
+    fake.vllm_logprobs = True
+    try:
+        completion = client.chat.completions.create(model="cot_decoding:k=4-fake-model", messages=user())
+    finally:
+        fake.vllm_logprobs = False
+    details = completion.model_extra["ttc"]["details"]
+    assert [p["first_token"] for p in details["paths"]][1:] == ["Let", "I", "So"]  # their text was asked for
+    assert [r for r in fake.requests if r.path == "/detokenize"]
+    assert sorted(b["prompt"][-1] for b in completions(fake)) == \
+        sorted(fake.vocabulary.id(t) for t in ("Let", "I", "So"))
+
+
+def test_when_the_budget_stops_the_paths_the_surest_of_those_found_answers(client, fake):
+    fake.script = script_for(fake)
+    completion = client.chat.completions.create(model="cot_decoding:k=4-fake-model", messages=user(),
+                                                extra_body={"ttc": {"budget": {"max_calls": 2}}})
+    details = completion.model_extra["ttc"]["details"]
+    assert len(details["paths"]) == 2  # the greedy path and one branch
+    assert completion.model_extra["ttc"]["budget_exhausted"] is True
+    assert completion.choices[0].message.content == details["paths"][details["chosen"]]["text"]
