@@ -10,6 +10,11 @@ the paper's top-1 minus top-2). A forced first token counts against its rival th
 forced at the first token is not mistaken for a sure one. Paths cut off by max_tokens compete only when none
 finished. The best path is the answer; with `aggregate=true`, the answer whose paths' margins sum highest (its
 best path).
+
+With `answer_prompt` (the paper's way of finding the answer span in free text, e.g. "\nSo the answer is"), each
+path is continued greedily after that prompt for at most `answer_tokens` tokens, and the answer and its margin are
+read from that continuation: a path that restates the question or is cut off then still states an answer, instead
+of being judged by the last number it happened to write.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .answers import locate_answer
+from .answers import last_number, locate_answer
 from .framework import (
     BudgetExceeded,
     Candidate,
@@ -46,6 +51,10 @@ class CotDecodingParams(StrategyParams):
                                                        "not the single most confident path")
     min_first_probability: float = Field(default=0.0, ge=0, le=1, description="a first token below this "
                                                                               "probability is not branched")
+    answer_prompt: str | None = Field(default=None, min_length=1, max_length=200,
+                                      description="appended to each path, which is continued to state its answer "
+                                                  "(e.g. '\\nSo the answer is'); the answer is read from there")
+    answer_tokens: int = Field(default=8, ge=1, le=64, description="answer_prompt: tokens of the stated answer")
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,13 @@ class Path:
     answer: str
     margin: float
     answer_tokens: int
+    finished: bool  # it reached an answer: it ended on its own, or stated one after the answer prompt
 
     def summary(self, index: int) -> dict[str, Any]:
         return {"path": index, "first_token": self.first.text,
                 "first_probability": round(math.exp(self.first.logprob), 4), "answer": self.answer,
                 "margin": round(self.margin, 4), "answer_tokens": self.answer_tokens,
-                "finish_reason": self.candidate.finish_reason, "text": self.candidate.text}
+                "finished": self.finished, "finish_reason": self.candidate.finish_reason, "text": self.candidate.text}
 
 
 def token_margin(token: Token) -> float | None:
@@ -89,7 +99,7 @@ def answer_margin(candidate: Candidate) -> tuple[str, float, int]:
 
 def choose(paths: list[Path], aggregate: bool) -> tuple[int, dict[str, float]]:
     """The chosen path's index and, when aggregating, each answer's summed margin. Finished paths first."""
-    finished = [i for i, p in enumerate(paths) if not p.candidate.truncated] or list(range(len(paths)))
+    finished = [i for i, p in enumerate(paths) if p.finished] or list(range(len(paths)))
     if not aggregate:
         return max(finished, key=lambda i: (paths[i].margin, -i)), {}
     sums: dict[str, float] = {}
@@ -126,7 +136,7 @@ class CotDecoding(Strategy):
         await ctx.progress(f"CoT-decoding: the greedy reply, then up to {params.k - 1} other first tokens "
                            f"continued greedily")
         (greedy,) = await ctx.generate(n=1, temperature=0.0, logprobs=True, top_logprobs=top, label="path 0")
-        paths = [self._path(self._first(greedy), greedy)]
+        paths = [await self._path(ctx, params, 0, self._first(greedy), greedy)]
         await ctx.progress(self._line(0, paths[0]))
         budget_exhausted = False
         if greedy.tokens:
@@ -134,7 +144,7 @@ class CotDecoding(Strategy):
             others = [a for a in top_alternatives(first_token, params.k, params.min_first_probability)[1:]
                       if math.isfinite(a.logprob)]
             branched, errors = await gather_successes(
-                (lambda i=i, a=a: self._branch(ctx, i, a, greedy) for i, a in enumerate(others, 1)),
+                (lambda i=i, a=a: self._branch(ctx, params, i, a, greedy) for i, a in enumerate(others, 1)),
                 min_success=0, what="path")
             budget_exhausted = any(isinstance(e, BudgetExceeded) for e in errors)
             if errors:
@@ -164,12 +174,31 @@ class CotDecoding(Strategy):
         return top_alternatives(token, 1, 0.0)[0]
 
     @staticmethod
-    def _path(first: TokenAlternative, candidate: Candidate) -> Path:
-        answer, margin, measured = answer_margin(candidate)
-        return Path(first, candidate, answer, margin, measured)
+    async def _path(ctx: StrategyContext, params: CotDecodingParams, index: int, first: TokenAlternative,
+                    candidate: Candidate) -> Path:
+        """The path scored: on its own answer, or on the answer it states after the answer prompt."""
+        if params.answer_prompt is None or not candidate.tokens:
+            answer, margin, measured = answer_margin(candidate)
+            return Path(first, candidate, answer, margin, measured, not candidate.truncated)
+        prompt = params.answer_prompt
+        ids = [*await ctx.token_ids(candidate.tokens), *await ctx.tokenize(prompt)]
+        try:
+            (stated,) = await ctx.continue_prefix(ids, max_tokens=params.answer_tokens, temperature=0.0,
+                                                  logprobs=True, top_logprobs=MARGIN_TOP_LOGPROBS,
+                                                  index=params.k + index, label=f"answer {index}")
+        except BudgetExceeded:  # the path stands as it is, judged on its own text
+            answer, margin, measured = answer_margin(candidate)
+            return Path(first, candidate, answer, margin, measured, not candidate.truncated)
+        answer, margin, measured = answer_margin(stated)
+        shift = len(candidate.text) + len(prompt)
+        whole = replace(candidate, text=candidate.text + prompt + stated.text, finish_reason=stated.finish_reason,
+                        completion_tokens=candidate.completion_tokens + stated.completion_tokens,
+                        tokens=(*candidate.tokens, *(replace(t, offset=t.offset + shift) for t in stated.tokens or ())))
+        stated_one = last_number(stated.text) is not None or not stated.truncated
+        return Path(first, whole, answer, margin, measured, finished=stated_one)
 
-    async def _branch(self, ctx: StrategyContext, index: int, alternative: TokenAlternative,
-                      greedy: Candidate) -> Path | None:
+    async def _branch(self, ctx: StrategyContext, params: CotDecodingParams, index: int,
+                      alternative: TokenAlternative, greedy: Candidate) -> Path | None:
         """The path forced through this first token and continued greedily (None: the token reads as nothing,
         an end of turn, so there is no reply along it)."""
         alternative = await alternative_with_text(ctx, alternative)
@@ -182,16 +211,16 @@ class CotDecoding(Strategy):
         remaining = ctx.sampling.max_tokens - len(forced)
         if remaining < 1:
             candidate = Candidate(alternative.text, "length", len(forced), (forced_token,), label=f"path {index}")
-            return self._path(alternative, candidate)
+            return await self._path(ctx, params, index, alternative, candidate)
         (rest,) = await ctx.continue_prefix(list(forced), max_tokens=remaining, temperature=0.0, logprobs=True,
                                             top_logprobs=MARGIN_TOP_LOGPROBS, index=index, label=f"path {index}")
         shift = len(alternative.text)
         tokens = (forced_token, *(replace(t, offset=t.offset + shift) for t in rest.tokens or ()))
         candidate = Candidate(alternative.text + rest.text, rest.finish_reason, len(forced) + rest.completion_tokens,
                               tokens, label=f"path {index}", prompt_tokens=rest.prompt_tokens)
-        return self._path(alternative, candidate)
+        return await self._path(ctx, params, index, alternative, candidate)
 
     @staticmethod
     def _line(index: int, path: Path) -> str:
-        cut = " (cut off)" if path.candidate.truncated else ""
+        cut = "" if path.finished else " (cut off)"
         return f"path {index} from {path.first.text!r}: {path.answer or '…'} margin {path.margin:.3f}{cut}"

@@ -47,7 +47,7 @@ def test_answer_margin_is_measured_on_the_answer_tokens_only():
 
 
 def _path(answer: str, margin: float, finish: str = "stop") -> Path:
-    return Path(TokenAlternative("x", 0.0), Candidate(answer, finish), answer, margin, 1)
+    return Path(TokenAlternative("x", 0.0), Candidate(answer, finish), answer, margin, 1, finish != "length")
 
 
 def test_the_surest_finished_path_wins_or_with_aggregate_the_answer_with_the_highest_summed_margin():
@@ -206,3 +206,36 @@ def test_when_the_budget_stops_the_paths_the_surest_of_those_found_answers(clien
     assert len(details["paths"]) == 2  # the greedy path and one branch
     assert completion.model_extra["ttc"]["budget_exhausted"] is True
     assert completion.choices[0].message.content == details["paths"][details["chosen"]]["text"]
+
+
+def test_with_an_answer_prompt_each_path_states_its_answer_and_is_judged_on_it(client, fake):
+    """A path that restates the question ("… what is 6 times 7?") is judged on the answer it states after the
+    prompt, not on the 7 it copied."""
+    stated = {"Let": (" 42.", LN(0.9)), "I": (" 41.", LN(0.6)), "So": (" 41.", LN(0.5)), "The": (" 41.", LN(0.55))}
+
+    def script(body: dict[str, Any]) -> FakeReply:
+        prompt = body.get("prompt")
+        if prompt is not None and fake.vocabulary.decode(prompt[-4:]) == " So the answer is":
+            first = next(t for t in stated if fake.vocabulary.id(t) in prompt[-40:])
+            text, sure = stated[first]
+            return FakeReply(texts=[text], logprobs_fn=lambda c, i, t: [(t, sure), ("?", math.log(1 - math.exp(sure)))])
+        if prompt is not None and fake.vocabulary.decode([prompt[-1]]) == "Let":
+            return FakeReply(texts=[" me think about what is 6 times 7"],
+                             logprobs_fn=lambda c, i, t: [(t, LN(0.999)), ("?", LN(0.001))])
+        return script_for(fake)(body)
+
+    fake.script = script
+    plain = client.chat.completions.create(model="cot_decoding:k=4-fake-model", messages=user())
+    assert plain.model_extra["ttc"]["details"]["answer"] == "7"  # the copied number, sure to 0.998
+    fake.requests.clear()
+    completion = client.chat.completions.create(
+        model="cot_decoding:k=4-fake-model", messages=user(),
+        extra_body={"ttc": {"params": {"answer_prompt": " So the answer is", "answer_tokens": 4}}})
+    assert completion.choices[0].message.content == "Let me think about what is 6 times 7 So the answer is 42."
+    details = completion.model_extra["ttc"]["details"]
+    assert [(p["answer"], p["margin"]) for p in details["paths"]] == \
+        [("41", pytest.approx(0.1)), ("42", pytest.approx(0.8)), ("41", pytest.approx(0.2)), ("41", pytest.approx(0.0))]
+    asked = [b for b in completions(fake) if b["max_tokens"] == 4]
+    assert len(asked) == 4  # one answer call per path, greedy
+    assert all(b["temperature"] == 0 and b["prompt"][-4:] == fake.vocabulary.encode(" So the answer is")
+               for b in asked)
