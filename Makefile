@@ -9,7 +9,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
 .PHONY: install run test test-fast bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm \
-	eval-token-level
+	eval-token-level eval-token-level-answer
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -154,6 +154,13 @@ TOKEN_LEVEL_OUT ?= docs/results/2026-12-07-token-level
 eval-token-level: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out $(TOKEN_LEVEL_OUT) --models $(TOKEN_LEVEL_MODELS)
+
+# cot_decoding reading each path's answer after "So the answer is" (state_answer), on the same tasks and settings.
+TOKEN_LEVEL_ANSWER_MODELS := smollm2 entropy-smollm2 cot_decoding:state_answer=true-smollm2 \
+	cot_decoding:state_answer=true,aggregate=true-smollm2
+eval-token-level-answer: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --out $(TOKEN_LEVEL_OUT)-answer --models $(TOKEN_LEVEL_ANSWER_MODELS)
 
 # Adaptive sc at n=8 against fixed sc on another pool: EVAL_SEED=1001, 2001, ... give independent pools of 8
 # samples per task (~8 min each here); seed 1's first 8 samples per task are `make eval`'s.

@@ -11,8 +11,8 @@ forced at the first token is not mistaken for a sure one. Paths cut off by max_t
 finished. The best path is the answer; with `aggregate=true`, the answer whose paths' margins sum highest (its
 best path).
 
-With `answer_prompt` (the paper's way of finding the answer span in free text, e.g. "\nSo the answer is"), each
-path is continued greedily after that prompt for at most `answer_tokens` tokens, and the answer and its margin are
+With `state_answer=true` (the paper's way of finding the answer span in free text), each path is continued
+greedily after `answer_prompt` ("\nSo the answer is") for at most `answer_tokens` tokens, and the answer and its margin are
 read from that continuation: a path that restates the question or is cut off then still states an answer, instead
 of being judged by the last number it happened to write.
 """
@@ -51,10 +51,11 @@ class CotDecodingParams(StrategyParams):
                                                        "not the single most confident path")
     min_first_probability: float = Field(default=0.0, ge=0, le=1, description="a first token below this "
                                                                               "probability is not branched")
-    answer_prompt: str | None = Field(default=None, min_length=1, max_length=200,
-                                      description="appended to each path, which is continued to state its answer "
-                                                  "(e.g. '\\nSo the answer is'); the answer is read from there")
-    answer_tokens: int = Field(default=8, ge=1, le=64, description="answer_prompt: tokens of the stated answer")
+    state_answer: bool = Field(default=False, description="continue each path after answer_prompt and read its "
+                                                         "answer (and margin) from what it states there")
+    answer_prompt: str = Field(default="\nSo the answer is", min_length=1, max_length=200,
+                               description="state_answer: the text appended to each path")
+    answer_tokens: int = Field(default=8, ge=1, le=64, description="state_answer: tokens of the stated answer")
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class CotDecoding(Strategy):
     async def _path(ctx: StrategyContext, params: CotDecodingParams, index: int, first: TokenAlternative,
                     candidate: Candidate) -> Path:
         """The path scored: on its own answer, or on the answer it states after the answer prompt."""
-        if params.answer_prompt is None or not candidate.tokens:
+        if not params.state_answer or not candidate.tokens:
             answer, margin, measured = answer_margin(candidate)
             return Path(first, candidate, answer, margin, measured, not candidate.truncated)
         prompt = params.answer_prompt

@@ -230,7 +230,8 @@ def test_with_an_answer_prompt_each_path_states_its_answer_and_is_judged_on_it(c
     fake.requests.clear()
     completion = client.chat.completions.create(
         model="cot_decoding:k=4-fake-model", messages=user(),
-        extra_body={"ttc": {"params": {"answer_prompt": " So the answer is", "answer_tokens": 4}}})
+        extra_body={"ttc": {"params": {"state_answer": True, "answer_prompt": " So the answer is",
+                                       "answer_tokens": 4}}})
     assert completion.choices[0].message.content == "Let me think about what is 6 times 7 So the answer is 42."
     details = completion.model_extra["ttc"]["details"]
     assert [(p["answer"], p["margin"]) for p in details["paths"]] == \
