@@ -26,9 +26,9 @@ from .access_log import EngineCalls
 from .backends import Backend
 from .backends.stops import StreamedStopCutter, cut_stops_in_chunk, cut_stops_in_reply, stop_strings
 from .errors import BackendConnectFailed, ProxyError
-from .protocol import choice_index
+from .wire.protocol import choice_index
 from .routing import Route
-from .sse import DONE, event_data, parse_chunk, relay_events, sse_events
+from .wire.sse import DONE, event_data, parse_chunk, relay_events, sse_events
 from .streaming import EventStreamResponse, until_disconnect
 
 log = logging.getLogger("ttc_proxy.passthrough")

@@ -17,29 +17,14 @@ from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI
 
+from .access_log import configure_logging
+from .app import create_app
 from .backends.engine import LocalEngine
-from .backends.scheduler import FairScheduler
 from .config import ProxyConfig, resolve_config
 
 log = logging.getLogger("ttc_proxy.replicas")
 
 WORKER_ENV = "TTC_PROXY_WORKER"
-
-
-def share_bounds(backend: str, scheduler: FairScheduler, replicas: int) -> None:
-    """This process's share of a backend's bounds when `replicas` processes use it: 1/replicas of the calls in
-    flight (at least one) and of the queue, so together they keep the engine's limit."""
-    if replicas <= 1:
-        return
-    total = scheduler.capacity
-    scheduler.capacity = max(1, total // replicas)
-    scheduler.max_queue = max(1, scheduler.max_queue // replicas) if scheduler.max_queue else 0
-    if total < replicas:
-        log.warning("backend %s takes %d calls at once, fewer than the %d proxy processes sharing it: each still "
-                    "sends one, %d in all", backend, total, replicas, replicas)
-    else:
-        log.info("backend %s: this process takes %d of its %d calls in flight and %d queued (%d processes)",
-                 backend, scheduler.capacity, total, scheduler.max_queue, replicas)
 
 
 @dataclass
@@ -81,9 +66,6 @@ def worker_config(config: ProxyConfig, workers: int, engine_urls: dict[str, str]
 
 def worker_app() -> FastAPI:
     """The uvicorn factory each worker process calls (`proxy.replicas:worker_app`)."""
-    from .access_log import configure_logging
-    from .app import create_app
-
     setup = WorkerSetup.from_env()
     # A worker is a fresh interpreter: the parent's logging set-up did not come with it.
     configure_logging(setup.log_level, setup.log_format)

@@ -3,7 +3,8 @@
 A store keeps snapshots: JSON bytes, each bounded (`server.trace_max_bytes`), taken when a run starts and when it
 ends. Each is saved with its owner, the id of the proxy key that made it; a trace is read only with that key (for
 anyone else it is absent). Two stores: in memory (the default; bounded in count, bytes and age) and Redis
-(`server.trace_store: redis://…`, proxy/trace_store_redis.py), which several proxy processes share.
+(`server.trace_store: redis://…`, proxy/trace_store_redis.py), which several proxy processes share;
+proxy/trace_stores.py opens the configured one.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import ServerSettings
 from .errors import ProxyError
 
 log = logging.getLogger("ttc_proxy.traces")
@@ -170,21 +168,3 @@ class MemoryTraceStore:
                                  or next(iter(self._entries.values())).expires <= now):
             _, entry = self._entries.popitem(last=False)
             self.total_bytes -= len(entry.body)
-
-
-@asynccontextmanager
-async def open_trace_store(settings: ServerSettings) -> AsyncIterator[TraceStore]:
-    """The configured store, open for the app's lifetime: `server.trace_store` is `memory` or a Redis URL."""
-    if settings.trace_store == "memory":
-        yield MemoryTraceStore(settings.trace_store_size, max_total_bytes=settings.trace_store_bytes,
-                               max_trace_bytes=settings.trace_max_bytes, ttl_seconds=settings.trace_ttl_seconds)
-        return
-    from .trace_store_redis import RedisTraceStore  # only a Redis store needs the client library
-
-    store = RedisTraceStore(settings.trace_store, max_trace_bytes=settings.trace_max_bytes,
-                            ttl_seconds=settings.trace_ttl_seconds)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.aclose()

@@ -26,7 +26,6 @@ from .framework import (
     Candidate,
     Strategy,
     StrategyContext,
-    StrategyParams,
     StrategyResult,
     draw,
     gather_all,
@@ -99,25 +98,21 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
-class BestOfN(Strategy):
+class BestOfN(Strategy[BestOfNParams]):
     slug = "bon"
     description = "best-of-n: n candidates, one picked by vote, token confidence, weighted vote, judge or verifier"
-    Params = BestOfNParams
     composable = True
 
     @classmethod
-    def references(cls, params: StrategyParams) -> dict[str, list[str]]:
-        assert isinstance(params, BestOfNParams)
+    def references(cls, params: BestOfNParams) -> dict[str, list[str]]:
         return params.references()
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, BestOfNParams)
+    def fan_out(cls, params: BestOfNParams) -> int:
         return params.n
 
     @classmethod
-    def requirements(cls, params: StrategyParams) -> dict[str, str]:
-        assert isinstance(params, BestOfNParams)
+    def requirements(cls, params: BestOfNParams) -> dict[str, str]:
         if params.needs_logprobs():
             which = " and ".join(f"{k}={v}" for k, v in (("select", params.select), ("fallback", params.fallback))
                                  if v in CONFIDENCE_SELECTORS)
@@ -125,8 +120,7 @@ class BestOfN(Strategy):
                                 f"do without"}
         return {}
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, BestOfNParams)
+    async def run(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
         has_logprobs = ctx.supports("logprobs")
         fallback = resolve_fallback(params.select, params.fallback, has_logprobs)
         want_logprobs = params.select in CONFIDENCE_SELECTORS or fallback in CONFIDENCE_SELECTORS

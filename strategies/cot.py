@@ -76,13 +76,11 @@ def _span(reply: str, start: int, end: int, reasoning: str) -> tuple[str, str, i
     return raw.strip(), reasoning, start + (len(raw) - len(raw.lstrip()))
 
 
-class ChainOfThought(Strategy):
+class ChainOfThought(Strategy[CotParams]):
     slug = "cot"
     description = "chain of thought with reflection: one call with a reasoning prompt; the answer is its output"
-    Params = CotParams
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, CotParams)
+    async def run(self, ctx: StrategyContext, params: CotParams) -> StrategyResult:
         await ctx.progress("thinking, then reflecting, then answering in one call")
         (sample,) = await ctx.generate(n=1, messages=cot_messages(ctx.messages, params), label="cot")
         answer, reasoning, start = split_reply(sample.text)

@@ -28,6 +28,7 @@ from pydantic import Field
 from .answers import last_number, locate_answer
 from .framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     Strategy,
     StrategyContext,
@@ -112,31 +113,28 @@ def choose(paths: list[Path], aggregate: bool) -> tuple[int, dict[str, float]]:
     return best, sums
 
 
-class CotDecoding(Strategy):
+class CotDecoding(Strategy[CotDecodingParams]):
     slug = "cot_decoding"
     description = "CoT-decoding: the top-k first tokens each continued greedily; the path whose answer tokens the " \
                   "model is surest of (top-1 minus top-2 margin), or the answer with the highest summed margin"
-    Params = CotDecodingParams
     requires = NEEDS
     structured_output = False  # paths are continued from raw token ids: no grammar follows them
 
     @classmethod
-    def requirements(cls, params: StrategyParams) -> dict[str, str]:
+    def requirements(cls, params: CotDecodingParams) -> dict[str, str]:
         return {"logprobs": "reading the first token's alternatives and the answer tokens' margins",
                 "completions": "continuing each first token from exact token ids",
                 "tokenize": "continuing from token ids", "render": "continuing from token ids"}
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, CotDecodingParams)
+    def fan_out(cls, params: CotDecodingParams) -> int:
         return params.k
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, CotDecodingParams)
+    async def run(self, ctx: StrategyContext, params: CotDecodingParams) -> StrategyResult:
         top = max(params.k, MARGIN_TOP_LOGPROBS)
         await ctx.progress(f"CoT-decoding: the greedy reply, then up to {params.k - 1} other first tokens "
                            f"continued greedily")
-        (greedy,) = await ctx.generate(n=1, temperature=0.0, logprobs=True, top_logprobs=top, label="path 0")
+        (greedy,) = await ctx.generate(CallOptions(temperature=0.0, logprobs=True, top_logprobs=top), label="path 0")
         paths = [await self._path(ctx, params, 0, self._first(greedy), greedy)]
         await ctx.progress(self._line(0, paths[0]))
         budget_exhausted = False
@@ -184,9 +182,9 @@ class CotDecoding(Strategy):
         prompt = params.answer_prompt
         ids = [*await ctx.token_ids(candidate.tokens), *await ctx.tokenize(prompt)]
         try:
-            (stated,) = await ctx.continue_prefix(ids, max_tokens=params.answer_tokens, temperature=0.0,
-                                                  logprobs=True, top_logprobs=MARGIN_TOP_LOGPROBS,
-                                                  index=params.k + index, label=f"answer {index}")
+            options = CallOptions(temperature=0.0, max_tokens=params.answer_tokens, logprobs=True,
+                                  top_logprobs=MARGIN_TOP_LOGPROBS)
+            (stated,) = await ctx.continue_prefix(ids, options, index=params.k + index, label=f"answer {index}")
         except BudgetExceeded:  # the path stands as it is, judged on its own text
             answer, margin, measured = answer_margin(candidate)
             return Path(first, candidate, answer, margin, measured, not candidate.truncated)
@@ -213,8 +211,8 @@ class CotDecoding(Strategy):
         if remaining < 1:
             candidate = Candidate(alternative.text, "length", len(forced), (forced_token,), label=f"path {index}")
             return await self._path(ctx, params, index, alternative, candidate)
-        (rest,) = await ctx.continue_prefix(list(forced), max_tokens=remaining, temperature=0.0, logprobs=True,
-                                            top_logprobs=MARGIN_TOP_LOGPROBS, index=index, label=f"path {index}")
+        options = CallOptions(temperature=0.0, max_tokens=remaining, logprobs=True, top_logprobs=MARGIN_TOP_LOGPROBS)
+        (rest,) = await ctx.continue_prefix(list(forced), options, index=index, label=f"path {index}")
         shift = len(alternative.text)
         tokens = (forced_token, *(replace(t, offset=t.offset + shift) for t in rest.tokens or ()))
         candidate = Candidate(alternative.text + rest.text, rest.finish_reason, len(forced) + rest.completion_tokens,

@@ -18,6 +18,7 @@ from .answers import extract_answer
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     BudgetExceeded,
+    CallOptions,
     Candidate,
     Strategy,
     StrategyContext,
@@ -54,24 +55,21 @@ class DeepConfParams(StrategyParams):
         return self
 
 
-class DeepConf(Strategy):
+class DeepConf(Strategy[DeepConfParams]):
     slug = "deepconf"
     description = "DeepConf online: warm-up sets a confidence threshold, weak traces are cancelled mid-stream, " \
                   "survivors vote weighted by confidence"
-    Params = DeepConfParams
     requires = frozenset({"logprobs"})
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, DeepConfParams)
+    def fan_out(cls, params: DeepConfParams) -> int:
         return params.n
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, DeepConfParams)
+    async def run(self, ctx: StrategyContext, params: DeepConfParams) -> StrategyResult:
         temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         await ctx.progress(f"warm-up: {params.warmup} traces at temperature {temperature:g}")
-        warm = await ctx.generate(n=params.warmup, temperature=temperature, logprobs=True,
-                                  top_logprobs=params.top_k, label="warmup")
+        warm = await ctx.generate(CallOptions(temperature=temperature, logprobs=True, top_logprobs=params.top_k),
+                                  n=params.warmup, label="warmup")
         confidences = [self._confidence(c.tokens, params) for c in warm]
         scores = [c for c in confidences if c is not None]
         if not scores:
@@ -113,8 +111,8 @@ class DeepConf(Strategy):
         confidences: list[float] = []
         window_sum = 0.0
         finish_reason = "length"
-        async with aclosing(ctx.stream(temperature=temperature, top_logprobs=params.top_k, index=index,
-                                       label="trace")) as events:
+        async with aclosing(ctx.stream(CallOptions(temperature=temperature, top_logprobs=params.top_k),
+                                       index=index, label="trace")) as events:
             async for event in events:
                 if event.finish_reason:
                     finish_reason = event.finish_reason

@@ -22,6 +22,7 @@ from pydantic import Field
 from .answers import extract_answer
 from .framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     Strategy,
     StrategyContext,
@@ -84,18 +85,15 @@ def parse_plan(text: str, k: int) -> tuple[list[str], int]:
     return approaches, len(picked)
 
 
-class DeepThink(Strategy):
+class DeepThink(Strategy[DeepThinkParams]):
     slug = "deepthink"
     description = "deep thinking: plan k approaches, explore them in parallel, answer if they agree, else synthesise"
-    Params = DeepThinkParams
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, DeepThinkParams)
+    def fan_out(cls, params: DeepThinkParams) -> int:
         return params.k
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, DeepThinkParams)
+    async def run(self, ctx: StrategyContext, params: DeepThinkParams) -> StrategyResult:
         question = last_user_text(ctx.messages)
         approaches, planned = await self._plan(ctx, params, question)
         for i, approach in enumerate(approaches, start=1):
@@ -104,8 +102,9 @@ class DeepThink(Strategy):
         async def explore(i: int, approach: str) -> tuple[str, Candidate]:
             span = ctx.span("explore", approach=approach)
             messages = [{"role": "system", "content": EXPLORE_PROMPT.format(approach=approach)}, *ctx.messages]
-            (reply,) = await span.generate(n=1, messages=messages, temperature=params.temperature,
-                                           logprobs=ctx.supports("logprobs"), label="explore")
+            (reply,) = await span.generate(CallOptions(temperature=params.temperature,
+                                                       logprobs=ctx.supports("logprobs")),
+                                           messages=messages, label="explore")
             await ctx.progress(f"approach {i} → {extract_answer(reply.text)}")
             return approach, reply
 
@@ -135,7 +134,7 @@ class DeepThink(Strategy):
         messages = [*ctx.messages[:-1], {"role": "user", "content": SYNTHESIS_PROMPT.format(
             question=question, k=len(explored), attempts=attempts)}]
         try:
-            (synthesis,) = await ctx.span("synthesis").generate(n=1, messages=messages, temperature=0.0,
+            (synthesis,) = await ctx.span("synthesis").generate(CallOptions(temperature=0.0), messages=messages,
                                                                 label="synthesis")
         except BudgetExceeded:
             await ctx.progress(f"the budget ran out before the synthesis; answering with the vote: {vote.answer}")
@@ -151,8 +150,9 @@ class DeepThink(Strategy):
             return list(APPROACHES[:params.k]), 0
         modules = "\n".join(f"{i}. {a}" for i, a in enumerate(APPROACHES, start=1))
         messages = [{"role": "user", "content": PLAN_PROMPT.format(modules=modules, question=question, k=params.k)}]
-        (plan,) = await ctx.span("plan").generate(n=1, messages=messages, temperature=0.0,
-                                                  max_tokens=params.plan_tokens, label="plan", answers=False)
+        (plan,) = await ctx.span("plan").generate(
+            CallOptions(temperature=0.0, max_tokens=params.plan_tokens, answers=False), messages=messages,
+            label="plan")
         approaches, planned = parse_plan(plan.text, params.k)
         if planned < params.k:
             await ctx.progress(f"the plan gave {planned} of {params.k} approaches; the rest come from the list")

@@ -15,8 +15,8 @@ regime has an action. `mapping=entropix` gives entropix's:
                                            varentropy (entropix: T·(1 + 0.3·(H + V)))
 
 The default, `mapping=branching`, keeps flowing positions and branches at the first other one (entropy-gated
-branching, as in arXiv 2503.21961): measured on SmolLM2 it is the mapping that gains (README). Each regime's
-action can also be set on its own (`careful=pause`).
+branching, as in arXiv 2503.21961); how the two mappings compare is on the results pages (docs/results/). Each
+regime's action can also be set on its own (`careful=pause`).
 
 Drawing again uses the alternatives the engine listed (pre-sampling probabilities on llama.cpp), so it costs
 nothing unless the draw differs from the streamed token: then the stream is cut at that token's offset and
@@ -46,8 +46,7 @@ from .uncertainty import DEFAULT_VOCAB_SIZE, Regime, Thresholds, Uncertainty, to
 Action = Literal["keep", "pause", "branch", "resample", "adapt"]
 Mapping = Literal["branching", "entropix"]
 # entropix's own actions, and the default: branch at the first position that is not flowing (entropy-gated
-# branching). Measured on the dev set (README), entropix's pauses and hot redraws cost SmolLM2 10-15 points below
-# greedy on short answers; branching gains 9-16.
+# branching).
 MAPPINGS: dict[Mapping, dict[Regime, Action]] = {
     "entropix": {"flowing": "keep", "careful": "pause", "fork": "branch", "misty": "resample", "middle": "adapt"},
     "branching": {"flowing": "keep", "careful": "branch", "fork": "branch", "misty": "branch", "middle": "branch"},
@@ -111,21 +110,18 @@ class EntropyParams(StrategyParams):
         return chosen if chosen is not None else MAPPINGS[self.mapping][regime]
 
 
-class EntropySampling(Strategy):
+class EntropySampling(Strategy[EntropyParams]):
     slug = "entropy"
     description = "entropy-based sampling: per-token entropy and varentropy decide where to branch (or, with " \
                   "mapping=entropix, to pause, branch or redraw)"
-    Params = EntropyParams
     requires = NEEDS
     structured_output = False
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, EntropyParams)
+    def fan_out(cls, params: EntropyParams) -> int:
         return params.branches
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, EntropyParams)
+    async def run(self, ctx: StrategyContext, params: EntropyParams) -> StrategyResult:
         base = params.temperature if params.temperature is not None else (ctx.sampling.temperature or 0.0)
         decoder = GuidedDecoder(ctx, max_tokens=ctx.sampling.max_tokens, temperature=base,
                                 top_logprobs=params.top_logprobs, max_interventions=params.max_interventions)

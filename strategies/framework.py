@@ -14,7 +14,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, ClassVar, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
@@ -210,6 +210,35 @@ class Sampling:
         return self.temperature if self.temperature is not None and self.temperature > 0 else default
 
 
+@dataclass(frozen=True)
+class CallOptions:
+    """How one call samples; an option left unset (None) is the request's own (`Sampling`).
+
+    `seed`: an explicit seed, used as seed + i for the call's i-th sample (None: derived from the request's).
+    `extra`: engine fields for this call (logit_bias, cache_prompt, ...).
+    `answers`: the call answers the client's question, so it carries the request's response_format, stop, top_p,
+    engine fields and logprobs; `answers=False` marks a helper question (a judge's yes/no, a plan), which carries
+    none of them.
+    """
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    extra: Mapping[str, Any] | None = None
+    answers: bool = True
+
+    def request_top_logprobs(self, sampling: Sampling) -> int | None:
+        """The alternatives the client asked for, which an answer carries (a helper question does not)."""
+        return sampling.top_logprobs if self.answers else None
+
+    def keeps_tokens(self, sampling: Sampling) -> bool:
+        """Whether the call's candidates keep their tokens (someone asked for logprobs)."""
+        return bool(self.logprobs or self.top_logprobs or self.request_top_logprobs(sampling) is not None)
+
+
 @dataclass
 class Usage:
     """Tokens and backend calls spent (by a run, a span or one nested run)."""
@@ -296,49 +325,33 @@ class StrategyContext(Protocol):
 
     async def generate(
         self,
+        options: CallOptions = CallOptions(),
         *,
         n: int = 1,
         messages: Sequence[dict[str, Any]] | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
         index: int = 0,
         min_success: int = 1,
         label: str = "sample",
-        extra: Mapping[str, Any] | None = None,
-        answers: bool = True,
     ) -> list[Candidate]:
         """n chat completions, drawn concurrently (split across requests as the backend needs).
 
         Candidates that fail are dropped; fewer than `min_success` successes raises (BudgetExceeded when the
-        budget stopped them). Unset arguments default to the request's own sampling parameters. Seeds: with a
+        budget stopped them). Options left unset default to the request's own sampling parameters. Seeds: with a
         request seed, sample `index + i` of a top-level context uses seed + index + i; inside a span or nested
-        run, a seed derived from (seed, span path, index + i); an explicit `seed` is used as seed + i.
-        `extra`: engine fields for this call (logit_bias, cache_prompt, ...). `answers=False` marks a helper
-        question (a judge's yes/no, a plan): it does not carry the request's response_format, stop, top_p,
-        engine fields or logprobs, which are for answers to the client's question.
+        run, a seed derived from (seed, span path, index + i); an explicit `options.seed` is used as seed + i.
         """
         ...
 
     async def continue_prefix(
         self,
         prefix: str | Sequence[int],
+        options: CallOptions = CallOptions(),
         *,
         n: int = 1,
         messages: Sequence[dict[str, Any]] | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
         index: int = 0,
         min_success: int = 1,
         label: str = "continue",
-        extra: Mapping[str, Any] | None = None,
     ) -> list[Candidate]:
         """n continuations of a partial assistant reply; each candidate's text is the continuation only.
 
@@ -349,17 +362,12 @@ class StrategyContext(Protocol):
 
     def stream(
         self,
+        options: CallOptions = CallOptions(),
         *,
         messages: Sequence[dict[str, Any]] | None = None,
         prefix: str | Sequence[int] | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        top_logprobs: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
         index: int = 0,
         label: str = "stream",
-        extra: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """One sample streamed token by token with logprobs (continuing `prefix` when given).
 
@@ -370,18 +378,12 @@ class StrategyContext(Protocol):
     async def complete(
         self,
         prompt: str | Sequence[int],
+        options: CallOptions = CallOptions(),
         *,
         n: int = 1,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
         index: int = 0,
         min_success: int = 1,
         label: str = "complete",
-        extra: Mapping[str, Any] | None = None,
     ) -> list[Candidate]:
         """Raw completions (/v1/completions) of a prompt given as text or token ids (see `render`)."""
         ...
@@ -449,12 +451,17 @@ class StrategyContext(Protocol):
 # ---------------------------------------------------------------- strategies
 
 
-class Strategy(ABC):
-    """A test-time-compute strategy. Subclasses set the class attributes and implement `run`."""
+P = TypeVar("P", bound=StrategyParams)
+
+
+class Strategy(ABC, Generic[P]):
+    """A test-time-compute strategy, generic over its parameters model: `class SelfConsistency(Strategy[SCParams])`
+    validates `ttc.params` with SCParams (found as `Params`) and gets them as an SCParams. Subclasses set the class
+    attributes and implement `run`."""
 
     slug: ClassVar[str]
     description: ClassVar[str]
-    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    Params: ClassVar[type[StrategyParams]] = StrategyParams  # set from the generic argument
     requires: ClassVar[frozenset[str]] = frozenset()  # capability names, e.g. {"logprobs", "prefill"}
     multiple_choices: ClassVar[bool] = False  # may a client ask for n > 1?
     composable: ClassVar[bool] = False  # may run over another strategy (`draw` then runs it)
@@ -462,8 +469,15 @@ class Strategy(ABC):
     # where no grammar follows it and there are no other candidates to filter by it.
     structured_output: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            (params, *_) = get_args(base) or (None,)
+            if get_origin(base) is Strategy and isinstance(params, type) and issubclass(params, StrategyParams):
+                cls.Params = params
+
     @classmethod
-    def requirements(cls, params: StrategyParams) -> Mapping[str, str]:
+    def requirements(cls, params: P) -> Mapping[str, str]:
         """Capabilities this run needs with these parameters -> why (shown to the client when missing).
 
         Checked before the run starts. The default is the static `requires`; override when parameters decide.
@@ -471,19 +485,19 @@ class Strategy(ABC):
         return {capability: "" for capability in cls.requires}
 
     @classmethod
-    def references(cls, params: StrategyParams) -> Mapping[str, Sequence[str]]:
+    def references(cls, params: P) -> Mapping[str, Sequence[str]]:
         """Configured things these parameters name, checked before the run starts: {"verifiers": [names],
         "models": [model names], "pivots": [pivot set names]} (an HTTP verifier, a judge model, a pivot set)."""
         return {}
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
+    def fan_out(cls, params: P) -> int:
         """How many runs of the strategy it runs over this one may start (n, k, iterations x batch): the product
         along a composition is bounded by `strategies.max_samples`."""
         return 1
 
     @abstractmethod
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult: ...
+    async def run(self, ctx: StrategyContext, params: P) -> StrategyResult: ...
 
 
 # ---------------------------------------------------------------- helpers every strategy shares
@@ -587,8 +601,8 @@ async def draw(
     """
     inner = ctx.over
     if inner is None:
-        candidates = await ctx.generate(n=n, messages=messages, temperature=temperature, logprobs=logprobs,
-                                        top_logprobs=top_logprobs, index=index, min_success=min_success,
+        options = CallOptions(temperature=temperature, logprobs=logprobs, top_logprobs=top_logprobs)
+        candidates = await ctx.generate(options, n=n, messages=messages, index=index, min_success=min_success,
                                         label=label)
     else:
         async def one() -> Candidate:

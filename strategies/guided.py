@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 
 from .framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     StrategyContext,
     StreamEvent,
@@ -159,8 +160,9 @@ class GuidedDecoder:
 
     def _open(self, prefix: list[int] | None) -> AsyncIterator[StreamEvent]:
         self.streams += 1
-        return self.ctx.stream(prefix=prefix, temperature=self.temperature, top_logprobs=self.top_logprobs,
-                               max_tokens=max(1, self.max_tokens - self.length), index=self.streams - 1,
+        return self.ctx.stream(CallOptions(temperature=self.temperature, top_logprobs=self.top_logprobs,
+                                           max_tokens=max(1, self.max_tokens - self.length)),
+                               prefix=prefix, index=self.streams - 1,
                                label="stream" if prefix is None else "stream from cut")
 
     async def run(self, policy: Policy) -> Candidate:
@@ -291,8 +293,10 @@ class GuidedDecoder:
             if remaining < 1:  # the forced token fills the reply: nothing to continue
                 return Branch(alternative, alternative.text, (forced_token,), "length")
             (rest,) = await self.ctx.continue_prefix(
-                [*before, *forced], max_tokens=remaining, temperature=self.temperature, logprobs=True,
-                top_logprobs=self.top_logprobs, index=self.streams + i, label=f"branch {alternative.text!r}")
+                [*before, *forced],
+                CallOptions(max_tokens=remaining, temperature=self.temperature, logprobs=True,
+                            top_logprobs=self.top_logprobs),
+                index=self.streams + i, label=f"branch {alternative.text!r}")
             shift = len(alternative.text)
             tokens = (forced_token, *(replace(t, offset=t.offset + shift) for t in rest.tokens or ()))
             return Branch(alternative, alternative.text + rest.text, tokens, rest.finish_reason)

@@ -34,13 +34,13 @@ from .answers import extract_answer
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
     BudgetExceeded,
+    CallOptions,
     Candidate,
     ModelNames,
     Strategy,
     StrategyContext,
     StrategyError,
     StrategyInputError,
-    StrategyParams,
     StrategyResult,
     draw,
     gather_all,
@@ -162,25 +162,21 @@ class TreeSearch:
             self.state = self.algorithm.tell(self.state, trial.trial_id, (node, min(1.0, max(0.0, node.score))))
 
 
-class Mcts(Strategy):
+class Mcts(Strategy[MctsParams]):
     slug = "mcts"
     description = "AB-MCTS (treequest ABMCTSA): Thompson sampling decides at each node whether to widen or deepen"
-    Params = MctsParams
     composable = True
 
     @classmethod
-    def references(cls, params: StrategyParams) -> dict[str, list[str]]:
-        assert isinstance(params, MctsParams)
+    def references(cls, params: MctsParams) -> dict[str, list[str]]:
         return params.references()
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, MctsParams)
+    def fan_out(cls, params: MctsParams) -> int:
         return params.iterations * params.batch
 
     @classmethod
-    def requirements(cls, params: StrategyParams) -> dict[str, str]:
-        assert isinstance(params, MctsParams)
+    def requirements(cls, params: MctsParams) -> dict[str, str]:
         needed: dict[str, str] = {}
         if needs_logprobs(params.score):
             needed["logprobs"] = f"score={params.score} scores nodes by token logprobs; agreement or judge do without"
@@ -188,8 +184,7 @@ class Mcts(Strategy):
             needed["continue"] = "level=step continues a node's text to its next step"
         return needed
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, MctsParams)
+    async def run(self, ctx: StrategyContext, params: MctsParams) -> StrategyResult:
         if params.level == "step" and ctx.over is not None:
             raise StrategyInputError("mcts level=step continues raw text and cannot run over another strategy; "
                                      "use level=answer")
@@ -347,14 +342,12 @@ class MctsRun:
         depth = parent.depth + 1 if parent is not None else 1
         last = depth >= params.max_depth
         ctx = self._context(model).span("step", expands=parent.id if parent is not None else None)
-        max_tokens = None if last else params.step_tokens
-        logprobs, top = self.logprobs, params.top_k if self.logprobs else None
+        options = CallOptions(temperature=self.temperature, max_tokens=None if last else params.step_tokens,
+                              logprobs=self.logprobs, top_logprobs=params.top_k if self.logprobs else None)
         if prefix:
-            found = await ctx.continue_prefix(prefix, n=n, temperature=self.temperature, max_tokens=max_tokens,
-                                              logprobs=logprobs, top_logprobs=top, label="step")
+            found = await ctx.continue_prefix(prefix, options, n=n, label="step")
         else:
-            found = await ctx.generate(n=n, temperature=self.temperature, max_tokens=max_tokens,
-                                       logprobs=logprobs, top_logprobs=top, label="step")
+            found = await ctx.generate(options, n=n, label="step")
         children, actions = [], []
         for piece in found:
             child, ended = self._cut(piece, parent, last)
@@ -463,9 +456,10 @@ class MctsRun:
             return []
         best = max(partial, key=lambda n: n.score)
         try:
-            (piece,) = await self.ctx.continue_prefix(best.candidate.text, logprobs=self.logprobs,
-                                                      top_logprobs=self.params.top_k if self.logprobs else None,
-                                                      label="finish")
+            (piece,) = await self.ctx.continue_prefix(
+                best.candidate.text,
+                CallOptions(logprobs=self.logprobs, top_logprobs=self.params.top_k if self.logprobs else None),
+                label="finish")
         except BudgetExceeded:
             return [best]  # its text so far is the best answer there is
         candidate, _ = self._cut(piece, best, last=True)

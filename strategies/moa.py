@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from .answers import extract_answer, tally
 from .framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     ModelNames,
     Strategy,
@@ -64,31 +65,27 @@ def aggregate_messages(messages: list[dict[str, Any]], proposals: list[Candidate
     return [*messages[:i], {**messages[i], "content": content}, *messages[i + 1:]]
 
 
-class MixtureOfAgents(Strategy):
+class MixtureOfAgents(Strategy[MoaParams]):
     slug = "moa"
     description = "mixture of agents: n answers at diverse temperatures (and models), then one aggregation call"
-    Params = MoaParams
 
     @classmethod
-    def references(cls, params: StrategyParams) -> dict[str, list[str]]:
-        assert isinstance(params, MoaParams)
+    def references(cls, params: MoaParams) -> dict[str, list[str]]:
         named = [*(params.models or ()), *([params.aggregator_model] if params.aggregator_model else [])]
         return {"models": list(dict.fromkeys(named))} if named else {}
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, MoaParams)
+    def fan_out(cls, params: MoaParams) -> int:
         return params.n + 1
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, MoaParams)
+    async def run(self, ctx: StrategyContext, params: MoaParams) -> StrategyResult:
         last_user_index(ctx.messages)  # a conversation without a question is refused before any call
         models = params.models or [None]
 
         async def propose(i: int) -> tuple[int, Candidate]:
             model = models[i % len(models)]
             proposer = ctx.for_model(model) if model is not None else ctx
-            (sample,) = await proposer.generate(n=1, temperature=params.temperature(i), index=i,
+            (sample,) = await proposer.generate(CallOptions(temperature=params.temperature(i)), index=i,
                                                 label=f"proposal {i}")
             await ctx.progress(f"proposal {i}{f' by {model}' if model else ''} at T={params.temperature(i):g}: "
                                f"{extract_answer(sample.text)}")
@@ -108,7 +105,7 @@ class MixtureOfAgents(Strategy):
         await ctx.progress(f"aggregating {len(proposals)} proposals"
                            f"{f' with {params.aggregator_model}' if params.aggregator_model else ''}")
         try:
-            (answer,) = await aggregator.generate(n=1, messages=aggregate_messages(ctx.messages, proposals),
+            (answer,) = await aggregator.generate(messages=aggregate_messages(ctx.messages, proposals),
                                                   label="aggregate")
         except BudgetExceeded:
             leader = tally(extract_answer(p.text) for p in proposals).leader

@@ -31,6 +31,7 @@ from pydantic import Field
 from .answers import extract_answer
 from .framework import (
     DEFAULT_SAMPLING_TEMPERATURE,
+    CallOptions,
     Candidate,
     Strategy,
     StrategyContext,
@@ -111,25 +112,22 @@ class PivotIndex:
         return []
 
 
-class PivotalTokenSearch(Strategy):
+class PivotalTokenSearch(Strategy[PtsParams]):
     slug = "pts"
     description = "pivotal-token search while generating (rollouts at unsure positions), or decoding guided by a " \
                   "stored pivotal-token set (pivots=NAME)"
-    Params = PtsParams
     requires = NEEDS
     structured_output = False
 
     @classmethod
-    def requirements(cls, params: StrategyParams) -> Mapping[str, str]:
-        assert isinstance(params, PtsParams)
+    def requirements(cls, params: PtsParams) -> Mapping[str, str]:
         needs = {capability: "" for capability in cls.requires}
         if params.pivots is not None:
             needs["logit_bias"] = "pivot-guided decoding biases the pivot token"
         return needs
 
     @classmethod
-    def references(cls, params: StrategyParams) -> Mapping[str, Sequence[str]]:
-        assert isinstance(params, PtsParams)
+    def references(cls, params: PtsParams) -> Mapping[str, Sequence[str]]:
         named: dict[str, list[str]] = {}
         if params.verifier is not None:
             named["verifiers"] = [params.verifier]
@@ -138,12 +136,10 @@ class PivotalTokenSearch(Strategy):
         return named
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, PtsParams)
+    def fan_out(cls, params: PtsParams) -> int:
         return params.alternatives * params.rollouts if params.search else 1
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, PtsParams)
+    async def run(self, ctx: StrategyContext, params: PtsParams) -> StrategyResult:
         if not params.search and params.pivots is None:
             raise StrategyInputError("pts with search=false needs pivots=NAME: there is nothing else to do")
         base = params.temperature if params.temperature is not None else (ctx.sampling.temperature or 0.0)
@@ -224,9 +220,10 @@ class PtsPolicy:
         if not bias:
             return None
         prefix = await decoder.prefix_ids()
-        (drawn,) = await self.ctx.continue_prefix(prefix, max_tokens=1, temperature=self.base, logprobs=True,
-                                                  top_logprobs=self.params.top_logprobs,
-                                                  extra={"logit_bias": bias}, label="pivot draw")
+        (drawn,) = await self.ctx.continue_prefix(
+            prefix, CallOptions(max_tokens=1, temperature=self.base, logprobs=True,
+                                top_logprobs=self.params.top_logprobs, extra={"logit_bias": bias}),
+            label="pivot draw")
         self.applied += 1
         if not drawn.tokens or not drawn.text:
             return None
@@ -252,9 +249,8 @@ class PtsPolicy:
         async def rollouts(i: int, alternative: TokenAlternative) -> tuple[TokenAlternative, list[Candidate]]:
             forced = await alternative_ids(self.ctx, alternative)
             found = await self.ctx.continue_prefix(
-                [*prefix, *forced], n=self.params.rollouts, temperature=temperature,
-                max_tokens=self.params.rollout_tokens, index=i * self.params.rollouts,
-                label=f"rollouts {alternative.text!r}")
+                [*prefix, *forced], CallOptions(temperature=temperature, max_tokens=self.params.rollout_tokens),
+                n=self.params.rollouts, index=i * self.params.rollouts, label=f"rollouts {alternative.text!r}")
             return alternative, [Candidate(before + alternative.text + c.text, c.finish_reason) for c in found]
 
         tried, errors = await gather_successes(

@@ -33,15 +33,13 @@ def re2_messages(messages: list[dict[str, Any]], again: str) -> list[dict[str, A
     return [*messages[:i], {**messages[i], "content": f"{question}\n{again} {question}"}, *messages[i + 1:]]
 
 
-class ReRead(Strategy):
+class ReRead(Strategy[Re2Params]):
     slug = "re2"
     description = "re-reading: the question stated twice in one prompt, one call"
-    Params = Re2Params
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, Re2Params)
+    async def run(self, ctx: StrategyContext, params: Re2Params) -> StrategyResult:
         messages = re2_messages(ctx.messages, params.again)
         await ctx.progress("reading the question twice, answering in one call")
-        (sample,) = await ctx.generate(n=1, messages=messages, label="re2")
+        (sample,) = await ctx.generate(messages=messages, label="re2")
         await ctx.emit(sample.text)
         return StrategyResult(choices=[sample], details={"finish_reason": sample.finish_reason})

@@ -109,19 +109,16 @@ def leader_is_decided(votes: Tally, remaining: int) -> bool:
     return ranked[0][1] > runner_up + remaining
 
 
-class SelfConsistency(Strategy):
+class SelfConsistency(Strategy[SelfConsistencyParams]):
     slug = "sc"
     description = "self-consistency: samples, majority vote over extracted answers (adaptive: stop when settled)"
-    Params = SelfConsistencyParams
     composable = True
 
     @classmethod
-    def fan_out(cls, params: StrategyParams) -> int:
-        assert isinstance(params, SelfConsistencyParams)
+    def fan_out(cls, params: SelfConsistencyParams) -> int:
         return params.n
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, SelfConsistencyParams)
+    async def run(self, ctx: StrategyContext, params: SelfConsistencyParams) -> StrategyResult:
         # The request's temperature when above 0; else the `temperature` param; else 0.8 (as the param says).
         temperature = ctx.sampling.sampling_temperature(params.temperature or DEFAULT_SAMPLING_TEMPERATURE)
         mode = "adaptive, at most" if params.adaptive else "drawing"

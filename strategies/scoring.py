@@ -30,7 +30,7 @@ from .answers import extract_answer
 from pydantic import Field, field_validator
 
 from .formats import check_schema, run_checks
-from .framework import Candidate, StrategyContext, StrategyParams, Token, gather_all, message_text
+from .framework import CallOptions, Candidate, StrategyContext, StrategyParams, Token, gather_all, message_text
 
 ConfidenceVariant = Literal["mean", "tail", "lowest_group", "logprob"]
 UNINFORMED = 0.5
@@ -169,9 +169,9 @@ class Judge:
         """P(positive) over positive/negative for one max_tokens=1, temperature-0 question."""
         self.calls += 1
         (candidate,) = await self.ctx.generate(
-            n=1, messages=judge_messages(self.ctx.messages, prompt_for_question), temperature=0.0, max_tokens=1,
-            logprobs=self.logprobs, top_logprobs=JUDGE_TOP_LOGPROBS if self.logprobs else None, label="judge",
-            answers=False,
+            CallOptions(temperature=0.0, max_tokens=1, logprobs=self.logprobs,
+                        top_logprobs=JUDGE_TOP_LOGPROBS if self.logprobs else None, answers=False),
+            messages=judge_messages(self.ctx.messages, prompt_for_question), label="judge",
         )
         first = candidate.tokens[0] if candidate.tokens else None
         return judge_probability(first, candidate.text, positive, negative)

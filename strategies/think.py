@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from .framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     Strategy,
     StrategyContext,
@@ -56,14 +57,12 @@ class ThinkParams(StrategyParams):
         return self
 
 
-class BudgetForcing(Strategy):
+class BudgetForcing(Strategy[ThinkParams]):
     slug = "think"
     description = "budget forcing (s1): think at least min and at most max tokens, appending 'Wait' to continue"
-    Params = ThinkParams
     requires = frozenset({"continue"})
 
-    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        assert isinstance(params, ThinkParams)
+    async def run(self, ctx: StrategyContext, params: ThinkParams) -> StrategyResult:
         thinking = f"{params.open_tag}\n"
         spent = 0
         waits = 0
@@ -95,7 +94,7 @@ class BudgetForcing(Strategy):
                     budget_exhausted = spent < params.max_thinking_tokens
                     break
                 allowed = room()
-                (step,) = await ctx.continue_prefix(thinking, max_tokens=allowed, stop=[params.close_tag],
+                (step,) = await ctx.continue_prefix(thinking, CallOptions(max_tokens=allowed, stop=[params.close_tag]),
                                                     label="thinking")
                 if step.finish_reason == "length" and allowed < params.max_thinking_tokens - spent:
                     budget_exhausted = True  # the budget, not max_thinking_tokens, cut the thinking
@@ -133,7 +132,8 @@ class BudgetForcing(Strategy):
         pieces: list[str] = []
         tokens: list[Token] = []
         finish_reason = "stop"
-        async with aclosing(ctx.stream(prefix=prefix, max_tokens=params.answer_tokens, label="answer")) as events:
+        stream = ctx.stream(CallOptions(max_tokens=params.answer_tokens), prefix=prefix, label="answer")
+        async with aclosing(stream) as events:
             async for event in events:
                 if event.finish_reason:
                     finish_reason = event.finish_reason

@@ -29,6 +29,13 @@ class Capabilities:
     # Engine fields beyond the OpenAI standard that a call may carry; None: not known, anything is forwarded.
     engine_fields: frozenset[str] | None
     stop_kept: bool = False  # a `stop` string that ended the reply stays in it (the proxy cuts it)
+    # The logprob entries of tokens that split a multi-byte character come merged into one, with the last token's
+    # id (llama-server): such an entry's id names none of its bytes.
+    merges_split_characters: bool = False
+    # Sampled tokens are named by id only when a chat call asks (vLLM's return_tokens_as_token_ids).
+    token_ids_on_request: bool = False
+    # A trailing assistant message is continued only when the call says so (vLLM's continue_final_message).
+    prefill_by_flag: bool = False
 
     def with_overrides(self, overrides: CapabilityOverrides) -> Capabilities:
         changes = {k: v for k, v in overrides.model_dump().items() if v is not None}
@@ -66,14 +73,16 @@ _VLLM_FIELDS = frozenset({
 
 PRESETS: dict[BackendKind, Capabilities] = {
     # max_n is learned from /props (total_slots); 1 is the safe value until then.
-    "llama_cpp": Capabilities("llama_cpp", 1, True, 20, True, True, True, True, True, True, True, _LLAMA_CPP_FIELDS),
+    "llama_cpp": Capabilities("llama_cpp", 1, True, 20, True, True, True, True, True, True, True, _LLAMA_CPP_FIELDS,
+                              merges_split_characters=True),
     # llamafile 0.9.3 (documented shapes, contract-tested): what both its servers offer. `llamafile --server`
     # (an older llama.cpp server) ignores `n` and the logprob fields on chat and has no /v1/completions;
     # llamafiler (`--server --v2`) refuses them with a 400 and its /tokenize answers token texts, not ids.
     # Neither continues a trailing assistant message or renders a template on request.
     "llamafile": Capabilities("llamafile", 1, False, 0, False, False, False, False, False, False, False,
                               frozenset()),
-    "vllm": Capabilities("vllm", 64, True, 20, True, True, False, True, True, True, True, _VLLM_FIELDS),
+    "vllm": Capabilities("vllm", 64, True, 20, True, True, False, True, True, True, True, _VLLM_FIELDS,
+                         token_ids_on_request=True, prefill_by_flag=True),
     # Measured (`ttc-proxy probe`, transformers 5.19): n ignored (one choice), no logprobs, no prefill, raw
     # /v1/completions of a text prompt, no tokenizer or template endpoint (a configured chat_template renders),
     # the stop string left in the reply.

@@ -7,12 +7,15 @@ pass-through request (its own owner) waits for at most one turn of each busy own
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from ..errors import Overloaded
+
+log = logging.getLogger("ttc_proxy.replicas")
 
 
 @dataclass(eq=False)
@@ -97,3 +100,19 @@ class FairScheduler:
                 self._waiting[owner] = queue  # back of the line: round robin
             self.in_use += waiter.cost
             waiter.granted.set_result(None)
+
+
+def share_bounds(backend: str, scheduler: FairScheduler, replicas: int) -> None:
+    """This process's share of a backend's bounds when `replicas` processes use it: 1/replicas of the calls in
+    flight (at least one) and of the queue, so together they keep the engine's limit."""
+    if replicas <= 1:
+        return
+    total = scheduler.capacity
+    scheduler.capacity = max(1, total // replicas)
+    scheduler.max_queue = max(1, scheduler.max_queue // replicas) if scheduler.max_queue else 0
+    if total < replicas:
+        log.warning("backend %s takes %d calls at once, fewer than the %d proxy processes sharing it: each still "
+                    "sends one, %d in all", backend, total, replicas, replicas)
+    else:
+        log.info("backend %s: this process takes %d of its %d calls in flight and %d queued (%d processes)",
+                 backend, scheduler.capacity, total, scheduler.max_queue, replicas)

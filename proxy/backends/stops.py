@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..protocol import choice_index
+from ..wire.protocol import choice_index
 
 
 def stop_strings(body: Mapping[str, Any]) -> list[str]:

@@ -29,7 +29,7 @@ from ttc_proxy.strategies.framework import (
 from ..backends import Backend
 from ..config import Budget, StrategySettings
 from ..errors import BackendDown, BudgetExhausted, InvalidRequest, Overloaded, ProxyError, StrategyFailed
-from ..protocol import (
+from ..wire.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -46,7 +46,8 @@ from ..protocol import (
 )
 from ..traces import Trace, TraceStore
 from .accounting import BudgetScope
-from .context import RunContext, RunState, Scope
+from .context import RunContext
+from .state import RunState, Scope
 from .sampling import SEED_SPACE
 from .verifier import VerifierClient
 

@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ttc_proxy.strategies.framework import Candidate, Sampling, Token, TokenAlternative, message_text
+from ttc_proxy.strategies.framework import CallOptions, Candidate, Sampling, Token, TokenAlternative, message_text
 
-from ..protocol import choice_index
+from ..wire.protocol import choice_index
 
 SEED_SPACE = 2**31 - 1
 
@@ -29,26 +29,6 @@ def sample_seed(seed: int | None, path: Sequence[str], index: int) -> int | None
         return None
     # Kept within [0, 2**31 - 1): engines take 32-bit seeds and read -1 as "random".
     return (seed + index) % SEED_SPACE if not path else derive_seed(seed, path, index)
-
-
-@dataclass(frozen=True)
-class CallOptions:
-    """One call's sampling choices; None means: the request's own.
-
-    `answers`: the call answers the client's question, so it carries the request's response_format, stop, top_p,
-    engine extras and logprobs; a helper question (a judge's yes/no, a plan) carries none of them.
-    """
-
-    temperature: float | None = None
-    max_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    stop: str | list[str] | None = None
-    extra: Mapping[str, Any] | None = None
-    answers: bool = True
-
-    def request_top_logprobs(self, sampling: Sampling) -> int | None:
-        return sampling.top_logprobs if self.answers else None
 
 
 def sampling_fields(sampling: Sampling, options: CallOptions) -> dict[str, Any]:

@@ -184,10 +184,11 @@ def _engine_backend(engine_proxy: ProxyServer):
 def test_tokens_prefixes_and_raw_prompts_on_the_engine(engine_proxy: ProxyServer) -> None:
     from ttc_proxy.proxy.backends import Backend, new_client_session
     from ttc_proxy.proxy.runs.accounting import BudgetScope
-    from ttc_proxy.proxy.runs.context import RunContext, RunState, Scope
+    from ttc_proxy.proxy.runs.context import RunContext
+    from ttc_proxy.proxy.runs.state import RunState, Scope
     from ttc_proxy.proxy.traces import Trace
     from ttc_proxy.strategies import BUILTIN_STRATEGIES
-    from ttc_proxy.strategies.framework import Sampling
+    from ttc_proxy.strategies.framework import CallOptions, Sampling
 
     engine = _engine_backend(engine_proxy)
     settings = ProxyConfig(backends=[BackendConfig(name="x", base_url="http://x")]).strategies
@@ -201,7 +202,7 @@ def test_tokens_prefixes_and_raw_prompts_on_the_engine(engine_proxy: ProxyServer
                              trace=Trace("e2e"))
             ctx = RunContext(state, Scope(backend=backend, model="smollm2", messages=messages,
                                           sampling=Sampling(0.0, None, 12, None, 5), budget=BudgetScope(settings.budget)))
-            (reply,) = await ctx.generate(logprobs=True, top_logprobs=3)
+            (reply,) = await ctx.generate(CallOptions(logprobs=True, top_logprobs=3))
             tokens = reply.tokens
             assert tokens and tokens[0].offset == 0 and all(len(t.top) == 3 for t in tokens)
             # Offsets are characters: every token's text sits at its offset, multi-byte characters included.
@@ -211,10 +212,12 @@ def test_tokens_prefixes_and_raw_prompts_on_the_engine(engine_proxy: ProxyServer
             assert await ctx.detokenize(ids) == reply.text
             # Continuing from token ids (raw completions of the rendered template) equals continuing the text.
             cut = tokens[len(tokens) // 2]
-            by_ids = await ctx.continue_prefix(await ctx.token_ids(tokens[:len(tokens) // 2]), max_tokens=6)
-            by_text = await ctx.continue_prefix(reply.text[:cut.offset], max_tokens=6)
+            by_ids = await ctx.continue_prefix(await ctx.token_ids(tokens[:len(tokens) // 2]),
+                                               CallOptions(max_tokens=6))
+            by_text = await ctx.continue_prefix(reply.text[:cut.offset], CallOptions(max_tokens=6))
             assert by_ids[0].text == by_text[0].text == reply.text[cut.offset:][:len(by_ids[0].text)]
-            several = await ctx.continue_prefix(reply.text[:cut.offset], n=3, temperature=0.9, max_tokens=4)
+            several = await ctx.continue_prefix(reply.text[:cut.offset], CallOptions(temperature=0.9, max_tokens=4),
+                                                n=3)
             assert len(several) == 3 and len({c.seed for c in several}) == 3
             rendered = await ctx.render()
             assert rendered.endswith("assistant\n") and messages[0]["content"] in rendered

@@ -16,7 +16,8 @@ import pytest
 from ttc_proxy.proxy.backends import Backend, new_client_session
 from ttc_proxy.proxy.backends.capabilities import PRESETS
 from ttc_proxy.proxy.config import BackendConfig, ProxyConfig
-from ttc_proxy.proxy.runs.context import RunContext, RunState, Scope
+from ttc_proxy.proxy.runs.context import RunContext
+from ttc_proxy.proxy.runs.state import RunState, Scope
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
 from ttc_proxy.proxy.runs.accounting import BudgetScope
 from ttc_proxy.proxy.traces import Trace

@@ -23,7 +23,8 @@ import yaml
 from ttc_proxy.proxy.backends.engine import free_port
 from ttc_proxy.proxy.backends.scheduler import FairScheduler
 from ttc_proxy.proxy.config import BackendConfig, EmbeddedEngine, ProxyConfig
-from ttc_proxy.proxy.replicas import share_bounds, worker_config
+from ttc_proxy.proxy.backends.scheduler import share_bounds
+from ttc_proxy.proxy.replicas import worker_config
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
 
 from tests.helpers import fake_config

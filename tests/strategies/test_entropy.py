@@ -478,7 +478,7 @@ def test_a_client_leaving_while_a_cut_stream_winds_down_stops_the_decoder():
     opened: list[object] = []
 
     class Ctx:
-        def stream(self, *, prefix=None, **_: object):
+        def stream(self, options=None, *, prefix=None, **_: object):
             opened.append(prefix)
 
             async def events():

@@ -18,12 +18,14 @@ import pytest
 from ttc_proxy.proxy.backends import Backend, new_client_session
 from ttc_proxy.proxy.config import BackendConfig, ProxyConfig
 from ttc_proxy.proxy.runs.accounting import BudgetScope
-from ttc_proxy.proxy.runs.context import RunContext, RunState, Scope
+from ttc_proxy.proxy.runs.context import RunContext
+from ttc_proxy.proxy.runs.state import RunState, Scope
 from ttc_proxy.proxy.runs.sampling import TokenReader, derive_seed, logprob_entries, read_tokens
 from ttc_proxy.proxy.traces import Trace
 from ttc_proxy.strategies import BUILTIN_STRATEGIES
 from ttc_proxy.strategies.framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     Sampling,
     StrategyError,
@@ -96,7 +98,7 @@ def test_legacy_completions_logprobs_are_read():
 async def test_generated_tokens_carry_ids_bytes_and_offsets(fake_backend: FakeBackend, fake: FakeBackend):
     fake.script = lambda body: FakeReply(texts=["Größe is 42 ü"])
     async with context(fake) as ctx:
-        (candidate,) = await ctx.generate(logprobs=True, top_logprobs=3)
+        (candidate,) = await ctx.generate(CallOptions(logprobs=True, top_logprobs=3))
         ids = await ctx.token_ids(candidate.tokens)
     assert candidate.text == "Größe is 42 ü"
     tokens = candidate.tokens
@@ -113,7 +115,7 @@ async def test_generated_tokens_carry_ids_bytes_and_offsets(fake_backend: FakeBa
 async def test_continue_prefix_draws_n_continuations_and_learns_the_echo_once(fake_backend, fake):
     fake.script = lambda body: FakeReply(texts=[" 42.", " 41."])
     async with context(fake) as ctx:
-        first = await ctx.continue_prefix("The answer is", n=2, logprobs=True)
+        first = await ctx.continue_prefix("The answer is", CallOptions(logprobs=True), n=2)
         again = await ctx.continue_prefix("The answer is", n=2)
     assert [c.text for c in first] == [" 42.", " 41."]  # the echoed prefix is not part of the continuation
     assert first[0].tokens[0].offset == 0 and first[0].tokens[0].text == " 42."
@@ -141,7 +143,7 @@ async def test_token_id_prefixes_go_through_raw_completions_exactly(fake_backend
     async with context(fake) as ctx:
         rendered = await ctx.render()
         prefix = await ctx.tokenize("The answer is")
-        (candidate,) = await ctx.continue_prefix(prefix, logprobs=True)
+        (candidate,) = await ctx.continue_prefix(prefix, CallOptions(logprobs=True))
         assert await ctx.detokenize(prefix) == "The answer is"
     assert rendered == render_template(user())
     (call,) = [r for r in fake.requests if r.path.endswith("/completions") and "chat" not in r.path]
@@ -183,20 +185,33 @@ async def test_stream_continues_a_prefix_without_repeating_it(fake_backend, fake
     assert text == " 42 is it"
 
 
+async def test_closing_a_stream_early_settles_the_call_at_once(fake_backend, fake):
+    # The engine call is aborted, traced as a cut and charged when the strategy closes the stream, not later.
+    fake.script = lambda body: FakeReply(texts=["one two three four five six"], chunk_delay=0.05)
+    async with context(fake, max_tokens=16) as ctx:
+        async with aclosing(ctx.stream()) as events:
+            first = await anext(events)
+        state = ctx._state
+        (node,) = [n for n in state.trace.nodes if n.get("kind") == "stream"]
+        budget = ctx._scope.budget
+        assert node["status"] == f"cut@{len(first.text)}"
+        assert budget.reserved == 0 and budget.usage.calls == 1 and budget.usage.completion_tokens == 1
+
+
 # ================================================================ engine fields per call
 
 
 async def test_per_call_engine_fields_are_sent_and_checked(fake_backend, fake):
     async with context(fake) as ctx:
-        await ctx.generate(extra={"logit_bias": {"42": 5}, "cache_prompt": False})
+        await ctx.generate(CallOptions(extra={"logit_bias": {"42": 5}, "cache_prompt": False}))
     (call,) = fake.chat_requests()
     assert call.body["logit_bias"] == {"42": 5} and call.body["cache_prompt"] is False
     async with context(fake, kind="openai") as ctx:
         with pytest.raises(Exception, match="does not take cache_prompt"):
-            await ctx.generate(extra={"cache_prompt": False})
+            await ctx.generate(CallOptions(extra={"cache_prompt": False}))
     async with context(fake, kind="transformers") as ctx:
         with pytest.raises(Exception, match="logit_bias"):
-            await ctx.generate(extra={"logit_bias": {"1": 1}})
+            await ctx.generate(CallOptions(extra={"logit_bias": {"1": 1}}))
     assert len(fake.chat_requests()) == 1
 
 
@@ -525,6 +540,49 @@ async def test_a_call_reserves_its_worst_case_and_an_unseen_prompt_counts_the_le
         assert state.prompt_overhead == 20
         other = [{"role": "user", "content": "Something else entirely, never asked before?"}]
         left = ctx.budget.tokens
-        await ctx.generate(messages=other, max_tokens=left)  # cut to what is left after its estimated prompt
+        # cut to what is left after its estimated prompt
+        await ctx.generate(CallOptions(max_tokens=left), messages=other)
         estimated = len(json.dumps(other, sort_keys=True)) // 4 + 20
         assert fake.chat_requests()[-1].body["max_tokens"] == left - estimated
+
+
+# ================================================================ Strategy[P]
+
+
+def test_a_strategy_generic_over_its_params_model_validates_with_it():
+    from ttc_proxy.proxy.config import StrategySettings
+    from ttc_proxy.proxy.errors import InvalidRequest
+    from ttc_proxy.proxy.runs.validation import check_params
+    from ttc_proxy.strategies import BUILTIN_STRATEGIES
+    from ttc_proxy.strategies.framework import Strategy, StrategyParams, StrategyResult
+
+    class RepeatParams(StrategyParams):
+        times: int = 1
+
+    class Repeat(Strategy[RepeatParams]):
+        slug = "repeat"
+        description = "test only"
+
+        async def run(self, ctx, params: RepeatParams) -> StrategyResult:
+            raise NotImplementedError
+
+    class Louder(Repeat):  # a subclass keeps its parent's model
+        slug = "louder"
+
+    class Plain(Strategy):  # no model: no parameters
+        slug = "plain"
+        description = "test only"
+
+        async def run(self, ctx, params) -> StrategyResult:
+            raise NotImplementedError
+
+    assert Repeat.Params is RepeatParams and Louder.Params is RepeatParams and Plain.Params is StrategyParams
+    params = check_params(Repeat, {"times": 3}, StrategySettings())
+    assert isinstance(params, RepeatParams) and params.times == 3
+    with pytest.raises(InvalidRequest, match="times"):
+        check_params(Repeat, {"times": "many"}, StrategySettings())
+    with pytest.raises(InvalidRequest, match="times"):
+        check_params(Plain, {"times": 3}, StrategySettings())
+    # every built-in strategy declares its model through the generic argument
+    assert all(s.Params is not StrategyParams and s.Params.__name__.endswith("Params")
+               for s in BUILTIN_STRATEGIES.values())

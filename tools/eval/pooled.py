@@ -1,12 +1,13 @@
 """Pooled evaluation: draw one pool of samples per task and prompt, then score every strategy on those same samples.
 
-Each strategy runs unmodified on a PoolContext. A sample of the task's conversation (with any system prompt: so
-`cot`'s samples pool too) at the pool's temperature and max_tokens comes from that prompt's pool, whose sample i
-is drawn with seed + i when first needed and shared by every model string: a top-level context takes sample
-`index` (exactly what a live seeded request would draw), a nested run the next sample no nested run has taken yet
-(the same distribution as live, not the same seeds: live nested runs derive theirs). Every other call (a judge's
-questions, a revision prompt, a continuation) goes live to the engine through the proxy, and each record says
-how many did. Accuracy differences between strategies are then paired on identical samples.
+Each strategy runs unmodified on a RunContext whose samples come from a PoolSource. A sample of the task's
+conversation (with any system prompt: so `cot`'s samples pool too) at the pool's temperature and max_tokens comes
+from that prompt's pool, whose sample i is drawn with seed + i when first needed and shared by every model string:
+a top-level context takes sample `index` (exactly what a live seeded request would draw), a nested run the next
+sample no nested run has taken yet (the same distribution as live, not the same seeds: live nested runs derive
+theirs). Every other call (a judge's questions, a revision prompt, a continuation) goes live to the engine through
+the proxy, and each record says how many did. Accuracy differences between strategies are then paired on
+identical samples.
 
 Pooled runs use the default strategy settings (max_samples raised to the pool size), not a running proxy's
 config: the eval may run against a proxy it cannot read.
@@ -28,11 +29,14 @@ from ttc_proxy.proxy.config import BackendConfig, CapabilityOverrides, StrategyS
 from ttc_proxy.proxy.errors import ProxyError
 from ttc_proxy.proxy.routing import split_model_name
 from ttc_proxy.proxy.runs.accounting import BudgetScope
-from ttc_proxy.proxy.runs.context import RunContext, RunState, Scope, prompt_key
+from ttc_proxy.proxy.runs.budgeted import BudgetedCall
+from ttc_proxy.proxy.runs.context import RunContext
+from ttc_proxy.proxy.runs.state import RunState, Scope, prompt_key
 from ttc_proxy.proxy.runs.validation import check_budget, check_spec
 from ttc_proxy.proxy.traces import Trace
 from ttc_proxy.strategies.framework import (
     BudgetExceeded,
+    CallOptions,
     Candidate,
     gather_all,
     Sampling,
@@ -117,31 +121,29 @@ class ScoringRun:
     live_calls: int = 0  # calls that could not come from a pool
 
 
-class PoolContext(RunContext):
-    """A RunContext whose samples of the task's conversation come from pools; everything else is a live call."""
+class PoolSource:
+    """Serves a scoring run's samples of the task's conversation from the pools (budgeted as the live calls that
+    would draw them); every other call goes live (see state.SampleSource)."""
 
-    def __init__(self, state: RunState, scope: Scope, run: ScoringRun) -> None:
-        super().__init__(state, scope)
+    def __init__(self, run: ScoringRun) -> None:
         self._run = run
 
-    def _with(self, scope: Scope) -> PoolContext:
-        return PoolContext(self._state, scope, self._run)
-
-    def _poolable(self, messages: Sequence[dict[str, Any]] | None, temperature: float | None,
-                  max_tokens: int | None) -> list[dict[str, Any]] | None:
-        conversation = list(messages) if messages is not None else self._scope.messages
+    def _poolable(self, scope: Scope, options: CallOptions,
+                  messages: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        conversation = list(messages) if messages is not None else scope.messages
         same = _without_system(conversation) == _without_system(self._run.pools.task_messages)
-        effective = temperature if temperature is not None else self._scope.sampling.temperature
+        effective = options.temperature if options.temperature is not None else scope.sampling.temperature
         hot = effective == self._run.scorer.temperature
-        default_length = max_tokens in (None, self._scope.sampling.max_tokens)
-        return conversation if same and hot and default_length else None
+        default_length = options.max_tokens in (None, scope.sampling.max_tokens)
+        plain = options.seed is None and not options.extra and options.stop is None
+        return conversation if same and hot and default_length and plain else None
 
-    def _positions(self, conversation: list[dict[str, Any]], n: int, index: int) -> list[int]:
+    def _positions(self, scope: Scope, conversation: list[dict[str, Any]], n: int, index: int) -> list[int]:
         """Top-level sample i is the pool's sample i (what a live seeded request draws); a nested run takes the
         next samples no nested run has taken."""
         size = self._run.pools.size
         taken = self._run.taken.setdefault(_key(conversation), set())
-        if not self._scope.path:
+        if not scope.path:
             positions = list(range(index, index + n))
         else:
             free = [i for i in range(size) if i not in taken]
@@ -152,76 +154,72 @@ class PoolContext(RunContext):
         taken.update(positions)
         return positions
 
-    async def _samples(self, conversation: list[dict[str, Any]], positions: Sequence[int]) -> SamplePool:
+    async def _samples(self, scope: Scope, conversation: list[dict[str, Any]], positions: Sequence[int]) -> SamplePool:
         pool = self._run.pools.pool(conversation)
-        self._run.drawing_seconds += await pool.ensure(positions, self._run.scorer, self._scope.model)
+        self._run.drawing_seconds += await pool.ensure(positions, self._run.scorer, scope.model)
         return pool
 
-    def _serve(self, pool: SamplePool, positions: Sequence[int], min_success: int) -> list[Candidate]:
+    @staticmethod
+    def _budgeted(state: RunState, scope: Scope, pool: SamplePool) -> tuple[BudgetedCall, int]:
+        """A pooled sample's budget, as its live call's: its prompt as the engine reported it, the run's
+        max_tokens."""
+        prompt = round(pool.prompt_tokens_per_sample)
+        body = {"messages": pool.conversation, "max_tokens": scope.sampling.max_tokens}
+        state.learn_prompt(prompt_key(body), prompt)  # as its live call would
+        return BudgetedCall(state, scope.budget, body, 1), prompt
+
+    def _serve(self, state: RunState, scope: Scope, pool: SamplePool, positions: Sequence[int],
+               min_success: int) -> list[Candidate]:
         """The samples at these positions, each admitted by the budget as the concurrent seeded live calls that
         would draw them are: counted one by one as they start, each reserving its prompt and max_tokens (its
         max_tokens cut to what is left, so the sample is cut there too), charged what it spent when all are done.
         Stops where the budget does."""
-        budget = self._scope.budget
+        served: list[tuple[BudgetedCall, Candidate]] = []
         prompt = round(pool.prompt_tokens_per_sample)
-        self._state.learn_prompt(prompt_key({"messages": pool.conversation}), prompt)  # as its live call would
-        served: list[Candidate] = []
-        reserved = 0
         try:
             for position in positions:
+                budgeted, _ = self._budgeted(state, scope, pool)
                 try:
-                    granted = budget.reserve(prompt, self._scope.sampling.max_tokens, 1)
+                    granted = budgeted.start()
                 except BudgetExceeded:
                     if len(served) < min_success:
                         raise
                     break
-                reserved += prompt + granted
-                budget.charge(calls=1)
-                served.append(_cut(pool.candidates[position], granted))
+                served.append((budgeted, _cut(pool.candidates[position], granted)))
         finally:
-            budget.release(reserved)
-        budget.charge(prompt_tokens=prompt * len(served), completion_tokens=sum(c.completion_tokens for c in served))
-        return served
+            for budgeted, _ in served:
+                budgeted.release()
+        for budgeted, candidate in served:
+            budgeted.settle(prompt, candidate.completion_tokens)
+        return [candidate for _, candidate in served]
 
-    async def generate(self, *, n: int = 1, messages: Sequence[dict[str, Any]] | None = None,
-                       temperature: float | None = None, max_tokens: int | None = None, logprobs: bool = False,
-                       top_logprobs: int | None = None, stop: str | list[str] | None = None,
-                       seed: int | None = None, index: int = 0, min_success: int = 1, label: str = "sample",
-                       extra: Mapping[str, Any] | None = None, answers: bool = True) -> list[Candidate]:
-        conversation = self._poolable(messages, temperature, max_tokens)
-        if conversation is None or seed is not None or extra or stop is not None or not answers:
+    async def generate(self, state: RunState, scope: Scope, options: CallOptions, n: int,
+                       messages: Sequence[dict[str, Any]] | None, index: int,
+                       min_success: int) -> list[Candidate] | None:
+        conversation = self._poolable(scope, options, messages)
+        if conversation is None or not options.answers:
             self._run.live_calls += 1
-            return await super().generate(n=n, messages=messages, temperature=temperature, max_tokens=max_tokens,
-                                          logprobs=logprobs, top_logprobs=top_logprobs, stop=stop, seed=seed,
-                                          index=index, min_success=min_success, label=label, extra=extra,
-                                          answers=answers)
+            return None
         if n < 1:
             return []
-        positions = self._positions(conversation, n, index)
-        pool = await self._samples(conversation, positions)
-        return self._serve(pool, positions, max(1, min_success))
+        positions = self._positions(scope, conversation, n, index)
+        pool = await self._samples(scope, conversation, positions)
+        return self._serve(state, scope, pool, positions, max(1, min_success))
 
-    async def stream(self, *, messages: Sequence[dict[str, Any]] | None = None,
-                     prefix: str | Sequence[int] | None = None, temperature: float | None = None,
-                     max_tokens: int | None = None, top_logprobs: int | None = None,
-                     stop: str | list[str] | None = None, seed: int | None = None, index: int = 0,
-                     label: str = "stream", extra: Mapping[str, Any] | None = None) -> AsyncIterator[StreamEvent]:
-        conversation = self._poolable(messages, temperature, max_tokens)
-        if conversation is None or prefix is not None or seed is not None or extra or stop is not None:
+    def stream(self, state: RunState, scope: Scope, options: CallOptions, messages: Sequence[dict[str, Any]] | None,
+               prefix: str | Sequence[int] | None, index: int) -> AsyncIterator[StreamEvent] | None:
+        conversation = self._poolable(scope, options, messages)
+        if conversation is None or prefix is not None:
             self._run.live_calls += 1
-            async for event in super().stream(messages=messages, prefix=prefix, temperature=temperature,
-                                              max_tokens=max_tokens, top_logprobs=top_logprobs, stop=stop,
-                                              seed=seed, index=index, label=label, extra=extra):
-                yield event
-            return
-        (position,) = self._positions(conversation, 1, index)
-        pool = await self._samples(conversation, [position])
-        budget = self._scope.budget
-        prompt = round(pool.prompt_tokens_per_sample)
-        self._state.learn_prompt(prompt_key({"messages": pool.conversation}), prompt)
-        granted = budget.reserve(prompt, self._scope.sampling.max_tokens, 1)
-        budget.charge(calls=1)
-        candidate = _cut(pool.candidates[position], granted)
+            return None
+        return self._stream(state, scope, conversation, index)
+
+    async def _stream(self, state: RunState, scope: Scope, conversation: list[dict[str, Any]],
+                      index: int) -> AsyncIterator[StreamEvent]:
+        (position,) = self._positions(scope, conversation, 1, index)
+        pool = await self._samples(scope, conversation, [position])
+        budgeted, prompt = self._budgeted(state, scope, pool)
+        candidate = _cut(pool.candidates[position], budgeted.start())
         tokens = candidate.tokens or ()
         consumed = 0
         try:
@@ -232,8 +230,8 @@ class PoolContext(RunContext):
             yield StreamEvent("", None, candidate.finish_reason or "stop")
         finally:
             # As live: the prompt, and only what was generated before a trace was pruned mid-stream.
-            budget.release(prompt + granted)
-            budget.charge(prompt_tokens=prompt, completion_tokens=consumed)
+            budgeted.release()
+            budgeted.settle(prompt, consumed)
 
 
 def _cut(candidate: Candidate, max_tokens: int) -> Candidate:
@@ -310,8 +308,8 @@ class PooledScorer:
         state, scope = self._run(backend, model, messages, 0, "pool")
         context = RunContext(state, scope)
         drawn = await gather_all(
-            context.generate(n=1, temperature=self.temperature, logprobs=True, top_logprobs=POOL_TOP_LOGPROBS,
-                             seed=seed)
+            context.generate(CallOptions(temperature=self.temperature, logprobs=True,
+                                         top_logprobs=POOL_TOP_LOGPROBS, seed=seed))
             for seed in seeds)
         return [c for (c,) in drawn], scope.budget.usage.prompt_tokens / max(1, len(seeds))
 
@@ -327,7 +325,8 @@ class PooledScorer:
             limits = BudgetScope(check_budget(budget or {}, self.settings.budget))
             scope = Scope(backend=scope.backend, model=model, messages=scope.messages, sampling=scope.sampling,
                           budget=limits, over=spec.over, fan_out=max(1, strategy.fan_out(params)))
-            result = await strategy().run(PoolContext(state, scope, run), params)
+            state.sample_source = PoolSource(run)
+            result = await strategy().run(RunContext(state, scope), params)
         except (ProxyError, StrategyError) as exc:
             return PooledOutcome(None, None, scope.budget.usage.calls, _ms(started, run.drawing_seconds),
                                  f"{type(exc).__name__}: {exc}", None, live_calls=run.live_calls)

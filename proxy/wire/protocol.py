@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 
 class OpenAIModel(BaseModel):

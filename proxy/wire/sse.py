@@ -11,7 +11,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .errors import BackendInvalidResponse, BackendUnreachable
+from ..errors import BackendInvalidResponse, BackendUnreachable
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 DONE = b"[DONE]"
