@@ -61,7 +61,8 @@ def sdk(both_engines: ProxyServer) -> Iterator[openai.OpenAI]:
         yield client
 
 
-def test_mcts_searches_over_the_model_on_llama_server_and_on_vllm(sdk: openai.OpenAI, both_engines: ProxyServer) -> None:
+def test_mcts_searches_over_the_model_on_llama_server_and_on_vllm(sdk: openai.OpenAI,
+                                                                  both_engines: ProxyServer) -> None:
     response = sdk.chat.completions.create(
         model=f"mcts-{LLAMA}", messages=QUESTION, max_tokens=8, seed=2,
         extra_body={"ttc": {"params": {"models": [LLAMA, VLLM], "iterations": 4, "batch": 2, "max_depth": 2}}})
