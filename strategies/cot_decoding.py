@@ -12,7 +12,7 @@ finished. The best path is the answer; with `aggregate=true`, the answer whose p
 best path).
 
 With `state_answer=true` (the paper's way of finding the answer span in free text), each path is continued
-greedily after `answer_prompt` ("\nSo the answer is") for at most `answer_tokens` tokens, and the answer and its
+greedily after `answer_prompt` ("\\nSo the answer is") for at most `answer_tokens` tokens, and the answer and its
 margin are read from that continuation: a path that restates the question or is cut off then still states an
 answer, instead of being judged by the last number it happened to write.
 """
