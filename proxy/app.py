@@ -43,10 +43,11 @@ from .wire.protocol import (
     TokenizeResponse,
     validate_request,
 )
+from .catalogue import strategy_list
 from .openapi import openapi_document
 from .passthrough import pass_through
 from .registry import load_registry
-from .routing import Route, resolve_route
+from .routing import Route, did_you_mean, resolve_route
 from .runs.run import StrategyRequest, StrategyRun, check_strategy_request, sampling_of
 from .runs.validation import check_budget, check_capabilities, check_engine_fields, check_references, check_spec
 from .runs.verifier import VerifierClient
@@ -55,6 +56,10 @@ from .trace_stores import open_trace_store
 from .traces import TraceStore
 
 log = logging.getLogger("ttc_proxy.app")
+
+# How long start-up waits for the backends' capability discovery before serving (a backend that answers takes
+# milliseconds; one still silent then is down until it answers, and /health is up meanwhile).
+DISCOVERY_GRACE_SECONDS = 1.0
 
 
 @dataclass
@@ -69,10 +74,12 @@ class ProxyState:
     verifiers: VerifierClient | None = None
     pivot_sets: dict[str, list[dict[str, Any]]] = field(init=False)  # config `pivots:`, by name, for every run
     openapi: dict[str, Any] = field(init=False)  # GET /openapi.json
+    strategies: dict[str, Any] = field(init=False)  # GET /v1/strategies
 
     def __post_init__(self) -> None:
         self.pivot_sets = {name: pivots.records for name, pivots in self.config.pivots.items()}
         self.openapi = openapi_document(self.registry)
+        self.strategies = strategy_list(self.registry)
 
     def backends_for(self, route: Route) -> list[Backend]:
         """The backends serving the route's model that are not down, best first: healthy before passed-over ones,
@@ -85,7 +92,8 @@ class ProxyState:
         serving = [b for b in self.backends.values() if b.serves(route.model)]
         if not serving:
             known = sorted({m for b in self.backends.values() for m in b.served_models})
-            raise NotFound(f"no backend serves model {route.model!r}; served models: {', '.join(known)}",
+            raise NotFound(f"no backend serves model {route.model!r}; served models: {', '.join(known)}."
+                           f"{did_you_mean(route.model, self.registry)}",
                            param="model", code="model_not_found")
         ordered = sorted(serving, key=lambda b: (not b.healthy, b.load))
         refuse_if_down(ordered)
@@ -120,6 +128,11 @@ class ProxyState:
                                       f"(server.max_body_bytes)")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _discovered(backend: Backend, config: ProxyConfig) -> None:
+    share_bounds(backend.name, backend.scheduler, config.server.sharing())
+    log.info("backend %s at %s: %s", backend.name, backend.base_url, backend.capabilities)
 
 
 def supplied_key(headers: Mapping[str, str]) -> bytes:
@@ -169,11 +182,12 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         strategies = registry if registry is not None else load_registry()[0]
         engines: list[LocalEngine] = []
-        health_checks: list[asyncio.Task[None]] = []
+        background: list[asyncio.Task[None]] = []  # health checks, and discoveries still waiting for an answer
         async with new_client_session(limit=1024) as client, open_trace_store(config.server) as traces:
             state = ProxyState(config, strategies, traces, api_keys=config.server.accepted_keys())
             state.verifiers = VerifierClient(config.verifiers, client)
             try:
+                discoveries: list[asyncio.Task[None]] = []
                 for backend_config in config.backends:
                     base_url = backend_config.base_url
                     if backend_config.embedded is not None:
@@ -183,17 +197,22 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                         base_url = engine.base_url
                     assert base_url is not None
                     backend = Backend(backend_config, base_url, client)
-                    await backend.discover()
-                    share_bounds(backend.name, backend.scheduler, config.server.sharing())
                     state.backends[backend.name] = backend
-                    health_checks.append(asyncio.create_task(backend.check_health_forever()))
-                    log.info("backend %s at %s: %s", backend.name, backend.base_url, backend.capabilities)
+                    discoveries.append(asyncio.create_task(backend.discover_in_background(
+                        lambda backend=backend: _discovered(backend, config))))
+                    background.append(asyncio.create_task(backend.check_health_forever()))
+                background.extend(discoveries)
+                # Backends that answer come up before the first request; a silent one holds nothing up: it stays
+                # down (503 naming it) while its discovery goes on in the background.
+                if discoveries:
+                    await asyncio.wait(discoveries, timeout=min(DISCOVERY_GRACE_SECONDS, max(
+                        b.timeouts.discovery for b in config.backends)))
                 app.state.proxy = state
                 yield
             finally:
-                for task in health_checks:
+                for task in background:
                     task.cancel()
-                await asyncio.gather(*health_checks, return_exceptions=True)
+                await asyncio.gather(*background, return_exceptions=True)
                 for engine in engines:
                     await engine.stop()
 
@@ -222,7 +241,8 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
             "status": "ok",
             "backends": {
                 name: {"url": b.base_url, "kind": b.capabilities.kind, "max_n": b.capabilities.max_n,
-                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued, "down": b.down}
+                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued, "down": b.down,
+                       **({"down_reason": b.down_reason} if b.down else {})}
                 for name, b in state.backends.items()
             },
         })
@@ -250,6 +270,14 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
         for alias, target in state.config.aliases.items():
             add(alias, "ttc-proxy", ttc={"strategy": target.strategy, "model": target.model, "params": target.params})
         return JSONResponse({"object": "list", "data": entries})
+
+    async def list_strategies(request: Request) -> Response:
+        state: ProxyState = request.app.state.proxy
+        try:
+            state.authorize(request.headers)
+        except ProxyError as exc:
+            return error_response(exc)
+        return JSONResponse(state.strategies)
 
     async def get_trace(request: Request) -> Response:
         state: ProxyState = request.app.state.proxy
@@ -283,6 +311,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/openapi.json", openapi, methods=["GET"])
     app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/strategies", list_strategies, methods=["GET"])
     app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
@@ -348,18 +377,20 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
         access = access_record(request.scope)
         access.model = parsed.model
         route = resolve_route(parsed.model, body.pop("ttc", None), state.config, state.registry)
-        candidates = state.backends_for(route)
-        backend = candidates[0]
         if route.spec is None:
             calls = EngineCalls()
             access.sources.append(calls)
-            return await pass_through(request, candidates, path, body, route, request_id, calls)
+            return await pass_through(request, state.backends_for(route), path, body, route, request_id, calls)
+        # Everything that does not depend on the backend is checked before its health is: a request that can
+        # never succeed is a 400 whatever the engine's state (a 503 would be retried by the SDKs).
         if path != "/chat/completions":
             raise InvalidRequest("strategies run on /v1/chat/completions; /v1/completions is pass-through only",
                                  param="model", code="unsupported_by_strategy")
         checked = check_spec(route.spec, state.registry, state.config.strategies, model=route.model)
         strategy, params = checked[0]
         check_strategy_request(strategy, parsed, body)
+        budget = check_budget(route.budget, state.config.strategies.budget)
+        backend = state.backend_for(route)
         for level, level_params in checked:
             check_capabilities(level, backend, level_params)
             check_references(level, level_params, state.config.verifiers,
@@ -368,7 +399,7 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
             spec=route.spec,
             strategy=strategy,
             params=params,
-            budget=check_budget(route.budget, state.config.strategies.budget),
+            budget=budget,
             request=parsed,
             raw_body=body,
             client_model=parsed.model,

@@ -60,6 +60,10 @@ class Timeouts(StrictModel):
                                                           "counts as unreachable (retried, failed over)")
     read: float = Field(default=600.0, gt=0, description="seconds to wait for the first byte of a response (and to "
                                                          "send the request); past it a 504 `backend_timeout`")
+    discovery: float = Field(default=3.0, gt=0, description="seconds one capability-discovery attempt (GET /models, "
+                                                             "llama-server's /props) waits; a backend silent past "
+                                                             "it is down until it answers, asked again every "
+                                                             "health_check.interval, the others served meanwhile")
 
 
 class HealthCheck(StrictModel):
@@ -156,6 +160,10 @@ class StrategySettings(StrictModel):
     max_iterations: int = Field(default=64, ge=1, description="the ceiling on iteration counts (mcts)")
     budget: Budget = Field(default_factory=Budget, description="ceilings for one request; `ttc.budget` may lower "
                                                               "them")
+    slow_call_seconds: float = Field(default=30.0, ge=0, description="a progress line when a run's backend call "
+                                                                      "has waited this long (again each time the "
+                                                                      "wait doubles), naming the backend and its "
+                                                                      "state; 0: never")
     defaults: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                 description="per-strategy parameter defaults: {slug: {param: value}}")
     calibration: dict[str, str] = Field(

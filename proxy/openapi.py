@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from ttc_proxy.strategies.framework import Strategy
 
+from .catalogue import STRATEGY_LIST_SCHEMAS
 from .wire.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -101,7 +102,8 @@ def openapi_document(strategies: Mapping[str, type[Strategy]]) -> dict[str, Any]
     the schema `Params_<slug>`, from its `Params` model: the same field descriptions the docs' tables show."""
     slugs = sorted(strategies)
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=_REF)
-    schemas: dict[str, Any] = {**defs.get("$defs", {}), **_ttc_schemas(slugs), "ErrorResponse": _ERROR_RESPONSE}
+    schemas: dict[str, Any] = {**defs.get("$defs", {}), **_ttc_schemas(slugs), **STRATEGY_LIST_SCHEMAS,
+                               "ErrorResponse": _ERROR_RESPONSE}
     for slug in slugs:
         params = strategies[slug].Params.model_json_schema(ref_template=_REF)
         schemas.update(params.pop("$defs", {}))
@@ -129,6 +131,8 @@ def openapi_document(strategies: Mapping[str, type[Strategy]]) -> dict[str, Any]
             "/v1/completions": {"post": _operation("Text completion, passed through", _json({"type": "object"}),
                                                    "CompletionRequest", stream=True)},
             "/v1/models": {"get": _operation("Served models, and each with every strategy prefix", _json(listing))},
+            "/v1/strategies": {"get": _operation("The strategies served: purpose, capabilities needed, parameters",
+                                                 _json(_ref("StrategyList")))},
             "/v1/traces/{trace_id}": {"get": _operation(
                 "A strategy run's trace", _json({"type": "object"}),
                 parameters=[{"name": "trace_id", "in": "path", "required": True, "schema": {"type": "string"}}])},

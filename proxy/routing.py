@@ -8,6 +8,7 @@ e.g. `bon:n=4>cot-smollm2` (best-of-4 over runs of cot). The `ttc` object says t
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,32 @@ def _valid_list(registry: Mapping[str, type[Strategy]]) -> str:
     return ", ".join(sorted(registry))
 
 
+def close_strategy(model_name: str, registry: Mapping[str, type[Strategy]]) -> tuple[str, str] | None:
+    """(head, slug) when the head of a model name is close to a strategy slug (`deep-think-smollm2`: `deep-think`
+    and `deepthink`; `mcst-smollm2`: `mcst` and `mcts`), else None. Every '-' may end the head, as a misspelt slug
+    may hold one."""
+    slugs = sorted(registry)
+    for end in [i for i, ch in enumerate(model_name) if ch in "-:>"]:
+        head = model_name[:end]
+        if head in registry:
+            return None
+        close = difflib.get_close_matches(head.replace("-", ""), slugs, n=1, cutoff=0.75)
+        if close:
+            return head, close[0]
+    return None
+
+
+def did_you_mean(model_name: str, registry: Mapping[str, type[Strategy]]) -> str:
+    """" `deep-think` is not a strategy; did you mean `deepthink`?" for a model name close to a strategy, else ""."""
+    close = close_strategy(model_name, registry)
+    return f" `{close[0]}` is not a strategy; did you mean `{close[1]}`?" if close else ""
+
+
+def _suggestion(model_name: str, registry: Mapping[str, type[Strategy]]) -> str:
+    close = close_strategy(model_name, registry)
+    return f" did you mean `{close[1]}`?" if close else ""
+
+
 def parse_prefix_params(text: str, model_name: str) -> dict[str, str]:
     params: dict[str, str] = {}
     for pair in text.split(","):
@@ -57,8 +84,8 @@ def split_model_name(model_name: str, registry: Mapping[str, type[Strategy]]) ->
     if not (slug in registry and SLUG.fullmatch(slug)):
         if (colon or len(parts) > 1) and dash:
             raise InvalidRequest(
-                f"model {model_name!r} carries a strategy prefix but {slug!r} is not a strategy; "
-                f"valid strategies: {_valid_list(registry)}",
+                f"model {model_name!r} carries a strategy prefix but {slug!r} is not a strategy;"
+                f"{_suggestion(model_name, registry)} valid strategies: {_valid_list(registry)}",
                 param="model",
                 code="unknown_strategy",
             )

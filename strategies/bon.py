@@ -49,13 +49,17 @@ class BestOfNParams(CheckParams):
 
     n: int = Field(default=8, ge=1, description="candidates to draw")
     select: Literal["vote", "confidence", "weighted", "judge", "verifier"] = Field(
-        default="confidence", description="how to pick: vote | confidence | weighted | judge | verifier")
+        default="confidence", description="how to pick: vote | confidence | weighted | judge | verifier. Default: "
+                                          "the best measured on the dev set (with confidence=logprob), see "
+                                          "docs/results/2026-11-29-arith-dev.md")
     temperature: float | None = Field(
         default=None, gt=0, le=2, description="sampling temperature when the request has none above 0 (default 0.8)")
     min_success: int = Field(default=1, ge=1, description="fail unless at least this many candidates succeed")
     confidence: Literal["mean", "tail", "lowest_group", "logprob"] = Field(
-        default="lowest_group", description="trace confidence: DeepConf's mean | tail (last window) | lowest_group "
-                                            "(sliding), or logprob (exp of the mean sampled-token log-probability)")
+        default="logprob", description="trace confidence: DeepConf's mean | tail (last window) | lowest_group "
+                                       "(sliding), or logprob (exp of the mean sampled-token log-probability). "
+                                       "Default: the best measured on the dev set (logprob ahead of lowest_group at "
+                                       "n=8, n=16 and over cot), see docs/results/2026-11-29-arith-dev.md")
     window: int = Field(default=16, ge=1, description="tokens per group/tail; a shorter trace is one group")
     top_k: int = Field(default=5, ge=2, le=20, description="top logprobs per token for token confidence")
     count_truncated: bool = Field(
@@ -173,7 +177,7 @@ class BestOfN(Strategy[BestOfNParams]):
             if params.http_verifier:
                 verdicts = await self._http_verdicts(ctx, params.http_verifier, candidates, pool, verdicts,
                                                      per_candidate)
-            await self._candidate_lines(ctx, pool, per_candidate)
+            await self._candidate_lines(ctx, spec, per_candidate)
             selection, over_all = select_verified(pool, verdicts, fallback)
             passed = sum(verdicts)
             details["verifier"] = {"passed": passed, "fallback_over_all": over_all,
@@ -183,7 +187,7 @@ class BestOfN(Strategy[BestOfNParams]):
             if over_all:
                 await ctx.progress(f"no candidate passes the check; {fallback} picks over all {len(candidates)}")
         elif selector == "judge":
-            await self._candidate_lines(ctx, pool, per_candidate)
+            await self._candidate_lines(ctx, spec, per_candidate)
             try:
                 selection = await self._judge(ctx, params, pool, fallback, details)
             except BudgetExceeded:
@@ -195,14 +199,14 @@ class BestOfN(Strategy[BestOfNParams]):
                 for entry in per_candidate:
                     entry["p_yes"] = details["judge"]["scores"].get(entry["answer"])
         else:
-            await self._candidate_lines(ctx, pool, per_candidate)
+            await self._candidate_lines(ctx, spec, per_candidate)
             selection = select(pool, selector, fallback=fallback)
 
         winner = candidates[selection.index]
         if selection.tied:
             how = "kept" if selector == "verifier" else "tied"
             await ctx.progress(f"{how}: {', '.join(selection.tied)} → {selection.broken_by} picks")
-        await ctx.progress(_winner_line(selection, pool, selector, details))
+        await ctx.progress(_winner_line(selection, pool, selector, details, spec))
         details.update(
             answer=selection.answer,
             winner={"index": selection.index, "answer": selection.answer,
@@ -214,15 +218,15 @@ class BestOfN(Strategy[BestOfNParams]):
         return StrategyResult(choices=[winner], details=details, budget_exhausted=budget_exhausted)
 
     @staticmethod
-    async def _candidate_lines(ctx: StrategyContext, pool: Pool, per_candidate: list[dict[str, Any]]) -> None:
+    async def _candidate_lines(ctx: StrategyContext, spec: ConfidenceSpec, per_candidate: list[dict[str, Any]]) -> None:
         for i, entry in enumerate(per_candidate, start=1):
             facts = [] if entry["counted"] else ["cut off by max_tokens: not counted"]
             if "confidence" in entry:
-                facts.append(f"confidence {_fmt(entry['confidence'])}")
+                facts.append(f"score {_fmt(spec.unit(entry['confidence']))}")
             if "passed" in entry:
                 facts.append("passes the check" if entry["passed"] else f"fails the check: {entry['reason']}")
-            await ctx.progress(f"sample {i}/{len(pool)} → {entry['answer']}" + (f" ({', '.join(facts)})" if facts
-                                                                                  else ""))
+            await ctx.progress(f"sample {i}/{len(per_candidate)} → {entry['answer']}"
+                               + (f" ({', '.join(facts)})" if facts else ""))
 
     @staticmethod
     async def _http_verdicts(ctx: StrategyContext, verifier: str, candidates: Sequence[Candidate], pool: Pool,
@@ -292,19 +296,21 @@ def _describe(params: BestOfNParams, fallback: str) -> str:
     return f"{text}, ties to {fallback}"
 
 
-def _winner_line(selection: Selection, pool: Pool, selector: str, details: dict[str, Any]) -> str:
+def _winner_line(selection: Selection, pool: Pool, selector: str, details: dict[str, Any],
+                 spec: ConfidenceSpec) -> str:
+    """Scores on the [0, 1] scale (ConfidenceSpec.unit); a weighted vote as the winner's share of the weight."""
     counted = pool.counted()
     answer, total = selection.answer, len(counted)
     votes = sum(1 for i in counted if pool.answers[i] == answer)
     if selector == "vote":
         return f"winner: {answer}, {votes:g} of {total} votes"
     if selector == "confidence":
-        return (f"winner: {answer} (sample {selection.index + 1}, confidence "
-                f"{_fmt(pool.confidences[selection.index])})")
+        return (f"winner: {answer} (sample {selection.index + 1}, score "
+                f"{_fmt(spec.unit(pool.confidences[selection.index]))})")
     if selector == "weighted":
-        weight = selection.scores.get(answer, 0.0)
-        return (f"winner: {answer}, weight {_fmt(weight)} of {_fmt(sum(selection.scores.values()))} "
-                f"({votes} of {total} votes)")
+        total_weight = sum(selection.scores.values())
+        share = selection.scores.get(answer, 0.0) / total_weight if total_weight > 0 else 0.0
+        return f"winner: {answer}, {share:.0%} of the confidence-weighted vote ({votes} of {total} votes)"
     if selector == "judge":
         judge = details.get("judge", {})
         if judge.get("mode") == "pairwise" and "matches" in judge:

@@ -75,21 +75,23 @@ class DeepConf(Strategy[DeepConfParams]):
         if not scores:
             raise StrategyError("the backend returned no token logprobs for the warm-up traces")
         threshold = float(np.percentile(scores, 100 * (1 - params.keep)))
-        await ctx.progress(f"threshold {threshold:.3f}: the {100 * (1 - params.keep):g}th percentile of warm-up "
-                           f"lowest-group confidence")
+        # Scores in progress lines are on the [0, 1] scale every strategy's lines use (confidence_to_unit).
+        unit = ConfidenceSpec("lowest_group", params.window, params.top_k).unit
+        await ctx.progress(f"threshold {_fmt(unit(threshold))}: the {100 * (1 - params.keep):g}th percentile of "
+                           f"the warm-up traces' lowest-group scores")
         for i, (candidate, confidence) in enumerate(zip(warm, confidences), start=1):
             await ctx.progress(f"trace {i}/{params.n} → {extract_answer(candidate.text)} "
-                               f"(confidence {_fmt(confidence)})")
+                               f"(score {_fmt(unit(confidence))})")
 
         async def online(index: int) -> tuple[Candidate, float | None, int | None]:
             trace = await self._stream_trace(ctx, params, temperature, threshold, index)
             candidate, confidence, pruned_at = trace
             if pruned_at is not None:
                 await ctx.progress(f"trace {index + 1}/{params.n} stopped after {pruned_at} tokens "
-                                   f"(window confidence below {threshold:.3f})")
+                                   f"(window score below {_fmt(unit(threshold))})")
             else:
                 await ctx.progress(f"trace {index + 1}/{params.n} → {extract_answer(candidate.text)} "
-                                   f"(confidence {_fmt(confidence)})")
+                                   f"(score {_fmt(unit(confidence))})")
             return trace
 
         streamed, errors = await gather_successes(
@@ -153,8 +155,9 @@ class DeepConf(Strategy[DeepConfParams]):
         selection = select(pool, "weighted", among=survivors, fallback="first")
         winner = traces[selection.index][0]
         pruned = sum(1 for _, _, pruned_at in traces if pruned_at is not None)
-        weight = selection.scores[selection.answer]
-        await ctx.progress(f"winner: {selection.answer}, weight {weight:.2f} of {sum(selection.scores.values()):.2f} "
+        total_weight = sum(selection.scores.values())
+        share = selection.scores[selection.answer] / total_weight if total_weight > 0 else 0.0
+        await ctx.progress(f"winner: {selection.answer}, {share:.0%} of the confidence-weighted vote "
                            f"({len(survivors)} survivors, {pruned} stopped early)")
         details: dict[str, Any] = {
             "temperature": temperature,

@@ -114,6 +114,13 @@ class ConfidenceSpec:
             return mean_token_probability(tokens)
         return trace_confidence(token_confidences(tokens, self.top_k), self.variant, self.window)
 
+    def unit(self, score: float | None) -> float | None:
+        """A score on the [0, 1] scale every progress line uses (mcts's node scores are on it too): logprob's
+        already is; DeepConf's confidence is mapped by confidence_to_unit."""
+        if score is None or self.variant == "logprob":
+            return score
+        return confidence_to_unit(score, self.top_k)
+
 
 # ---------------------------------------------------------------- the judge (model calls)
 

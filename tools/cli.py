@@ -1,5 +1,5 @@
 """The `ttc-proxy` command: serve (the proxy), and the tools: eval, report, bench, bench-strategy, load, calibrate,
-probe, pts."""
+probe, pts, strategies, trace, tune."""
 
 from __future__ import annotations
 
@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "backend's bounds; an embedded engine is started once, shared")
     serve_parser.set_defaults(handler=serve)
 
-    from . import bench, calibrate, engines, load, probe, pts, strategy_bench, tune
+    from . import bench, calibrate, engines, load, probe, pts, strategies, strategy_bench, trace, tune
     from . import eval as evaluation
     from .eval import regenerate
 
-    for command in (bench, calibrate, engines, evaluation, regenerate, load, probe, pts, strategy_bench, tune):
+    for command in (bench, calibrate, engines, evaluation, regenerate, load, probe, pts, strategies, strategy_bench,
+                    trace, tune):
         command.add_parser(commands)
 
     args = parser.parse_args(argv)

@@ -83,11 +83,13 @@ def retry_delay(backoff: float, retry: int) -> float:
 
 def refuse_if_down(backends: Sequence[Backend]) -> None:
     """BackendDown (503 naming them, Retry-After: their check interval) when every backend a request could go to
-    failed its health checks. One only passed over after a refused connection is still tried."""
+    failed its health checks or has not answered capability discovery yet. One only passed over after a refused
+    connection is still tried."""
     if backends and all(b.down for b in backends):
-        wait = max(1, math.ceil(min(b.config.health_check.interval for b in backends)))
+        wait = max(1, math.ceil(min(b.retry_interval for b in backends)))
+        reasons = "; ".join(f"{b.name}: {b.down_reason}" for b in backends)
         names = ", ".join(b.name for b in backends)
-        raise BackendDown(f"backend {names} is down (it failed its health checks); retry in {wait} s",
+        raise BackendDown(f"backend {names} is down ({reasons}); retry in {wait} s",
                           headers={"Retry-After": str(wait)})
 
 
@@ -171,7 +173,8 @@ class Backend:
         self.scheduler = FairScheduler(config.max_in_flight or DEFAULT_MAX_IN_FLIGHT, config.max_queue)
         self.discovered_models: list[str] = []
         self.down_until = 0.0  # monotonic time before which a backend that refused a connection is passed over
-        self.down = False  # it failed its health checks (check_health_forever): nothing is sent to it
+        self.failing_checks = False  # it failed its health checks (check_health_forever)
+        self.undiscovered = False  # it took the connection but has not answered discovery (discover_in_background)
         self._headers = {"content-type": "application/json"}
         api_key = api_key or config.api_key()
         self._api_key = api_key
@@ -209,6 +212,31 @@ class Backend:
         return (self.scheduler.in_use + self.scheduler.queued) / max(1, self.scheduler.capacity)
 
     @property
+    def down(self) -> bool:
+        """Nothing is sent to it: it failed its health checks, or has not answered capability discovery yet."""
+        return self.failing_checks or self.undiscovered
+
+    @property
+    def down_reason(self) -> str:
+        if self.undiscovered:
+            return (f"it has not answered capability discovery yet: each attempt waits "
+                    f"{self.config.timeouts.discovery:g} s, one every {self.retry_interval:g} s")
+        return "it failed its health checks" if self.failing_checks else "up"
+
+    @property
+    def retry_interval(self) -> float:
+        """Seconds between health checks (and discovery attempts): when a down backend may be back."""
+        return self.config.health_check.interval or self.config.timeouts.discovery
+
+    def describe_state(self) -> str:
+        """Its state in a few words, for progress lines: up or down (why), and how busy."""
+        health = "up" if self.healthy else "passed over after a refused connection" if not self.down \
+            else f"down ({self.down_reason})"
+        scheduler = self.scheduler
+        return (f"backend {self.name} {health}, {scheduler.in_use} of {scheduler.capacity} calls in flight, "
+                f"{scheduler.queued} queued")
+
+    @property
     def healthy(self) -> bool:
         return not self.down and time.monotonic() >= self.down_until
 
@@ -239,13 +267,13 @@ class Backend:
         while True:
             await asyncio.sleep(settings.interval)
             if await self.check_health():
-                if self.down:
+                if self.failing_checks:
                     log.warning("backend %s passed its health check: up again", self.name)
-                failed, self.down, self.down_until = 0, False, 0.0
+                failed, self.failing_checks, self.down_until = 0, False, 0.0
                 continue
             failed += 1
-            if failed >= settings.failures and not self.down:
-                self.down = True
+            if failed >= settings.failures and not self.failing_checks:
+                self.failing_checks = True
                 log.warning("backend %s failed %d health checks in a row: down", self.name, failed)
 
     # ---- learning what the backend can do (free endpoints only) ----
@@ -255,8 +283,35 @@ class Backend:
         """The server root, for engine endpoints that live outside /v1 (llama-server's /props, /tokenize)."""
         return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
 
+    async def discover_in_background(self, on_discovered: Callable[[], None] | None = None) -> None:
+        """Capability discovery that never holds the proxy up: each attempt bounded by `timeouts.discovery`; while
+        the backend takes connections but does not answer, it is down (requests only it serves are 503s naming
+        it) and asked again every `retry_interval` seconds. `on_discovered` runs once it has answered."""
+        limit = self.config.timeouts.discovery
+        self.undiscovered = True
+        attempts = 0
+        while True:
+            try:
+                async with asyncio.timeout(limit):
+                    await self.discover()
+                break
+            except TimeoutError:
+                attempts += 1
+                if attempts == 1:
+                    log.warning("backend %s did not answer capability discovery within %g s: down until it does",
+                                self.name, limit)
+                await asyncio.sleep(self.retry_interval)
+        if self.config.probe:
+            await self._probe()  # real generations: not bounded by the discovery timeout
+        if attempts:
+            log.warning("backend %s answered capability discovery: up", self.name)
+        self.undiscovered = False
+        if on_discovered is not None:
+            on_discovered()
+
     async def discover(self) -> None:
-        """GET /models (free everywhere) names the models and often the engine; llama-server's /props its slots."""
+        """GET /models (free everywhere) names the models and often the engine; llama-server's /props its slots.
+        (`probe: true` measures more: discover_in_background runs it after this.)"""
         listing = await self._get_json(f"{self.base_url}/models")
         if isinstance(listing, dict) and isinstance(listing.get("data"), list):
             self.discovered_models = [str(m["id"]) for m in listing["data"] if isinstance(m, dict) and "id" in m]
@@ -275,8 +330,6 @@ class Backend:
                     self.capabilities = dataclasses.replace(self.capabilities, max_n=slots)
                 if self.config.max_in_flight is None:
                     self.scheduler.capacity = slots
-        if self.config.probe:
-            await self._probe()
 
     async def _probe(self) -> None:
         """`probe: true`: measure the engine (proxy/backends/probe.py) and use what was measured over the preset;

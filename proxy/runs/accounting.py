@@ -29,6 +29,7 @@ class BudgetScope:
     usage: Usage = field(default_factory=Usage)
     started: float = field(default_factory=time.monotonic)
     exhausted: bool = False
+    reason: str | None = None  # why it ran out (the limit that stopped a call here or in a scope inside it)
     reserved: int = 0  # tokens held by calls in flight (their prompt and max_tokens), not yet charged
 
     def chain(self) -> Iterator[BudgetScope]:
@@ -70,6 +71,7 @@ class BudgetScope:
             if reason is not None:
                 for stopped in passed:
                     stopped.exhausted = True
+                    stopped.reason = stopped.reason or reason
                 raise BudgetExceeded(reason)
 
     def reserve(self, prompt_tokens: int, max_tokens: int, n: int = 1) -> int:
@@ -81,12 +83,14 @@ class BudgetScope:
         granted = min(max_tokens, (left - prompt_tokens) // max(1, n))
         if granted < 1:
             tightest = min(self.chain(), key=lambda s: s.limits.max_total_tokens - s.usage.total_tokens - s.reserved)
+            reason = (f"token budget of {tightest.limits.max_total_tokens} tokens cannot fit another call "
+                      f"({max(0, left)} left, its prompt is ~{prompt_tokens})")
             for scope in self.chain():
                 scope.exhausted = True
+                scope.reason = scope.reason or reason
                 if scope is tightest:
                     break
-            raise BudgetExceeded(f"token budget of {tightest.limits.max_total_tokens} tokens cannot fit another "
-                                 f"call ({max(0, left)} left, its prompt is ~{prompt_tokens})")
+            raise BudgetExceeded(reason)
         for scope in self.chain():
             scope.reserved += prompt_tokens + n * granted
         return granted
@@ -97,12 +101,15 @@ class BudgetScope:
 
     def expire(self) -> BudgetExceeded:
         """The wall-time limit cut a call short: mark the scopes whose deadline passed."""
+        reason = f"wall-time budget of {self._tightest_seconds():g} s is spent"
         self.exhausted = True
+        self.reason = self.reason or reason
         now = time.monotonic()
         for scope in self.chain():
             if scope._spent(now) is not None:
                 scope.exhausted = True
-        return BudgetExceeded(f"wall-time budget of {self._tightest_seconds():g} s is spent")
+                scope.reason = scope.reason or reason
+        return BudgetExceeded(reason)
 
     def _tightest_seconds(self) -> float:
         return min(self.chain(), key=lambda s: s.started + s.limits.max_seconds).limits.max_seconds

@@ -16,6 +16,7 @@ from ..errors import BackendConnectFailed, BackendError, ProxyError, StrategyFai
 from .budgeted import BudgetedCall, cached_prompt_tokens, deadline, in_budget
 from .sampling import completion_counts, make_candidate, parse_choices, sample_seed
 from .state import TRACE_TEXT_LIMIT, RunState, Scope, ms_since, prompt_key
+from .watch import CallInFlight
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ async def call(state: RunState, scope: Scope, plan: CallPlan, n: int, seed: int 
                            temperature=body.get("temperature"), max_tokens=body.get("max_tokens"), status="queued")
     started = time.monotonic()
     budgeted = BudgetedCall(state, budget, body, n, node)
+    state.calls_in_flight[node] = CallInFlight(backend, plan.label, started)
     try:
         try:
             async with asyncio.timeout_at(deadline(budget)):
@@ -112,6 +114,7 @@ async def call(state: RunState, scope: Scope, plan: CallPlan, n: int, seed: int 
             raise
         return await _account(state, scope, plan, payload, body, budgeted, seed, node, started)
     finally:
+        state.calls_in_flight.pop(node, None)
         budgeted.release()  # only once the real usage is charged: other calls always see one or the other
 
 

@@ -37,6 +37,7 @@ from .validation import check_capabilities, check_engine_fields, check_spec
 
 # Sampling fields a parent may set for a nested run (run_strategy's `sampling`).
 SAMPLING_OVERRIDES = ("temperature", "top_p", "max_tokens", "stop", "top_logprobs", "seed")
+NESTED_LINE_LIMIT = 160  # characters of a nested run's progress line
 
 
 class RunContext:
@@ -293,6 +294,7 @@ class RunContext:
             sampling=child_sampling, emits=False,
             node=node, path=(*scope.path, f"{spec.slug}#{ordinal}"), over=spec.over, depth=scope.depth + 1,
             fan_out=scope.fan_out * max(1, strategy.fan_out(strategy_params)),
+            run_name=f"{spec.slug} {ordinal + 1}", siblings=(scope.node, spec.slug),
         ))
         started = time.monotonic()
         try:
@@ -311,7 +313,19 @@ class RunContext:
     # ---- reporting ----
 
     async def progress(self, line: str) -> None:
-        line = "  " * (self._scope.depth - 1) + line  # a nested run's lines sit under its parent's
+        scope = self._scope
+        if scope.siblings is not None:
+            # A nested run's line is one line, named by its run; what a sibling run already said (the same
+            # strategy under the same parent: `bon:n=8>cot`'s eight cot runs) is said once.
+            text = " ".join(line.split())
+            if len(text) > NESTED_LINE_LIMIT:
+                text = text[:NESTED_LINE_LIMIT - 1] + "…"
+            key = (*scope.siblings, text)
+            if key in self._state.said:
+                return
+            self._state.said.add(key)
+            line = f"{scope.run_name}: {text}"
+        line = "  " * (scope.depth - 1) + line  # a nested run's lines sit under its parent's
         self._state.progress_lines.append(line)
         if self._state.progress_sink is not None:
             await self._state.progress_sink(line)

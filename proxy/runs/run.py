@@ -50,6 +50,7 @@ from .context import RunContext
 from .state import RunState, Scope
 from .sampling import SEED_SPACE
 from .verifier import VerifierClient
+from .watch import report_slow_calls
 
 log = logging.getLogger("ttc_proxy.runs")
 
@@ -150,9 +151,16 @@ class StrategyRun:
 
     async def execute(self) -> StrategyResult:
         await self.traces.save(self.trace)  # readable while it runs
+        threshold = self.state.settings.slow_call_seconds
+        watch = asyncio.create_task(report_slow_calls(
+            self.state.calls_in_flight, lambda node: str(self.trace.nodes[node].get("status")), threshold,
+            RunContext(self.state, self.scope).progress)) if threshold > 0 else None
         try:
             return await self._execute()
         finally:  # a cancelled run's too: the store's writer finishes a write its saver stopped waiting for
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
             await self.traces.save(self.trace)
 
     async def _execute(self) -> StrategyResult:
@@ -181,6 +189,9 @@ class StrategyRun:
         result.usage = self.budget.usage
         result.budget_exhausted = (result.budget_exhausted or self.budget.exhausted
                                    or any(c.budget_exhausted for c in result.choices))
+        if result.budget_exhausted:
+            await RunContext(self.state, self.scope).progress(
+                f"budget exhausted ({self.budget.reason or 'a nested run ran out'}): answering with the best so far")
         self.trace.update(0, status="ok", ms=self._wall_ms(), details=result.details,
                           budget_exhausted=result.budget_exhausted, **self.budget.usage_attrs())
         return result

@@ -20,6 +20,7 @@ from ..config import StrategySettings
 from ..traces import Trace
 from .accounting import BudgetScope
 from .verifier import VerifierClient
+from .watch import CallInFlight
 
 TextSink = Callable[[str], Awaitable[None]]
 TRACE_TEXT_LIMIT = 2000
@@ -65,6 +66,9 @@ class RunState:
     # tokens), added to the estimate of a prompt not seen yet.
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     prompt_overhead: int = 0
+    calls_in_flight: dict[int, CallInFlight] = field(default_factory=dict)  # by trace node, for report_slow_calls
+    # What nested runs said, per (parent node, strategy): a line a sibling run already said is not repeated.
+    said: set[tuple[int, str, str]] = field(default_factory=set)
 
     def learn_prompt(self, key: str, tokens: int) -> None:
         self.prompt_tokens[key] = tokens
@@ -108,6 +112,8 @@ class Scope:
     depth: int = 1  # strategy runs around and including this one
     fan_out: int = 1  # product of the fan-outs of the runs around this one
     emits: bool = True  # its emits reach the client (not in a nested run)
+    run_name: str = ""  # a nested run's name in progress lines ("cot 3": the third cot run of its parent)
+    siblings: tuple[int, str] | None = None  # a nested run's (parent node, strategy): whose lines are shared
 
 
 def prompt_key(body: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ from .budgeted import BudgetedCall, cached_prompt_tokens, deadline
 from .calls import CallPlan
 from .sampling import TokenReader, logprob_entries
 from .state import TRACE_TEXT_LIMIT, RunState, Scope, ms_since, prompt_key
+from .watch import CallInFlight
 
 
 class StreamTranslation:
@@ -106,6 +107,7 @@ async def stream_call(state: RunState, scope: Scope, plan: CallPlan, seed: int |
                            temperature=body.get("temperature"), max_tokens=body["max_tokens"], status="queued")
     started = time.monotonic()
     budgeted = BudgetedCall(state, budget, body, 1, node)
+    waiting = state.calls_in_flight[node] = CallInFlight(backend, plan.label, started)
     translation = StreamTranslation(state, backend, plan.path == "/chat/completions", body, plan.echoed)
     usage: dict[str, Any] | None = None
     status = "cancelled"
@@ -114,6 +116,7 @@ async def stream_call(state: RunState, scope: Scope, plan: CallPlan, seed: int |
             async with backend.stream(plan.path, body, owner=state.owner, request_id=state.request_id,
                                       on_start=budgeted.on_start) as response:
                 async for data in _sse_data(response.aiter_raw(), backend):
+                    waiting.since = time.monotonic()  # a stream that delivers is not waiting
                     if isinstance(data.get("usage"), dict):
                         usage = data["usage"]
                     for choice in data.get("choices") or []:
@@ -140,6 +143,7 @@ async def stream_call(state: RunState, scope: Scope, plan: CallPlan, seed: int |
         status = f"cut@{len(translation.text)}"
         raise
     finally:
+        state.calls_in_flight.pop(node, None)
         budgeted.release()
         _settle(state, budgeted, body, usage, status, translation, node, started)
 

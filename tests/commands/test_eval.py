@@ -421,3 +421,28 @@ def test_eval_against_the_embedded_engine(tmp_path: Path, monkeypatch: pytest.Mo
     assert sc["mean_backend_calls"] >= 1.0
     assert all(r["ttc"]["details"]["samples"] == 4 for r in document["records"] if r["model"] == "sc:n=4-smollm2")
     assert (tmp_path / "out" / "summary.csv").exists()
+
+
+def test_eval_prints_the_most_frequent_errors_with_counts(proxy: ProxyServer, fake: FakeBackend, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 17: the cause was only in results.json; the output says what failed, how often, for which models."""
+    fake.script = lambda body: FakeReply(status=503, error={"error": {"message": "backend local is down",
+                                                                      "type": "x"}})
+    tasks = write_tasks(tmp_path / "tasks.jsonl", TASKS[:3])
+    capsys.readouterr()
+    assert run_eval(str(tasks), "--models", "fake-model", "sc:n=2-fake-model", "--proxy", proxy.url,
+                    "--out", str(tmp_path / "out")) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    at = lines.index("errors: 6 of 6 requests failed; the most frequent:")
+    assert lines[at + 1] == "      6 x  HTTP 503: backend local is down  (fake-model, sc:n=2-fake-model)"
+    assert "every request failed; the most frequent error: 6 x  HTTP 503: backend local is down" in captured.err
+
+
+def test_eval_lists_no_errors_when_none_failed(proxy: ProxyServer, fake: FakeBackend, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    fake.script = lambda body: FakeReply(texts=["5"])
+    tasks = write_tasks(tmp_path / "tasks.jsonl", TASKS[:2])
+    capsys.readouterr()
+    assert run_eval(str(tasks), "--models", "fake-model", "--proxy", proxy.url, "--out", str(tmp_path / "out")) == 0
+    assert "errors:" not in capsys.readouterr().out

@@ -238,8 +238,8 @@ def test_cot_sync_sdk(client: openai.OpenAI) -> None:
 def test_mcts_async_sdk_grows_a_tree(engine_proxy: ProxyServer) -> None:
     async def ask() -> openai.types.chat.ChatCompletion:
         async with openai.AsyncOpenAI(base_url=f"{engine_proxy.url}/v1", api_key="unused", max_retries=0) as client:
-            return await client.chat.completions.create(model="mcts:iterations=2,batch=2-smollm2", messages=QUESTION,
-                                                        max_tokens=16, seed=3)
+            return await client.chat.completions.create(model="mcts:iterations=2,batch=2,level=answer-smollm2",
+                                                        messages=QUESTION, max_tokens=16, seed=3)
 
     response = asyncio.run(ask())
     body = response.model_dump(exclude_unset=True)

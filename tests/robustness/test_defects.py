@@ -208,7 +208,7 @@ def test_deepconf_with_a_trace_without_logprobs(client, fake):
     fake.script = lambda body: FakeReply(texts=["It is 7"], logprobs=not body.get("stream"))
     completion = client.chat.completions.create(model="deepconf:n=3,warmup=2,window=2-fake-model",
                                                 messages=user(), seed=1)
-    assert "confidence n/a" in completion.choices[0].message.reasoning_content
+    assert "score n/a" in completion.choices[0].message.reasoning_content
     candidates = completion.ttc["details"]["candidates"]
     assert [c["confidence"] is None for c in candidates] == [False, False, True]
 

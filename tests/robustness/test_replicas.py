@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -310,3 +311,28 @@ def test_a_missing_redis_server_skips_naming_it_and_fails_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true and redis-server is not installed"):
         next(redis_server_or_skip())
+
+
+def test_workers_start_and_serve_beside_a_silent_backend(fake_backend, fake, tmp_path):
+    """Issue 17: each worker discovers in the background; a backend that takes connections and never answers holds
+    no worker's start-up (it held them for its read timeout) and is a 503 naming it; the other is served."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"backends": [
+            {"name": "stalled", "kind": "llama_cpp", "base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+             "models": ["stalled-model"], "timeouts": {"read": 120}},
+            {"name": "fake", "kind": "llama_cpp", "base_url": fake.base_url, "models": ["fake-model"]}]}))
+        proxy = ProxyProcess(["--config", str(config), "--workers", "2"])
+        try:
+            proxy.wait_ready(timeout=30)
+            for _ in range(4):  # either worker
+                served = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                                    json={"model": "fake-model", "messages": user()})
+                assert served.status_code == 200, served.text
+                refused = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                                     json={"model": "stalled-model", "messages": user()})
+                assert "stalled" in assert_openai_error(refused, 503, code="backend_down")["message"]
+        finally:
+            proxy.stop()

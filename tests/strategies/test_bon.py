@@ -256,6 +256,7 @@ def test_check_all():
 
 def test_params():
     assert BestOfNParams().select == "confidence" and BestOfNParams().n == 8
+    assert BestOfNParams().confidence == "logprob"  # the best measured (issue 17)
     assert BestOfNParams.model_validate({"json_schema": '{"type": "object"}', "select": "verifier"}).json_schema == \
         {"type": "object"}
     for bad in ({"select": "verifier"}, {"regex": "("}, {"json_schema": {"$ref": "#"}}, {"top_k": 1},
@@ -304,7 +305,7 @@ def judged_answer(body: dict) -> str:
 def test_confidence_picks_the_confident_minority(client, fake):
     fake.script = lambda body: pool_reply([("The answer is 7.", LOW), ("The answer is 7, surely.", LOW),
                                            ("I get 12.", HIGH), ("So 7", LOW)])
-    completion = client.chat.completions.create(model="bon:n=4-fake-model", messages=user())
+    completion = client.chat.completions.create(model="bon:n=4,confidence=lowest_group-fake-model", messages=user())
     assert completion.choices[0].message.content == "I get 12."
     details = completion.ttc["details"]
     assert details["selector"] == "confidence" and details["answer"] == "12"
@@ -316,8 +317,9 @@ def test_confidence_picks_the_confident_minority(client, fake):
     (request,) = fake.chat_requests()
     assert request.body["n"] == 4 and request.body["logprobs"] is True and request.body["top_logprobs"] == 5
     reasoning = completion.choices[0].message.model_extra["reasoning_content"]
-    assert "sample 3/4 → 12 (confidence 7.6)" in reasoning
-    assert "winner: 12 (sample 3, confidence 7.6)" in reasoning
+    # progress shows scores on one [0, 1] scale: DeepConf's 7.6 as 7.6 / (7.6 + ln 5)
+    assert "sample 3/4 → 12 (score 0.825)" in reasoning
+    assert "winner: 12 (sample 3, score 0.825)" in reasoning
 
 
 def test_confidence_variants_disagree_on_a_dip(client, fake):
@@ -339,11 +341,14 @@ def test_weighted_vote(client, fake):
     samples = [("It is 7.", LOW), ("Answer: 12", HIGH), ("7!", LOW), ("12, clearly", HIGH - 1), ("7 I think", LOW)]
     # Seeded: one request per sample (each its choice 0), so the script picks the sample by seed.
     fake.script = lambda body: pool_reply([samples[body["seed"] - 1]])
-    weighted = client.chat.completions.create(model="bon:n=5,select=weighted-fake-model", messages=user(), seed=1)
+    weighted = client.chat.completions.create(model="bon:n=5,select=weighted,confidence=lowest_group-fake-model",
+                                              messages=user(), seed=1)
     assert weighted.choices[0].message.content == "Answer: 12"  # the more confident sample of 12
     details = weighted.ttc["details"]
     assert details["answer"] == "12" and details["scores"]["12"] > details["scores"]["7"]
-    assert "winner: 12, weight" in weighted.choices[0].message.model_extra["reasoning_content"]
+    share = details["scores"]["12"] / sum(details["scores"].values())
+    assert (f"winner: 12, {share:.0%} of the confidence-weighted vote (2 of 5 votes)"
+            in weighted.choices[0].message.model_extra["reasoning_content"])
     voted = client.chat.completions.create(model="bon:n=5,select=vote-fake-model", messages=user(), seed=1)
     assert voted.choices[0].message.content == "It is 7."
     assert voted.ttc["details"]["scores"] == {"7": 3, "12": 2}
@@ -381,7 +386,8 @@ def test_body_params(client, fake):
     fake.script = lambda body: pool_reply([("It is 5.", LOW), ("6", HIGH)])
     completion = client.chat.completions.create(
         model="fake-model", messages=user(),
-        extra_body={"ttc": {"strategy": "bon", "params": {"n": 2, "select": "confidence", "top_k": 3}}},
+        extra_body={"ttc": {"strategy": "bon", "params": {"n": 2, "select": "confidence", "top_k": 3,
+                                                          "confidence": "lowest_group"}}},
     )
     assert completion.choices[0].message.content == "6"
     assert fake.chat_requests()[0].body["top_logprobs"] == 3
@@ -389,7 +395,8 @@ def test_body_params(client, fake):
 
 def test_vote_tie_is_broken_by_weighted(client, fake):
     fake.script = lambda body: pool_reply([("5", LOW), ("6", HIGH), ("5", LOW), ("6", LOW)])
-    completion = client.chat.completions.create(model="bon:n=4,select=vote-fake-model", messages=user())
+    completion = client.chat.completions.create(model="bon:n=4,select=vote,confidence=lowest_group-fake-model",
+                                                messages=user())
     details = completion.ttc["details"]
     assert details["answer"] == "6" and details["tie"] == {"answers": ["5", "6"], "broken_by": "weighted"}
     assert "tied: 5, 6 → weighted picks" in completion.choices[0].message.model_extra["reasoning_content"]
@@ -518,7 +525,7 @@ def test_usage_counts_every_sample_and_judge_call(client, fake):
 
 def test_usage_counts_every_choice_of_split_requests(client, fake):
     fake.script = lambda body: pool_reply([("a b c", LOW), ("d e", HIGH), ("f", LOW), ("g h i j", LOW)])
-    completion = client.chat.completions.create(model="bon:n=8-fake-model", messages=user())
+    completion = client.chat.completions.create(model="bon:n=8,confidence=lowest_group-fake-model", messages=user())
     assert [r.body["n"] for r in fake.chat_requests()] == [4, 4]
     assert completion.usage.completion_tokens == 2 * (3 + 2 + 1 + 4)
     assert completion.usage.completion_tokens_details.reasoning_tokens == 20 - 2
@@ -529,7 +536,8 @@ def test_verifier_regex_keeps_matching_candidates(client, fake):
     fake.script = lambda body: pool_reply([("It is 7.", HIGH), ("FINAL: 12", LOW), ("7", HIGH), ("FINAL: 9", 2.0)])
     completion = client.chat.completions.create(
         model="fake-model", messages=user(),
-        extra_body={"ttc": {"strategy": "bon", "params": {"n": 4, "select": "verifier", "regex": r"^FINAL: \d+$"}}},
+        extra_body={"ttc": {"strategy": "bon", "params": {"n": 4, "select": "verifier", "regex": r"^FINAL: \d+$",
+                                                          "confidence": "lowest_group"}}},
     )
     details = completion.ttc["details"]
     assert completion.choices[0].message.content == "FINAL: 9"  # among the two that pass, the weightier
@@ -537,7 +545,7 @@ def test_verifier_regex_keeps_matching_candidates(client, fake):
     assert [c["passed"] for c in details["candidates"]] == [False, True, False, True]
     assert details["tie"] == {"answers": ["12", "9"], "broken_by": "weighted"}
     reasoning = completion.choices[0].message.model_extra["reasoning_content"]
-    assert "sample 1/4 → 7 (confidence" in reasoning and "fails the check: regex does not match" in reasoning
+    assert "sample 1/4 → 7 (score" in reasoning and "fails the check: regex does not match" in reasoning
     assert "winner: 9, 2 of 4 candidates pass the check" in reasoning
 
 
@@ -633,14 +641,15 @@ def test_composition_must_name_strategies(proxy, fake):
 
 def test_streamed_progress(client, fake):
     fake.script = lambda body: pool_reply([("7", LOW), ("12", HIGH)])
-    stream = client.chat.completions.create(model="bon:n=2-fake-model", messages=user(), stream=True)
+    stream = client.chat.completions.create(model="bon:n=2,confidence=lowest_group-fake-model", messages=user(),
+                                            stream=True)
     chunks = list(stream)
     reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content", "") for c in chunks
                         if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == "12"
-    assert reasoning.splitlines()[1:] == ["sample 1/2 → 7 (confidence 2)", "sample 2/2 → 12 (confidence 7.6)",
-                                          "winner: 12 (sample 2, confidence 7.6)"]
+    assert reasoning.splitlines()[1:] == ["sample 1/2 → 7 (score 0.554)", "sample 2/2 → 12 (score 0.825)",
+                                          "winner: 12 (sample 2, score 0.825)"]
 
 
 def test_bad_request_does_not_reach_the_backend_with_the_sdk(client, fake):

@@ -117,8 +117,8 @@ def check_tree(details: dict[str, Any], iterations: int, batch: int) -> list[dic
 
 def test_tree_bookkeeping(client, fake):
     fake.script = script = Numbered()
-    completion = client.chat.completions.create(model="mcts:iterations=4,batch=3-fake-model", messages=QUESTION,
-                                                seed=11)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=4,batch=3-fake-model", messages=QUESTION, seed=11)
     details = completion.ttc["details"]
     tree = check_tree(details, 4, 3)
     assert details["deepened"] >= 1, "seed 11 deepens some node"
@@ -156,8 +156,8 @@ def test_tree_bookkeeping(client, fake):
 def test_refine_prompt_holds_the_parents_answer_and_the_answers_found_so_far(client, fake):
     # One trial per round: the nodes that exist when a refine prompt is written are exactly the earlier ids.
     fake.script = script = Numbered()
-    completion = client.chat.completions.create(model="mcts:iterations=5,batch=1-fake-model", messages=QUESTION,
-                                                seed=5)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=5,batch=1-fake-model", messages=QUESTION, seed=5)
     details = completion.ttc["details"]
     tree = check_tree(details, 5, 1)
     deepened = [n for n in tree if n["action"] == "deepen"]
@@ -174,8 +174,8 @@ def test_refine_prompt_holds_the_parents_answer_and_the_answers_found_so_far(cli
 
 def test_a_parent_too_deep_is_refused_without_a_call(client, fake):
     fake.script = script = Numbered()
-    completion = client.chat.completions.create(model="mcts:iterations=4,batch=2,max_depth=1-fake-model",
-                                                messages=QUESTION, seed=3)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=4,batch=2,max_depth=1-fake-model", messages=QUESTION, seed=3)
     details = completion.ttc["details"]
     tree = check_tree(details, 4, 2)
     refused = [n for n in tree if n["action"] == "refused"]
@@ -204,7 +204,8 @@ class FavouringRefinements(Numbered):
 
 def test_siblings_share_one_request_with_n_when_unseeded(client, fake):
     fake.script = Numbered()
-    completion = client.chat.completions.create(model="mcts:iterations=1,batch=4-fake-model", messages=QUESTION)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=1,batch=4-fake-model", messages=QUESTION)
     (body,) = engine_calls(fake)
     assert body["n"] == 4 and "seed" not in body
     assert [n["action"] for n in completion.ttc["details"]["tree"]] == ["widen"] * 4
@@ -215,8 +216,8 @@ def test_siblings_share_one_request_with_n_when_unseeded(client, fake):
     for _ in range(10):
         script = FavouringRefinements()
         fake.reset(script)
-        completion = client.chat.completions.create(model="mcts:iterations=4,batch=4-fake-model",
-                                                    messages=QUESTION)
+        completion = client.chat.completions.create(
+            model="mcts:level=answer,iterations=4,batch=4-fake-model", messages=QUESTION)
         details = completion.ttc["details"]
         tree = check_tree(details, 4, 4)
         rounds = rounds_of(reasoning_of(completion))
@@ -242,7 +243,7 @@ def test_siblings_share_one_request_with_n_when_unseeded(client, fake):
 
 
 def test_seeded_samples_are_each_their_own_request_and_a_rerun_repeats(client, fake):
-    model = "mcts:iterations=3,batch=3,score=agreement-fake-model"
+    model = "mcts:level=answer,iterations=3,batch=3,score=agreement-fake-model"
 
     def script(body: dict[str, Any]) -> FakeReply:
         return FakeReply(texts=[f"The answer is {body['seed'] % 3}."])
@@ -270,7 +271,7 @@ def test_a_seeded_rerun_repeats_whatever_order_the_engine_answers_in(client, fak
     # A round of this seeded search expands two parents at once; the engine answers those calls in an order the
     # client does not control (here: the first run gets one call back first, the rerun the other). The same seed
     # must still give the same tree and the same answer.
-    model = "mcts:iterations=3,batch=2-fake-model"
+    model = "mcts:level=answer,iterations=3,batch=2-fake-model"
 
     def script(reverse: bool):
         def reply(body: dict[str, Any]) -> FakeReply:
@@ -301,8 +302,8 @@ def test_nodes_of_one_round_are_scored_against_the_same_pool(client, fake):
     # Seed 42 refines three parents in round 2, and all three refinements answer 0. Scored by agreement over the
     # same nodes, equal answers of one round must score the same, whichever call the engine answered first.
     fake.script = lambda body: FakeReply(texts=[f"The answer is {body['seed'] % 3}."])
-    completion = client.chat.completions.create(model="mcts:iterations=3,batch=3,score=agreement-fake-model",
-                                                messages=QUESTION, seed=42)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=3,batch=3,score=agreement-fake-model", messages=QUESTION, seed=42)
     tree = completion.ttc["details"]["tree"]
     rounds = rounds_of(reasoning_of(completion))
     by_answer: dict[tuple[int, str], set[float]] = defaultdict(set)
@@ -321,8 +322,8 @@ def test_logprob_scorer_picks_the_most_probable_node(client, fake):
     probabilities = [0.5, 0.6, 0.97, 0.3]
     fake.script = lambda body: FakeReply(
         texts=texts, logprobs_fn=lambda choice, index, token: with_logprob(probabilities[choice])(choice, index, token))
-    completion = client.chat.completions.create(model="mcts:iterations=1,batch=4,score=logprob-fake-model",
-                                                messages=QUESTION)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=1,batch=4,score=logprob-fake-model", messages=QUESTION)
     (body,) = engine_calls(fake)
     assert body["n"] == 4 and body["logprobs"] is True and body["top_logprobs"] == 5
     details = completion.ttc["details"]
@@ -336,8 +337,8 @@ def test_agreement_scorer_scores_by_shared_answers_and_ignores_logprobs(client, 
     probabilities = [0.3, 0.3, 0.99, 0.3]  # 12 is the most probable reply, but the others agree
     fake.script = lambda body: FakeReply(
         texts=texts, logprobs_fn=lambda choice, index, token: with_logprob(probabilities[choice])(choice, index, token))
-    completion = client.chat.completions.create(model="mcts:iterations=1,batch=4,score=agreement-fake-model",
-                                                messages=QUESTION)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=1,batch=4,score=agreement-fake-model", messages=QUESTION)
     (body,) = engine_calls(fake)
     assert "top_logprobs" not in body  # the scorer asks for no alternatives
     details = completion.ttc["details"]
@@ -362,8 +363,8 @@ def test_select(client, fake, select, answer, content):
         return FakeReply(texts=[text], logprobs_fn=with_logprob(p))
 
     fake.script = script
-    completion = client.chat.completions.create(model=f"mcts:iterations=1,batch=6,select={select}-fake-model",
-                                                messages=QUESTION, seed=100)
+    completion = client.chat.completions.create(
+        model=f"mcts:level=answer,iterations=1,batch=6,select={select}-fake-model", messages=QUESTION, seed=100)
     details = completion.ttc["details"]
     assert [n["answer"] for n in details["tree"]] == ["3", "3", "3", "12", "12", "99"]
     assert details["select"] == select and details["answer"] == answer
@@ -377,7 +378,7 @@ def test_a_truncated_node_scores_zero_unless_count_truncated(client, fake):
         return FakeReply(texts=["It is 5."], logprobs_fn=with_logprob(0.5))
 
     fake.script = script
-    model = "mcts:iterations=1,batch=2{}-fake-model"
+    model = "mcts:level=answer,iterations=1,batch=2{}-fake-model"
     default = client.chat.completions.create(model=model.format(""), messages=QUESTION, seed=100, max_tokens=4)
     tree = default.ttc["details"]["tree"]
     assert tree[0]["finish_reason"] == "length" and tree[0]["score"] == 0
@@ -404,8 +405,9 @@ def test_budget_exhaustion_returns_the_best_node_so_far(client, fake):
                          logprobs_fn=lambda c, i, t: with_logprob(probabilities[c])(c, i, t))
 
     fake.script = script
-    completion = client.chat.completions.create(model="mcts:iterations=4,batch=2-fake-model", messages=QUESTION,
-                                                extra_body={"ttc": {"budget": {"max_calls": 3}}})
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=4,batch=2-fake-model", messages=QUESTION,
+        extra_body={"ttc": {"budget": {"max_calls": 3}}})
     assert completion.ttc["budget_exhausted"] is True
     assert completion.choices[0].finish_reason == "length"
     assert completion.ttc["backend_calls"] == 3 and len(engine_calls(fake)) == 3
@@ -420,7 +422,7 @@ def test_budget_exhaustion_returns_the_best_node_so_far(client, fake):
 
 def test_budget_with_no_answer_yet_is_429_not_to_be_retried(proxy, fake):
     fake.script = lambda body: FakeReply(delay=2.0)
-    response = chat(proxy, {"model": "mcts:iterations=2,batch=2-fake-model", "messages": QUESTION,
+    response = chat(proxy, {"model": "mcts:level=answer,iterations=2,batch=2-fake-model", "messages": QUESTION,
                             "ttc": {"budget": {"max_seconds": 0.2}}})
     error = assert_openai_error(response, 429, code="budget_exhausted")
     assert response.headers["x-should-retry"] == "false"
@@ -430,8 +432,8 @@ def test_budget_with_no_answer_yet_is_429_not_to_be_retried(proxy, fake):
 def test_one_call_budget_whose_call_fails_is_429(proxy, fake):
     # Seeded, the first round's two samples are two calls: the budget lets one start, and that one fails.
     fake.script = lambda body: FakeReply(status=500)
-    response = chat(proxy, {"model": "mcts:iterations=2,batch=2-fake-model", "messages": QUESTION, "seed": 1,
-                            "ttc": {"budget": {"max_calls": 1}}})
+    response = chat(proxy, {"model": "mcts:level=answer,iterations=2,batch=2-fake-model", "messages": QUESTION,
+                            "seed": 1, "ttc": {"budget": {"max_calls": 1}}})
     assert_openai_error(response, 429, code="budget_exhausted")
     assert response.headers["x-should-retry"] == "false"
     assert len(engine_calls(fake)) == 1
@@ -515,8 +517,8 @@ def test_logprob_scoring_without_logprobs_is_a_400_before_any_call(fake_backend,
         assert fake.requests == []
         # A scorer that needs no logprobs runs there, and asks for none.
         fake.script = lambda body: FakeReply(texts=["7", "7", "8"])
-        completion = client.chat.completions.create(model="mcts:iterations=1,batch=3,score=agreement-fake-model",
-                                                    messages=QUESTION)
+        completion = client.chat.completions.create(
+            model="mcts:level=answer,iterations=1,batch=3,score=agreement-fake-model", messages=QUESTION)
     assert completion.ttc["details"]["answer"] == "7"
     assert all("logprobs" not in body and "top_logprobs" not in body for body in engine_calls(fake))
 
@@ -533,7 +535,8 @@ def test_mcts_over_cot(client, fake):
         return FakeReply(texts=[COT_REPLY.format(a=answer)])
 
     fake.script = script
-    completion = client.chat.completions.create(model="mcts:iterations=2,batch=2>cot-fake-model", messages=QUESTION)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=2,batch=2>cot-fake-model", messages=QUESTION)
     assert completion.ttc["over"] == "cot"
     details = completion.ttc["details"]
     tree = check_tree(details, 2, 2)
@@ -562,8 +565,8 @@ def test_step_level_over_another_strategy_is_a_400_before_any_call(proxy, fake):
 
 def test_streaming_shows_progress_then_the_answer(client, fake):
     fake.script = lambda body: FakeReply(texts=["The answer is 7.", "It is 8."])
-    stream = client.chat.completions.create(model="mcts:iterations=2,batch=2-fake-model", messages=QUESTION,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model="mcts:level=answer,iterations=2,batch=2-fake-model", messages=QUESTION, stream=True)
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
@@ -583,8 +586,8 @@ def test_streaming_shows_progress_then_the_answer(client, fake):
 
 def test_trace_has_deepen_spans_linked_to_their_parents(client, fake):
     fake.script = script = Numbered()
-    completion = client.chat.completions.create(model="mcts:iterations=5,batch=1-fake-model", messages=QUESTION,
-                                                seed=5)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,iterations=5,batch=1-fake-model", messages=QUESTION, seed=5)
     tree = completion.ttc["details"]["tree"]
     deepened = [n for n in tree if n["action"] == "deepen"]
     assert deepened, "seed 5 deepens some node"
@@ -612,8 +615,8 @@ def is_judge(body: dict[str, Any]) -> bool:
 
 def test_the_judge_scorer_asks_once_per_distinct_answer(client, fake):
     fake.script = lambda body: FakeReply(texts=["yes"] if is_judge(body) else ["The answer is 7."])
-    completion = client.chat.completions.create(model="mcts:score=judge,iterations=2,batch=4-fake-model",
-                                                messages=QUESTION)
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,score=judge,iterations=2,batch=4-fake-model", messages=QUESTION)
     assert completion.ttc["details"]["nodes"] == 8
     judged = [b for b in engine_calls(fake) if is_judge(b)]
     assert len(judged) == 1  # eight nodes, one answer ("7"): one question
@@ -621,9 +624,25 @@ def test_the_judge_scorer_asks_once_per_distinct_answer(client, fake):
 
 def test_a_judge_refused_by_the_budget_keeps_the_answers_drawn(client, fake):
     fake.script = lambda body: FakeReply(texts=["yes"] if is_judge(body) else ["The answer is 7."])
-    completion = client.chat.completions.create(model="mcts:score=judge,iterations=2,batch=4-fake-model",
-                                                messages=QUESTION, extra_body={"ttc": {"budget": {"max_calls": 1}}})
+    completion = client.chat.completions.create(
+        model="mcts:level=answer,score=judge,iterations=2,batch=4-fake-model", messages=QUESTION,
+        extra_body={"ttc": {"budget": {"max_calls": 1}}})
     # The four answers came in one call (n=4); their judge was refused, so they stand unjudged (score ½).
     assert completion.ttc["budget_exhausted"] is True and completion.choices[0].finish_reason == "length"
     assert completion.choices[0].message.content == "The answer is 7."
     assert [n["score"] for n in completion.ttc["details"]["tree"]] == [0.5] * 4
+
+
+@pytest.mark.parametrize(("model", "capabilities", "level"), [
+    ("mcts:iterations=1,batch=2-fake-model", {}, "step"),  # the default: the best measured, where it can run
+    ("mcts:iterations=1,batch=2-fake-model", {"prefill": False, "completions": False}, "answer"),
+    ("mcts:iterations=1,batch=2>cot-fake-model", {}, "answer"),
+    ("mcts:iterations=1,batch=2,level=answer-fake-model", {}, "answer"),
+])
+def test_level_auto_is_step_where_it_can_run(fake_backend, fake, model, capabilities, level):
+    fake.script = lambda body: FakeReply(texts=["<output>7</output>"])
+    config = fake_config(fake_backend, backends=[backend_entry(fake_backend, capabilities=capabilities)])
+    with ProxyServer(config) as server, sync_client(server) as client:
+        completion = client.chat.completions.create(model=model, messages=QUESTION)
+    assert completion.ttc["details"]["level"] == level
+    assert completion.ttc["params"]["level"] == ("answer" if "level=answer" in model else "auto")

@@ -175,3 +175,19 @@ def test_stream_ttc_object_matches_trace(proxy, fake):
     ttc = payloads[-1]["ttc"]
     trace = httpx.get(proxy.url + f"/v1/traces/{ttc['trace_id']}").json()
     assert trace["id"] == ttc["trace_id"] and trace["nodes"][0]["status"] == "ok"
+
+
+def test_nested_runs_progress_is_one_line_per_event_not_repeated(client, fake):
+    """Issue 17: under bon>cot every cot run said the same sentence; now a sibling's repeat is dropped, each
+    line names its run and is one line."""
+    fake.script = lambda body: FakeReply(texts=[
+        f"<thinking>six sevens\nare {body['seed']}</thinking>\n<reflection>ok</reflection>\n<output>{body['seed']}"
+        f"</output>"])
+    completion = client.chat.completions.create(model="bon:n=4,select=vote>cot-fake-model", messages=user(), seed=1)
+    lines = completion.choices[0].message.model_extra["reasoning_content"].splitlines()
+    assert lines[0] == "drawing 4 runs of cot; selecting by vote, ties to weighted"
+    said = [line.strip() for line in lines[1:] if line.startswith("  ")]
+    assert said[0] == "cot 1: thinking, then reflecting, then answering in one call"
+    assert sum("thinking, then reflecting" in line for line in said) == 1
+    reasoning = sorted(line for line in said if "six sevens" in line)
+    assert len(reasoning) == 4 and all(line.startswith("cot ") and ": six sevens are " in line for line in reasoning)

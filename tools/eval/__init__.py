@@ -27,7 +27,7 @@ from ttc_proxy.proxy.registry import load_registry
 from ttc_proxy.strategies.framework import Strategy
 
 from ..argtypes import json_object, positive_float, positive_int
-from .report import render_matrix, render_table, write_json, write_tables
+from .report import render_errors, render_matrix, render_table, write_json, write_tables
 from .pooled import parse_strategy_string
 from .runner import Progress, Record, RunSettings, add_engine_arguments, proxy_endpoint, run_eval, run_pooled
 from .stats import ACCURACY_METHOD, DIFF_METHOD, PAIRWISE_METHOD, pairwise_differences, summarise_all
@@ -151,6 +151,9 @@ def eval_command(args: argparse.Namespace) -> int:
     if differences:
         print()
         print(render_matrix(differences))
+    errors = render_errors(results)
+    if errors:
+        print(errors)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +170,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print("plot skipped: matplotlib is not installed (pip install 'ttc-proxy[plot]' or pip install matplotlib)")
     print("written: " + ", ".join(str(p) for p in written))
     if all(s.answered == 0 for s in summaries):
-        print("ttc-proxy eval: every request failed", file=sys.stderr)
+        print(f"ttc-proxy eval: every request failed; the most frequent error: "
+              f"{errors.splitlines()[1].strip()}", file=sys.stderr)
         return 1
     return 0

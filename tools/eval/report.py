@@ -120,6 +120,28 @@ def render_markdown(meta: Mapping[str, Any], summaries: Sequence[Summary], basel
     return "\n".join(lines) + "\n"
 
 
+def render_errors(results: Mapping[str, Sequence[Record]], top: int = 5) -> str:
+    """The most frequent errors with their counts, and the model strings they came from ("" when none failed)."""
+    counts: dict[str, int] = {}
+    models: dict[str, list[str]] = {}
+    for model, records in results.items():
+        for record in records:
+            if record.error is not None:
+                counts[record.error] = counts.get(record.error, 0) + 1
+                if model not in models.setdefault(record.error, []):
+                    models[record.error].append(model)
+    if not counts:
+        return ""
+    failed, total = sum(counts.values()), sum(len(r) for r in results.values())
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    lines = [f"errors: {failed} of {total} requests failed; the most frequent:"]
+    lines += [f"  {count:>5} x  {error}  ({', '.join(models[error])})" for error, count in ranked[:top]]
+    if len(ranked) > top:
+        lines.append(f"  ... and {len(ranked) - top} other errors ({sum(c for _, c in ranked[top:])} requests); "
+                     f"every one is in results.json")
+    return "\n".join(lines)
+
+
 def _clean(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else round(value, 6)
 
