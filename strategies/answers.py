@@ -74,16 +74,8 @@ def last_number(text: str) -> str | None:
 
 def boxed_content(text: str) -> str | None:
     """The content of the last complete \\boxed{...}, nested braces balanced (a truncated last box is skipped)."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth = 1
-        for i in range(match.end(), len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[match.end():i]
-    return None
+    start, end = _boxed_span(text)
+    return text[start:end] if start is not None and end is not None else None
 
 
 def normalise_text(text: str) -> str:
@@ -136,18 +128,53 @@ def extract_answer(text: str) -> str:
     """From the reply's answer (its thinking set apart): \\boxed{}, then '####', then 'the answer is', then the
     last number, else the normalised text; a number is given in canonical form (see normalise_number), so '1,000',
     '1000.0' and '1000' vote together."""
-    text = answer_text(text)
-    for found in (boxed_content(text), _last_group(_HASHES, text), _last_group(_ANSWER_IS, text)):
-        if found is not None and found.strip():
-            number = last_number(found)
-            return normalise_number(number) if number is not None else normalise_text(found)
-    number = last_number(text)
-    return normalise_number(number) if number is not None else normalise_text(text)
+    return locate_answer(answer_text(text)).answer
 
 
-def _last_group(pattern: re.Pattern[str], text: str) -> str | None:
-    matches = pattern.findall(text)
-    return matches[-1] if matches else None
+@dataclass(frozen=True)
+class LocatedAnswer:
+    """The answer `extract_answer` reads and where its text is in the reply: [start, end) (the whole reply when
+    the answer is the normalised text)."""
+
+    answer: str
+    start: int
+    end: int
+
+
+def locate_answer(text: str) -> LocatedAnswer:
+    """The answer as `extract_answer` reads it from text without thinking, with the span of the reply it was read from (strategies that judge
+    the answer's own tokens, such as cot_decoding's margin, need where it is)."""
+    for start, end in (_boxed_span(text), _last_group_span(_HASHES, text), _last_group_span(_ANSWER_IS, text)):
+        if start is None or end is None or not text[start:end].strip():
+            continue
+        found = text[start:end]
+        numbers = list(NUMBER.finditer(found))
+        if numbers:
+            number = numbers[-1]
+            return LocatedAnswer(normalise_number(number.group()), start + number.start(), start + number.end())
+        return LocatedAnswer(normalise_text(found), start, end)
+    numbers = list(NUMBER.finditer(text))
+    if numbers:
+        return LocatedAnswer(normalise_number(numbers[-1].group()), numbers[-1].start(), numbers[-1].end())
+    return LocatedAnswer(normalise_text(text), 0, len(text))
+
+
+def _boxed_span(text: str) -> tuple[int | None, int | None]:
+    for match in reversed(list(_BOXED.finditer(text))):
+        depth = 1
+        for i in range(match.end(), len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    return match.end(), i
+    return None, None
+
+
+def _last_group_span(pattern: re.Pattern[str], text: str) -> tuple[int | None, int | None]:
+    matches = list(pattern.finditer(text))
+    return (matches[-1].start(1), matches[-1].end(1)) if matches else (None, None)
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from .framework import (
     StrategyResult,
     Token,
 )
-from .guided import NEEDS, Branch, Decision, Fork, GuidedDecoder, Insert, Position, sample_alternative, same_token, \
-    top_alternatives
+from .guided import NEEDS, Branch, Decision, Fork, GuidedDecoder, Insert, Position, alternative_with_text, \
+    sample_alternative, same_token, top_alternatives
 from .scoring import make_scorer
 from .uncertainty import DEFAULT_VOCAB_SIZE, Regime, Thresholds, Uncertainty, token_uncertainty
 
@@ -206,7 +206,7 @@ class EntropyPolicy:
         drawn = sample_alternative(token, temperature, self.rng)
         if drawn is None or same_token(drawn, token):
             return None  # the redraw agrees with the stream: nothing to cut
-        drawn = await self.decoder.with_text(drawn) if self.decoder is not None else drawn
+        drawn = await alternative_with_text(self.ctx, drawn)
         ids = (drawn.id,) if drawn.id is not None else tuple(await self.ctx.tokenize(drawn.text))
         drawn_token = Token(drawn.text, drawn.logprob, drawn.id, drawn.bytes, top=token.top)
         return Insert(ids, drawn.text, f"{action} at T={temperature:.2f}", why,

@@ -14,9 +14,9 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from .formats import parses_as
 from .toolcalls import ToolCall
@@ -56,6 +56,16 @@ class StrategyParams(BaseModel):
 
     # Fields whose value is bounded by a configured maximum: field name -> "samples" | "iterations".
     limits: ClassVar[dict[str, str]] = {}
+
+
+def _split_models(value: Any) -> Any:
+    return [part.strip() for part in value.split("+")] if isinstance(value, str) else value
+
+
+# A parameter naming several models: a list in `ttc.params`, `a+b` in a model-name prefix (`mcts:models=a+b-m`;
+# `+` is not one of the prefix grammar's own characters).
+ModelNames = Annotated[list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]],
+                       BeforeValidator(_split_models), Field(min_length=1)]
 
 
 @dataclass(frozen=True)
@@ -647,6 +657,15 @@ async def report_thinking(ctx: StrategyContext, chosen: Candidate) -> None:
     sees the reasoning behind the answer it gets, never inside the answer."""
     if chosen.reasoning:
         await ctx.progress(f"the chosen reply's thinking: {chosen.reasoning}")
+
+
+def last_user_index(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Where the last user message (the question) is; a strategy that restates it refuses a conversation
+    without one."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    raise StrategyInputError("this strategy restates the last user message, and the conversation has none")
 
 
 def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:

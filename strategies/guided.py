@@ -150,17 +150,6 @@ class GuidedDecoder:
                 ids.extend(piece.ids)
         return ids
 
-    async def with_text(self, alternative: TokenAlternative) -> TokenAlternative:
-        """The alternative with its text: an engine that named only its id (vLLM's top alternatives) is asked."""
-        if alternative.text or alternative.id is None:
-            return alternative
-        return replace(alternative, text=await self.ctx.detokenize([alternative.id]))
-
-    async def alternative_ids(self, alternative: TokenAlternative) -> tuple[int, ...]:
-        if alternative.id is not None:
-            return (alternative.id,)
-        return tuple(await self.ctx.tokenize(alternative.text))
-
     def _add(self, text: str, ids: tuple[int, ...] | None, token: Token | None) -> None:
         offset = len(self.text)
         self.pieces.append(_Piece(text, ids, replace(token, offset=offset) if token is not None else None))
@@ -285,7 +274,7 @@ class GuidedDecoder:
         assert event.token is not None
         before = await self.prefix_ids()
         fork = replace(fork, alternatives=(fork.alternatives[0],
-                                           *[await self.with_text(a) for a in fork.alternatives[1:]]))
+                                           *[await alternative_with_text(self.ctx, a) for a in fork.alternatives[1:]]))
 
         async def own() -> Branch:
             text, tokens, finish = event.text, [replace(event.token, offset=0)], None
@@ -297,7 +286,7 @@ class GuidedDecoder:
             return Branch(fork.alternatives[0], text, tuple(tokens), finish or "length")
 
         async def other(i: int, alternative: TokenAlternative) -> Branch:
-            forced = await self.alternative_ids(alternative)
+            forced = await alternative_ids(self.ctx, alternative)
             forced_token = Token(alternative.text, alternative.logprob, forced[0] if len(forced) == 1 else None,
                                  alternative.bytes, offset=0)
             remaining = self.max_tokens - self.length - len(forced)
@@ -335,6 +324,20 @@ class GuidedDecoder:
             self._add(chosen.text[token.offset:end], (token.id,) if token.id is not None else None, token)
         self.finish_reason = chosen.finish_reason
         await self._emit(chosen.text)
+
+
+async def alternative_with_text(ctx: StrategyContext, alternative: TokenAlternative) -> TokenAlternative:
+    """The alternative with its text: an engine that named only its id (vLLM's top alternatives) is asked."""
+    if alternative.text or alternative.id is None:
+        return alternative
+    return replace(alternative, text=await ctx.detokenize([alternative.id]))
+
+
+async def alternative_ids(ctx: StrategyContext, alternative: TokenAlternative) -> tuple[int, ...]:
+    """The ids that force this alternative: its own id, else its text tokenized."""
+    if alternative.id is not None:
+        return (alternative.id,)
+    return tuple(await ctx.tokenize(alternative.text))
 
 
 def top_alternatives(token: Token, k: int, min_probability: float) -> tuple[TokenAlternative, ...]:

@@ -9,6 +9,10 @@ each round concurrently, siblings of one parent drawn together (one `n` request 
 request has no seed; with a seed each sample is its own call, so it repeats). The answer
 is the best node (or the vote over nodes); when the budget runs out, the best node so far.
 
+With `models` (a list; `mcts:models=a+b-<model>` in a model name), each model is a treequest action: at every
+node Thompson sampling also chooses which model expands it (treequest's multi-LLM AB-MCTS), each model's calls go
+to the backend that serves it, the run's one budget covers them all, and every node records the model that made it.
+
 The search itself is treequest's ask/tell API: we own the tree state, ask for a batch of trials, run them, tell the
 scores. treequest draws from numpy's global random state; a run keeps its own state (seeded from the request
 seed) and swaps it in only while asking, which never awaits, so concurrent runs neither disturb nor repeat each
@@ -32,6 +36,7 @@ from .framework import (
     BudgetExceeded,
     CallOptions,
     Candidate,
+    ModelNames,
     Strategy,
     StrategyContext,
     StrategyError,
@@ -46,7 +51,7 @@ from .selection import Pool, select
 
 REFINE_PROMPT = ("Your answer above was scored {score:.2f} out of 1 by a checker. Answers found so far: {others}. "
                  "Check your answer. If it is wrong, correct it; if it is right, give it again. Reply with the answer.")
-GENERATE = "generate"  # the one treequest action: what it generates depends on the node (root: widen)
+GENERATE = "generate"  # the one treequest action of a one-model search: what it generates depends on the node
 
 
 class MctsParams(CheckParams):
@@ -74,12 +79,27 @@ class MctsParams(CheckParams):
     count_truncated: bool = Field(default=False, description="score answers cut off by max_tokens like others (by "
                                                              "default they score 0: they have no answer yet)")
     prior: Literal["gaussian", "beta"] = Field(default="beta", description="treequest's Thompson-sampling prior")
+    models: ModelNames | None = Field(default=None, description="models that expand nodes, chosen per node by "
+                                                                "Thompson sampling (`a+b` in a model-name prefix; "
+                                                                "default: the request's model alone)")
 
     @model_validator(mode="after")
     def _consistent(self) -> MctsParams:
         if self.score == "verifier" and not self.has_check():
             raise ValueError("score=verifier needs a check: regex, json_schema and/or http_verifier")
+        if self.models is not None and len(set(self.models)) < len(self.models):
+            raise ValueError("models: each model once")
         return self
+
+    def references(self) -> dict[str, list[str]]:
+        named = super().references()
+        if self.models:
+            named["models"] = list(dict.fromkeys([*named.get("models", []), *self.models]))
+        return named
+
+    def actions(self) -> list[str]:
+        """treequest's actions: one per model, or the one generic action."""
+        return list(self.models) if self.models else [GENERATE]
 
 
 @dataclass
@@ -92,6 +112,7 @@ class Node:
     candidate: Candidate
     score: float
     depth: int
+    model: str | None = None  # the model that made it, in a search over several
     terminal: bool = True  # step level: the reply ended here
     answer: str = field(init=False)
 
@@ -101,15 +122,16 @@ class Node:
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "parent": self.parent, "action": self.action, "depth": self.depth,
                 "answer": self.answer, "score": round(self.score, 4), "terminal": self.terminal,
-                "finish_reason": self.candidate.finish_reason}
+                "finish_reason": self.candidate.finish_reason, **({"model": self.model} if self.model else {})}
 
 
 @dataclass(frozen=True)
 class Trial:
-    """A treequest trial: expand `parent` (None: the root)."""
+    """A treequest trial: expand `parent` (None: the root) with `action` (a model's name, or GENERATE)."""
 
     trial_id: str
     parent: Node | None
+    action: str = GENERATE
 
 
 class TreeSearch:
@@ -133,10 +155,10 @@ class TreeSearch:
             self.random.set_state(np.random.get_state())
             np.random.set_state(saved)
 
-    def ask(self, batch: int) -> list[Trial]:
+    def ask(self, batch: int, actions: list[str]) -> list[Trial]:
         with self._random():
-            self.state, trials = self.algorithm.ask_batch(self.state, batch, [GENERATE])
-        return [Trial(t.trial_id, t.parent_state) for t in trials]
+            self.state, trials = self.algorithm.ask_batch(self.state, batch, actions)
+        return [Trial(t.trial_id, t.parent_state, t.action) for t in trials]
 
     def tell(self, trial: Trial, node: Node) -> None:
         with self._random():
@@ -195,12 +217,18 @@ class MctsRun:
 
     async def run(self) -> StrategyResult:
         params, ctx = self.params, self.ctx
+        for model in params.models or ():  # the request's backend was checked before the run; the others here
+            missing = [c for c in Mcts.requirements(params) if not self._context(model).supports(c)]
+            if missing:
+                raise StrategyInputError(f"mcts: model {model!r} is served by a backend without {', '.join(missing)}"
+                                         f", which these parameters need")
         search = TreeSearch(params.prior, ctx.random_seed)
+        by = f", each node expanded by one of {', '.join(params.models)}" if params.models else ""
         await ctx.progress(f"AB-MCTS: {params.iterations} rounds of {params.batch} nodes ({params.level} level), "
-                           f"scored by {params.score}")
+                           f"scored by {params.score}{by}")
         budget_exhausted = False
         for round_number in range(1, params.iterations + 1):
-            trials = search.ask(params.batch)
+            trials = search.ask(params.batch, params.actions())
             try:
                 grown = await self._expand(trials, round_number)
             except BudgetExceeded:
@@ -226,13 +254,14 @@ class MctsRun:
         The new nodes are then numbered parent by parent, in the order treequest asked for them, and scored among
         one pool (the answers so far plus this round's), so the tree does not depend on which call the engine
         answered first."""
-        groups: dict[int | None, list[Trial]] = {}
+        # Trials expanding the same node with the same model share a call.
+        groups: dict[tuple[int | None, str], list[Trial]] = {}
         for trial in trials:
-            groups.setdefault(trial.parent.id if trial.parent is not None else None, []).append(trial)
-        growing = [key for key in groups if key is None or self._expandable(self.nodes[key])]
+            groups.setdefault((trial.parent.id if trial.parent is not None else None, trial.action), []).append(trial)
+        growing = [key for key in groups if key[0] is None or self._expandable(self.nodes[key[0]])]
 
-        async def grow(key: int | None) -> tuple[int | None, list[Candidate], list[str]]:
-            candidates, actions = await self._children(self._node(key), len(groups[key]))
+        async def grow(key: tuple[int | None, str]) -> tuple[tuple[int | None, str], list[Candidate], list[str]]:
+            candidates, actions = await self._children(self._node(key[0]), len(groups[key]), self._model(key[1]))
             return key, candidates, actions
 
         results, errors = await gather_successes((lambda k=k: grow(k) for k in growing), min_success=0,
@@ -252,20 +281,20 @@ class MctsRun:
         scores = iter(await gather_all(self._score(c, pool) for c in fresh))  # in the order of `fresh`
         grown: list[tuple[Trial, Node]] = []
         for key, group in groups.items():
-            parent = self._node(key)
+            parent, model = self._node(key[0]), self._model(key[1])
             depth = parent.depth + 1 if parent is not None else 1
-            if key is not None and key not in growing:
+            if key[0] is not None and key not in growing:
                 # treequest may pick a leaf that cannot grow (a finished reply, or too deep): the trial is told a
                 # score of 0, so the search learns to go elsewhere; no call is made.
                 assert parent is not None
                 self.refused += len(group)
-                grown += [(t, self._add(key, "refused", parent.candidate, 0.0, depth)) for t in group]
+                grown += [(t, self._add(key[0], "refused", parent.candidate, 0.0, depth, model)) for t in group]
                 continue
             if key not in fetched:
                 continue  # its call failed: those trials stay untold
             candidates, actions = fetched[key]
             for i, (candidate, action) in enumerate(zip(candidates, actions)):
-                node = self._add(key, action, candidate, next(scores), depth)
+                node = self._add(key[0], action, candidate, next(scores), depth, model)
                 node.terminal = action != "step"
                 if i < len(group):  # a call may give fewer choices than asked, never more
                     grown.append((group[i], node))
@@ -277,13 +306,21 @@ class MctsRun:
     def _node(self, node_id: int | None) -> Node | None:
         return self.nodes[node_id] if node_id is not None else None
 
+    def _model(self, action: str) -> str | None:
+        """The model an action names (None: the request's own, in a one-model search)."""
+        return action if self.params.models else None
+
+    def _context(self, model: str | None) -> StrategyContext:
+        """Where a node's calls go: the model's backend (pass-through's routing), in this run's budget and trace."""
+        return self.ctx.for_model(model) if model is not None else self.ctx
+
     def _expandable(self, node: Node) -> bool:
         if node.action == "refused" or node.depth >= self.params.max_depth:
             return False
         return not (self.params.level == "step" and node.terminal)
 
-    async def _children(self, parent: Node | None, n: int) -> tuple[list[Candidate], list[str]]:
-        ctx, params = self.ctx, self.params
+    async def _children(self, parent: Node | None, n: int, model: str | None) -> tuple[list[Candidate], list[str]]:
+        ctx, params = self._context(model), self.params
         if params.level == "answer":
             if parent is None:
                 first, self.widened = self.widened, self.widened + n
@@ -296,7 +333,7 @@ class MctsRun:
                                logprobs=self.logprobs, top_logprobs=params.top_k if self.logprobs else None,
                                label="refine")
             return found, ["deepen"] * len(found)
-        return await self._steps(parent, n)
+        return await self._steps(parent, n, model)
 
     def _refine_messages(self, node: Node) -> list[dict[str, Any]]:
         others = list(dict.fromkeys(n.answer for n in self.nodes if n.action != "refused" and n is not node))
@@ -304,13 +341,13 @@ class MctsRun:
         return [*self.ctx.messages, {"role": "assistant", "content": node.candidate.text},
                 {"role": "user", "content": prompt}]
 
-    async def _steps(self, parent: Node | None, n: int) -> tuple[list[Candidate], list[str]]:
+    async def _steps(self, parent: Node | None, n: int, model: str | None) -> tuple[list[Candidate], list[str]]:
         """n next steps after the parent's text; at the last allowed depth, n complete replies."""
         params = self.params
         prefix = parent.candidate.text if parent is not None else ""
         depth = parent.depth + 1 if parent is not None else 1
         last = depth >= params.max_depth
-        ctx = self.ctx.span("step", expands=parent.id if parent is not None else None)
+        ctx = self._context(model).span("step", expands=parent.id if parent is not None else None)
         options = CallOptions(temperature=self.temperature, max_tokens=None if last else params.step_tokens,
                               logprobs=self.logprobs, top_logprobs=params.top_k if self.logprobs else None)
         if prefix:
@@ -354,8 +391,9 @@ class MctsRun:
             self.round_budget_exhausted = True
             return UNINFORMED
 
-    def _add(self, parent: int | None, action: str, candidate: Candidate, score: float, depth: int) -> Node:
-        node = Node(len(self.nodes), parent, action, candidate, score, depth)
+    def _add(self, parent: int | None, action: str, candidate: Candidate, score: float, depth: int,
+             model: str | None = None) -> Node:
+        node = Node(len(self.nodes), parent, action, candidate, score, depth, model)
         self.nodes.append(node)
         self.ctx.note("tree", [n.summary() for n in self.nodes])
         self.ctx.count("mcts_nodes")
@@ -365,7 +403,8 @@ class MctsRun:
     def _line(node: Node, round_number: int) -> str:
         where = "from the root" if node.parent is None else f"from node {node.parent}"
         verb = {"widen": "widen", "deepen": "deepen", "step": "step", "finish": "final step"}[node.action]
-        return (f"round {round_number}: node {node.id} ({verb} {where}) → {node.answer or '…'} "
+        by = f" by {node.model}" if node.model else ""
+        return (f"round {round_number}: node {node.id} ({verb} {where}{by}) → {node.answer or '…'} "
                 f"score {node.score:.3f}")
 
     # ---- the answer ----
@@ -402,10 +441,20 @@ class MctsRun:
                 "widened": sum(n.action == "widen" for n in self.nodes),
                 "deepened": sum(n.action == "deepen" for n in self.nodes),
                 "tree": [n.summary() for n in self.nodes],
+                **({"models": self._by_model()} if self.params.models else {}),
                 **({"stopped": self.failure} if self.failure else {}),
             },
             budget_exhausted=budget_exhausted,
         )
+
+    def _by_model(self) -> dict[str, dict[str, Any]]:
+        """Per model: the nodes it made and their mean score (where the search sent its expansions)."""
+        made: dict[str, dict[str, Any]] = {}
+        for model in self.params.models or ():
+            nodes = [n for n in self.nodes if n.model == model and n.action != "refused"]
+            made[model] = {"nodes": len(nodes),
+                           "mean_score": round(sum(n.score for n in nodes) / len(nodes), 4) if nodes else None}
+        return made
 
     async def _finish_best_partial(self) -> list[Node]:
         """Step level with no finished reply: complete the best partial one (if the budget allows)."""

@@ -42,7 +42,8 @@ from .framework import (
     gather_successes,
     message_text,
 )
-from .guided import NEEDS, Decision, GuidedDecoder, Insert, Position, same_token, top_alternatives
+from .guided import NEEDS, Decision, GuidedDecoder, Insert, Position, alternative_ids, alternative_with_text, \
+    same_token, top_alternatives
 
 
 class PtsParams(StrategyParams):
@@ -241,13 +242,13 @@ class PtsPolicy:
         alternatives = top_alternatives(token, self.params.alternatives, self.params.min_alternative_probability)
         if len(alternatives) < 2:
             return None
-        alternatives = tuple([await decoder.with_text(a) for a in alternatives])
+        alternatives = tuple([await alternative_with_text(self.ctx, a) for a in alternatives])
         prefix = await decoder.prefix_ids()
         temperature = self.params.rollout_temperature or DEFAULT_SAMPLING_TEMPERATURE
         before = position.text_before
 
         async def rollouts(i: int, alternative: TokenAlternative) -> tuple[TokenAlternative, list[Candidate]]:
-            forced = await decoder.alternative_ids(alternative)
+            forced = await alternative_ids(self.ctx, alternative)
             found = await self.ctx.continue_prefix(
                 [*prefix, *forced], CallOptions(temperature=temperature, max_tokens=self.params.rollout_tokens),
                 n=self.params.rollouts, index=i * self.params.rollouts, label=f"rollouts {alternative.text!r}")
@@ -268,7 +269,7 @@ class PtsPolicy:
                                 + f"; keeping {chosen.text!r}")
         if same_token(chosen, token):
             return None  # the stream's own token won: no cut
-        ids = await decoder.alternative_ids(chosen)
+        ids = await alternative_ids(self.ctx, chosen)
         return Insert(ids, chosen.text, "search", f"top probability {top:.2f} < {self.params.threshold}")
 
     async def _scores(self, tried: list[tuple[TokenAlternative, list[Candidate]]]) -> list[float]:
