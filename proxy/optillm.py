@@ -31,13 +31,15 @@ APPROACHES: Mapping[str, tuple[str, dict[str, Any]] | None] = MappingProxyType({
     "mcts": ("mcts", {}),
     "self_consistency": ("sc", {}),
     "cot_reflection": ("cot", {}),
-    "moa": None, "rto": None, "z3": None, "pvg": None, "rstar": None, "plansearch": None, "leap": None,
-    "re2": None, "cepo": None, "mars": None,
+    "moa": ("moa", {}),
+    "re2": ("re2", {}),
+    "rto": None, "z3": None, "pvg": None, "rstar": None, "plansearch": None, "leap": None, "cepo": None, "mars": None,
     # decoding approaches of optillm's local inference server
     "thinkdeeper": ("think", {}),
     "entropy_decoding": ("entropy", {}),
     "deepconf": ("deepconf", {}),
-    "cot_decoding": None, "autothink": None,
+    "cot_decoding": ("cot_decoding", {}),
+    "autothink": None,
     # plugins
     "deepthink": ("deepthink", {}),
     "majority_voting": ("sc", {"n": 6}),  # optillm's k defaults to 6

@@ -142,8 +142,8 @@ class LocatedAnswer:
 
 
 def locate_answer(text: str) -> LocatedAnswer:
-    """The answer as `extract_answer` reads it from text without thinking, with the span of the reply it was read from (strategies that judge
-    the answer's own tokens, such as cot_decoding's margin, need where it is)."""
+    """The answer as `extract_answer` reads it (from text without thinking), with the span of the text it was read
+    from (strategies that judge the answer's own tokens, such as cot_decoding's margin, need where it is)."""
     for start, end in (_boxed_span(text), _last_group_span(_HASHES, text), _last_group_span(_ANSWER_IS, text)):
         if start is None or end is None or not text[start:end].strip():
             continue

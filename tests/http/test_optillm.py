@@ -37,36 +37,43 @@ def client(optillm_proxy, fake):
 # ---------------------------------------------------------------- optillm's README examples, as written
 
 
-def test_readme_usage_example_moa_is_a_400_listing_what_maps(client, fake):
+def test_readme_usage_example_moa_answers(client, fake):
+    completion = client.chat.completions.create(
+        model="moa-gpt-4o",
+        messages=[{"role": "user", "content": "Write a Python program to build an RL model to recite text from "
+                                              "any position that the user provides, using only numpy."}],
+        temperature=0.2)
+    assert completion.model_extra["ttc"]["strategy"] == "moa" and completion.choices[0].message.content
+    assert completion.model == "moa-gpt-4o"
+
+
+def test_readme_body_field_example_runs_each_approach_as_a_choice(client, fake):
+    completion = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": ""}],
+                                                temperature=0.2, extra_body={"optillm_approach": "bon|moa|mcts"})
+    assert completion.model_extra["ttc"]["strategy"] == "parallel"
+    assert [choice.index for choice in completion.choices] == [0, 1, 2]
+    assert all("optillm_approach" not in request.body for request in fake.requests)
+
+
+def test_readme_prompt_tag_example_runs_re2_without_the_tag(client, fake):
+    completion = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "<optillm_approach>re2</optillm_approach> How many r's are there "
+                                              "in strawberry?"}],
+        temperature=0.2)
+    assert completion.model_extra["ttc"]["strategy"] == "re2" and completion.choices[0].message.content
+    sent = str(fake.requests[0].body)
+    assert "optillm_approach" not in sent and sent.count("How many r's are there in strawberry?") == 2
+
+
+def test_an_approach_we_lack_is_a_400_listing_what_maps(client, fake):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
-            model="moa-gpt-4o",
-            messages=[{"role": "user", "content": "Write a Python program to build an RL model to recite text from "
-                                                  "any position that the user provides, using only numpy."}],
-            temperature=0.2)
+        client.chat.completions.create(model="rto-gpt-4o", messages=user("Q"), temperature=0.2)
     error = info.value.body
     assert error["code"] == "unsupported_optillm_approach" and error["param"] == "model"
-    assert "moa has no counterpart here" in error["message"]
-    assert "cot_reflection → cot" in error["message"] and "self_consistency → sc" in error["message"]
+    assert "rto has no counterpart here" in error["message"]
+    assert "cot_reflection → cot" in error["message"] and "moa → moa" in error["message"]
     assert fake.requests == []
-
-
-def test_readme_body_field_example_names_the_lacking_approach(client, fake):
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": ""}],
-                                       temperature=0.2, extra_body={"optillm_approach": "bon|moa|mcts"})
-    assert "moa has no counterpart here" in info.value.body["message"]
-    assert fake.requests == []
-
-
-def test_readme_prompt_tag_example_names_the_lacking_approach(client, fake):
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "<optillm_approach>re2</optillm_approach> How many r's are there "
-                                                  "in strawberry?"}],
-            temperature=0.2)
-    assert "re2 has no counterpart here" in info.value.body["message"]
 
 
 # ---------------------------------------------------------------- the same conventions with approaches that map
@@ -157,7 +164,7 @@ def test_ampersand_feeds_each_answer_to_the_next(client, fake):
 
 
 @pytest.mark.parametrize("model, fragment", [
-    ("bon&moa-gpt-4o", "moa has no counterpart"),
+    ("bon&z3-gpt-4o", "z3 has no counterpart"),
     ("bon&mcts|self_consistency-gpt-4o", "'&' or with '|', not both"),
     ("none&bon-gpt-4o", "'none' cannot be combined"),
     ("memory|readurls-gpt-4o", "memory, readurls have no counterpart"),
