@@ -234,7 +234,8 @@ function drawMcts(node) {
   const depth = Math.max(...[...pos.values()].map((p) => p.depth));
   const dx = Math.max(44, Math.min(78, 1000 / Math.max(1, column))), dy = 90, pad = 46;  // wide trees packed
   // below the deepest row: its largest circle and two lines of text
-  const width = Math.max(column * dx + pad * 2, 320), height = depth * dy + pad + 22 + 36;
+  const byModel = tree.some((n) => n.model);  // a search over several models: a third line names each node's
+  const width = Math.max(column * dx + pad * 2, 320), height = depth * dy + pad + 22 + 36 + (byModel ? 13 : 0);
   const at = (id) => ({ x: pad + pos.get(id).x * dx, y: pad + pos.get(id).depth * dy });
   const drawing = svg("svg", { class: "tree", viewBox: `0 0 ${width} ${height}`, style: `max-width:${width}px`,
                                "data-nodes": tree.length });
@@ -249,12 +250,14 @@ function drawMcts(node) {
     const p = at(n.id);
     const radius = 10 + 12 * Math.max(0, Math.min(1, n.score));
     drawing.append(svg("g", { class: `mcts-node${n.id === chosen ? " chosen" : ""}`, "data-node-id": n.id,
-                              "data-action": n.action, "data-score": n.score },
-      svg("title", { text: `node ${n.id}: ${n.action}, score ${n.score}, answer ${n.answer}` }),
+                              "data-action": n.action, "data-score": n.score, "data-model": n.model || "" },
+      svg("title", { text: `node ${n.id}: ${n.action}${n.model ? ` by ${n.model}` : ""}, score ${n.score}, answer ${n.answer}` }),
       svg("circle", { cx: p.x, cy: p.y, r: radius, fill: ACTION_COLOURS[n.action] || "#6b7280" }),
       svg("text", { x: p.x, y: p.y + 4, style: "fill:#fff;font-weight:700", text: n.id }),
       svg("text", { x: p.x, y: p.y + radius + 14, text: `${n.answer || "…"}` }),
-      svg("text", { x: p.x, y: p.y + radius + 27, style: "fill:#6b7280", text: Number(n.score).toFixed(3) })));
+      svg("text", { x: p.x, y: p.y + radius + 27, style: "fill:#6b7280", text: Number(n.score).toFixed(3) }),
+      ...(n.model ? [svg("text", { class: "node-model", x: p.x, y: p.y + radius + 40, style: "fill:#6b7280",
+                                   text: n.model })] : [])));
   }
   const used = [...new Set(tree.map((n) => n.action))];
   return el("div", {}, drawing, el("div", { class: "legend" },

@@ -99,8 +99,11 @@ def check_drawing(detail: Any, ttc: dict[str, Any], trace: dict[str, Any]) -> No
         else:
             assert len(chosen) == 1 and details["candidates"][int(chosen[0])]["answer"] == details["answer"]
     elif strategy == "mcts":
-        assert len(found("g.mcts-node")) == len(root["notes"]["tree"]) == details["nodes"]
+        # the tree holds refused trials too (drawn grey); `nodes` counts the nodes made
+        assert len(found("g.mcts-node")) == len(root["notes"]["tree"]) == details["nodes"] + details["refused_trials"]
         assert [g.get_attribute("data-node-id") for g in found("g.mcts-node.chosen")] == [str(details["node"])]
+        models = {str(n["id"]): n.get("model", "") for n in root["notes"]["tree"]}  # over several models: each node's
+        assert {g.get_attribute("data-node-id"): g.get_attribute("data-model") for g in found("g.mcts-node")} == models
     elif strategy in ("entropy", "pts"):
         assert len(found(".token[data-position]")) == len(root["notes"]["positions"])
         forked = [t.get_attribute("data-position") for t in found(".token.intervention[data-position]")]

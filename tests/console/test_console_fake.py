@@ -10,7 +10,7 @@ from selenium.webdriver.common.by import By
 
 from ttc_proxy.tools.fakebackend import FakeBackend
 
-from tests.helpers import ProxyServer, fake_config, sync_client, user
+from tests.helpers import ProxyServer, backend_entry, fake_config, sync_client, user
 
 from .browser import check_drawing, open_console, run_playground, screenshot, show_run
 
@@ -75,6 +75,24 @@ def test_the_drawings_match_the_traces(fake: FakeBackend, browser: Any) -> None:
             trace = httpx.get(f"{server.url}/v1/traces/{ttc['trace_id']}").json()
             check_drawing(detail, ttc, trace)
             screenshot(browser, f"fake-{name}")
+
+
+def test_an_mcts_tree_over_two_models_names_each_nodes_model(fake: FakeBackend, browser: Any) -> None:
+    config = fake_config(fake, backends=[backend_entry(fake, name="a", models=["fake-model"]),
+                                         backend_entry(fake, name="b", models=["other-model"])])
+    with ProxyServer(config) as server, sync_client(server) as client:
+        ttc = client.chat.completions.create(  # model names with '-' go in the ttc object, not the prefix
+            model="mcts:iterations=3-fake-model", messages=user(), max_tokens=24,
+            extra_body={"ttc": {"params": {"models": ["fake-model", "other-model"]}}}).model_extra["ttc"]
+        open_console(browser, server.url)
+        detail = show_run(browser, ttc["trace_id"])
+        trace = httpx.get(f"{server.url}/v1/traces/{ttc['trace_id']}").json()
+        check_drawing(detail, ttc, trace)
+        drawn = {g.get_attribute("data-model") for g in detail.find_elements(By.CSS_SELECTOR, "g.mcts-node")}
+        assert drawn == set(ttc["details"]["models"]) and drawn <= {"fake-model", "other-model"}
+        names = [t.text for t in detail.find_elements(By.CSS_SELECTOR, "text.node-model")]
+        assert len(names) == ttc["details"]["nodes"] + ttc["details"]["refused_trials"]  # every node drawn names it
+        screenshot(browser, "fake-mcts-two-models")
 
 
 def test_the_playground_streams_two_models_side_by_side(fake: FakeBackend, browser: Any) -> None:
