@@ -110,6 +110,14 @@ eval: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 16 --seed 1 --temperature 0 --max-tokens 48 \
 		--concurrency 4 --out $(RESULTS)-arith-dev --models $(EVAL_MODELS)
 
+# The defaults issue 17 changed, re-measured: bon's default (confidence=logprob) beside its old default
+# (lowest_group) and greedy, on the first 8 of `make eval`'s 16 seeded samples per task (seed 1: the same samples,
+# so the bon:n=8 rows must repeat `make eval`'s numbers), about 8 minutes here.
+eval-defaults: $(VENV)/.plot
+	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --pool 8 --seed 1 --temperature 0 --max-tokens 48 \
+		--concurrency 4 --out $(RESULTS)-defaults --baseline bon:n=8,$(LOWEST_GROUP)-smollm2 \
+		--models smollm2 bon-smollm2 bon:n=8,$(LOWEST_GROUP)-smollm2 bon:n=8,$(LOGPROB)-smollm2
+
 # A quick end-to-end check of the eval and its report (about a minute): greedy, sc and cot on the first 8 tasks.
 eval-smoke: $(VENV)/.plot
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --limit 8 --seed 1 --temperature 0 --max-tokens 48 \
