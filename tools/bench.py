@@ -156,7 +156,7 @@ async def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
 def _run_loadgen(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     spec = {**spec, "parent_pid": os.getpid()}
     stderr = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", "from tools.bench import loadgen_main; loadgen_main()"],
+    proc = subprocess.Popen([sys.executable, "-c", "from ttc_proxy.tools.bench import loadgen_main; loadgen_main()"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env())
     try:
         out, _ = proc.communicate(json.dumps(spec).encode(), timeout=timeout)

@@ -206,7 +206,7 @@ def child_env() -> dict[str, str]:
 
 
 def _python_c(entry: str) -> list[str]:
-    return [sys.executable, "-c", f"import sys; from tools.servers import {entry}; {entry}(sys.argv[1:])"]
+    return [sys.executable, "-c", f"import sys; from ttc_proxy.tools.servers import {entry}; {entry}(sys.argv[1:])"]
 
 
 class ChildServer:
