@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
 import time
 from functools import lru_cache
@@ -183,3 +185,16 @@ def tok(text: str, logprob: float, top: tuple[tuple[str, float], ...] = (), offs
     """A Token with (text, logprob) alternatives, for pure tests."""
     return Token(text=text, logprob=logprob, id=token_id, bytes=text.encode(), offset=offset,
                  top=tuple(TokenAlternative(t, lp) for t, lp in top))
+
+
+def stop_service(process: "subprocess.Popen[bytes]", log: Any, folder: Path) -> None:
+    """Stop a service a test started (Prometheus, Phoenix): SIGTERM, SIGKILL after 20 s; close its log, remove its
+    folder."""
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)

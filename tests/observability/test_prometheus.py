@@ -18,7 +18,7 @@ import yaml
 from ttc_proxy.proxy.backends.engine import free_port
 from ttc_proxy.tools.fakebackend import FakeBackend
 
-from tests.helpers import user
+from tests.helpers import stop_service, user
 from tests.robustness.test_replicas import ProxyProcess, write_config
 
 CHAT = "/v1/chat/completions"
@@ -61,14 +61,7 @@ class Prometheus:
                              f"{(self.folder / 'prometheus.log').read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        stop_service(self.process, self.log, self.folder)
 
 
 def prometheus_binary() -> str:

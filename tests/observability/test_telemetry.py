@@ -20,7 +20,7 @@ import pytest
 from ttc_proxy.proxy.backends.engine import free_port
 from ttc_proxy.tools.fakebackend import FakeBackend
 
-from tests.helpers import ProxyServer, fake_config, user
+from tests.helpers import stop_service, ProxyServer, fake_config, user
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,14 +67,7 @@ class Phoenix:
         raise AssertionError(f"{len(found)} spans of trace {trace_id} reached phoenix, expected {expected}")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        stop_service(self.process, self.log, self.folder)
 
 
 def phoenix_binary() -> str:
