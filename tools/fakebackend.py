@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+# The longest a held call (FakeReply.hold_after_chunks, FakeReply.release) waits.
+HOLD_SECONDS = 30.0
+
 
 @dataclass
 class FakeReply:
@@ -28,6 +31,11 @@ class FakeReply:
     delay: float = 0.0  # before the response starts
     chunk_delay: float = 0.0  # between stream chunks
     fail_after_chunks: int | None = None  # drop the connection mid-stream
+    # A stream sends this many token events, then nothing until the client closes the connection (at most
+    # HOLD_SECONDS, then the rest): a test of a client that stops reading early does not race the stream's end.
+    hold_after_chunks: int | None = None
+    # Answer only once this is set (at most HOLD_SECONDS): a test holds a call in flight until it has set the scene.
+    release: threading.Event | None = None
     token_logprob: float | list[float] = -0.1
     finish_reason: str = "stop"
     raw_body: bytes | None = None  # send these bytes instead of JSON (for malformed-backend tests)
@@ -344,11 +352,22 @@ class FakeBackend:
             return False
         return True
 
+    async def _wait_for_release(self, release: threading.Event, reader: asyncio.StreamReader,
+                                record: RecordedRequest) -> bool:
+        """Wait until `release` is set (or HOLD_SECONDS pass); False if the client left meanwhile."""
+        deadline = time.monotonic() + HOLD_SECONDS
+        while not release.is_set() and time.monotonic() < deadline:
+            if not await self._wait_or_abort(0.005, reader, record):
+                return False
+        return True
+
     async def _completion(self, record: RecordedRequest, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> bool:
         body = record.body
         reply = self.script(body)
         n = int(body.get("n") or 1)
+        if reply.release is not None and not await self._wait_for_release(reply.release, reader, record):
+            return False
         if not await self._wait_or_abort(reply.delay, reader, record):
             return False
         if reply.drop:
@@ -495,6 +514,8 @@ class FakeBackend:
                 await writer.drain()
                 record.finished = True
                 return True
+            if i == reply.hold_after_chunks and not await self._wait_or_abort(HOLD_SECONDS, reader, record):
+                return False
             if reply.fail_after_chunks is not None and i >= reply.fail_after_chunks:
                 await writer.drain()
                 writer.transport.abort()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -276,22 +275,26 @@ def test_queue_full_during_streaming_pass_through(fake_backend, fake):
 
 def test_pass_through_not_starved_behind_strategy(fake_backend, fake):
     config = fake_config(fake_backend, backends=[backend_entry(fake_backend, max_in_flight=1)])
-    # Strategy calls carry a seed; each takes 0.15 s. The pass-through one is instant.
-    fake.script = lambda body: FakeReply(delay=0.15 if "seed" in body else 0.0)
+    # Strategy calls carry a seed; they are answered only once the pass-through waits in the queue behind them,
+    # however long its request takes to get there.
+    release = threading.Event()
+    fake.script = lambda body: FakeReply(release=release if "seed" in body else None)
     with ProxyServer(config) as server:
+        scheduler = server.server.config.app.state.proxy.backends["fake"].scheduler
         strategy = {"model": "sc:n=8-fake-model", "messages": user(), "seed": 1}
         thread, out = run_in_thread(lambda: chat(server, strategy))
-        wait_until(lambda: fake.in_flight == 1)
-        started = time.monotonic()
-        response = chat(server, {"model": "fake-model", "messages": user("quick one")})
-        waited = time.monotonic() - started
-        assert response.status_code == 200
+        wait_until(lambda: fake.in_flight == 1 and scheduler.queued == 7)  # one call in flight, seven queued
+        quick, answer = run_in_thread(lambda: chat(server, {"model": "fake-model", "messages": user("quick one")}))
+        wait_until(lambda: scheduler.queued == 8)
+        release.set()
+        quick.join(10)
         thread.join(10)
+        assert answer[0].status_code == 200
         assert out[0].status_code == 200 and out[0].json()["ttc"]["backend_calls"] == 8
     order = [("pass" if "seed" not in r.body else "sc") for r in fake.chat_requests()]
-    # The strategy's 8 calls queue under one owner: the pass-through gets the next turn but one at worst.
-    assert order.index("pass") <= 2, order
-    assert waited < 0.5  # not 8 x 0.15 s
+    # The strategy's 8 calls queue under one owner, which was first in line: it gets one more turn, then the
+    # pass-through its turn, not the end of the strategy's queue.
+    assert order.index("pass") == 2, order
 
 
 async def test_a_slot_freed_in_the_tick_a_waiter_is_cancelled_is_not_lost():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import openai
@@ -10,7 +9,7 @@ import pytest
 
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
 
-from tests.helpers import user
+from tests.helpers import user, wait_until
 
 CONFIDENT = [(None, -0.01), ("x1", -8.0), ("x2", -9.0), ("x3", -10.0), ("x4", -11.0)]
 UNSURE = [(None, -1.5), ("x1", -1.6), ("x2", -1.7), ("x3", -1.8), ("x4", -1.9)]
@@ -18,7 +17,9 @@ LONG_TAIL = " and so on" * 10
 
 
 def script_by_seed(unsure_seeds: set[int]) -> Any:
-    """Confident seeds answer 7; unsure seeds answer 9 with flat top logprobs, slowly, token by token."""
+    """Confident seeds answer 7; unsure seeds answer 9 with flat top logprobs, token by token, and after their
+    first three tokens (a window) send nothing more until the proxy cancels them: a trace the proxy fails to cancel
+    never ends on its own in time, however slow the machine."""
 
     def script(body: dict[str, Any]) -> FakeReply:
         seed = int(body.get("seed") or 0)
@@ -29,7 +30,7 @@ def script_by_seed(unsure_seeds: set[int]) -> Any:
             return [(token if t is None else t, lp) for t, lp in pairs]
 
         return FakeReply(texts=[("It is 9" if unsure else "It is 7") + LONG_TAIL], logprobs_fn=logprobs,
-                         chunk_delay=0.02)
+                         chunk_delay=0.02, hold_after_chunks=3 if unsure else None)
 
     return script
 
@@ -47,9 +48,8 @@ def test_unsure_traces_are_cancelled_mid_stream_and_do_not_vote(client: openai.O
     assert "9" not in details["weights"]
     streamed = [r for r in fake.chat_requests() if r.body.get("stream")]
     assert sorted(r.body["seed"] for r in streamed) == [104, 105, 106, 107]
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and sum(r.aborted for r in streamed) < 3:
-        time.sleep(0.02)
+    # The proxy closed each pruned call; the fake notices on its own thread.
+    wait_until(lambda: sum(r.aborted for r in streamed) == 3, timeout=10)
     assert sorted(r.body["seed"] for r in streamed if r.aborted) == [105, 106, 107]
     assert all(r.body["logprobs"] and r.body["top_logprobs"] == 5 for r in streamed)
     # Pruned traces are paid only for what they generated: 3 tokens each, not the whole reply.
