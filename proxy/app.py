@@ -9,11 +9,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -196,10 +197,26 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None = None) -> FastAPI:
     """The proxy as an ASGI app. `registry`: the strategies it serves (default: built-ins and installed plugins)."""
-
     metrics = ProxyMetrics() if config.telemetry.metrics else None
     telemetry = Telemetry(config.telemetry) if otlp_configured(config.telemetry) else None
+    app = FastAPI(title="ttc-proxy", lifespan=_lifespan(config, registry, metrics, telemetry), docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.add_middleware(AccessLogMiddleware, identify=_key_id_of)
+    if metrics is not None or telemetry is not None:
+        app.add_middleware(ObservingMiddleware, metrics=metrics, telemetry=telemetry)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    # Plain Starlette routes: the handlers read raw requests, so FastAPI's per-request machinery is not needed.
+    _add_discovery_routes(app)
+    _add_observing_routes(app)
+    _add_generation_routes(app)
+    return app
 
+
+# ---- the app's lifetime: backends and engines up before the first request, everything stopped after the last ----
+
+def _lifespan(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | None, metrics: ProxyMetrics | None,
+              telemetry: Telemetry | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         strategies = registry if registry is not None else load_registry()[0]
@@ -210,29 +227,7 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                                metrics=metrics, telemetry=telemetry)
             state.verifiers = VerifierClient(config.verifiers, client)
             try:
-                discoveries: list[asyncio.Task[None]] = []
-                for backend_config in config.backends:
-                    base_url = backend_config.base_url
-                    if backend_config.embedded is not None:
-                        engine = LocalEngine(backend_config.embedded)
-                        engines.append(engine)
-                        await engine.start()
-                        base_url = engine.base_url
-                    assert base_url is not None
-                    backend = Backend(backend_config, base_url, client)
-                    backend.metrics = metrics
-                    if telemetry is not None:
-                        backend.trace_headers = telemetry.outgoing_headers
-                    state.backends[backend.name] = backend
-                    discoveries.append(asyncio.create_task(backend.discover_in_background(
-                        lambda backend=backend: _discovered(backend, config))))
-                    background.append(asyncio.create_task(backend.check_health_forever()))
-                background.extend(discoveries)
-                # Backends that answer come up before the first request; a silent one holds nothing up: it stays
-                # down (503 naming it) while its discovery goes on in the background.
-                if discoveries:
-                    await asyncio.wait(discoveries, timeout=min(DISCOVERY_GRACE_SECONDS, max(
-                        b.timeouts.discovery for b in config.backends)))
+                await _start_backends(state, client, engines, background)
                 app.state.proxy = state
                 yield
             finally:
@@ -244,150 +239,204 @@ def create_app(config: ProxyConfig, registry: Mapping[str, type[Strategy]] | Non
                 if telemetry is not None:
                     await asyncio.to_thread(telemetry.shutdown)  # sends the spans still buffered
 
-    app = FastAPI(title="ttc-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(AccessLogMiddleware, identify=_key_id_of)
-    if metrics is not None or telemetry is not None:
-        app.add_middleware(ObservingMiddleware, metrics=metrics, telemetry=telemetry)
+    return lifespan
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = ProxyError(str(exc.detail), status_code=exc.status_code)
-        error.error_type = "invalid_request_error"
-        error.code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
-        return error_response(error)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(ProxyError(f"internal error: {type(exc).__name__}", code="internal_error"))
+async def _start_backends(state: ProxyState, client: aiohttp.ClientSession, engines: list[LocalEngine],
+                          background: list[asyncio.Task[None]]) -> None:
+    """Every configured backend (an embedded engine started first), with its health checks and discovery running
+    in `background`; returns once the backends that answer are discovered, or after the grace period."""
+    config = state.config
+    discoveries: list[asyncio.Task[None]] = []
+    for backend_config in config.backends:
+        base_url = backend_config.base_url
+        if backend_config.embedded is not None:
+            engine = LocalEngine(backend_config.embedded)
+            engines.append(engine)
+            await engine.start()
+            base_url = engine.base_url
+        assert base_url is not None
+        backend = Backend(backend_config, base_url, client)
+        backend.metrics = state.metrics
+        if state.telemetry is not None:
+            backend.trace_headers = state.telemetry.outgoing_headers
+        state.backends[backend.name] = backend
+        discoveries.append(asyncio.create_task(backend.discover_in_background(
+            lambda backend=backend: _discovered(backend, config))))
+        background.append(asyncio.create_task(backend.check_health_forever()))
+    background.extend(discoveries)
+    # Backends that answer come up before the first request; a silent one holds nothing up: it stays down (503
+    # naming it) while its discovery goes on in the background.
+    if discoveries:
+        await asyncio.wait(discoveries, timeout=min(DISCOVERY_GRACE_SECONDS, max(
+            b.timeouts.discovery for b in config.backends)))
 
-    async def health(request: Request) -> JSONResponse:
-        state: ProxyState = request.app.state.proxy
-        try:
-            state.authorize(request.headers)
-        except Unauthorized:  # liveness for anyone; which backends, where and how busy only for key holders
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({
-            "status": "ok",
-            "backends": {
-                name: {"url": b.base_url, "kind": b.capabilities.kind, "max_n": b.capabilities.max_n,
-                       "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued, "down": b.down,
-                       **({"down_reason": b.down_reason} if b.down else {})}
-                for name, b in state.backends.items()
-            },
-        })
 
-    async def list_models(request: Request) -> Response:
-        state: ProxyState = request.app.state.proxy
-        try:
-            state.authorize(request.headers)
-        except ProxyError as exc:
-            return error_response(exc)
-        created = int(time.time())
-        entries: list[dict[str, Any]] = []
-        seen: set[str] = set()
+# ---- errors outside the handlers: unknown paths and methods, and what no handler caught ----
 
-        def add(model_id: str, owner: str, **extra: Any) -> None:
-            if model_id not in seen:
-                seen.add(model_id)
-                entries.append({"id": model_id, "object": "model", "created": created, "owned_by": owner, **extra})
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = ProxyError(str(exc.detail), status_code=exc.status_code)
+    error.error_type = "invalid_request_error"
+    error.code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+    return error_response(error)
 
-        for backend in state.backends.values():
-            for model in backend.served_models:
-                add(model, backend.name)
-                for slug in sorted(state.registry):
-                    add(f"{slug}-{model}", "ttc-proxy", ttc={"strategy": slug, "model": model})
-        for alias, target in state.config.aliases.items():
-            add(alias, "ttc-proxy", ttc={"strategy": target.strategy, "model": target.model, "params": target.params})
-        return JSONResponse({"object": "list", "data": entries})
 
-    async def list_strategies(request: Request) -> Response:
-        state: ProxyState = request.app.state.proxy
-        try:
-            state.authorize(request.headers)
-        except ProxyError as exc:
-            return error_response(exc)
-        return JSONResponse(state.strategies)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(ProxyError(f"internal error: {type(exc).__name__}", code="internal_error"))
 
-    async def get_trace(request: Request) -> Response:
-        state: ProxyState = request.app.state.proxy
-        trace_id = request.path_params["trace_id"]
-        try:
-            owner = state.authorize(request.headers)
-            trace = await state.traces.get(trace_id, owner)  # another key's trace is absent, as an unknown id
-            if trace is None:
-                raise NotFound(f"no trace {trace_id!r} for this key ({state.traces.describe()})",
-                               param="trace_id", code="trace_not_found")
-        except ProxyError as exc:
-            return error_response(exc)
-        return Response(trace, media_type="application/json")
 
-    async def get_metrics(request: Request) -> Response:
-        state: ProxyState = request.app.state.proxy
-        try:
-            state.authorize(request.headers)
-            if state.metrics is None:
-                raise NotFound("metrics are off (telemetry.metrics: false)", code="metrics_off")
-        except ProxyError as exc:
-            return error_response(exc)
-        text, content_type = state.metrics.exposition()
-        return Response(text, media_type=content_type)
+# ---- discovery: liveness, the API document, what models and strategies are served ----
 
-    async def list_traces(request: Request) -> Response:
-        """GET /v1/traces?limit=N: this key's latest traces (the console's list), newest first."""
-        state: ProxyState = request.app.state.proxy
-        raw_limit = request.query_params.get("limit", "50")
-        try:
-            owner = state.authorize(request.headers)
-            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LISTED_TRACES:
-                raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LISTED_TRACES}", param="limit",
-                                     code="invalid_value")
-            bodies = await state.traces.recent(owner, int(raw_limit))
-        except ProxyError as exc:
-            return error_response(exc)
-        return Response(b'{"object":"list","data":[' + b",".join(bodies) + b"]}", media_type="application/json")
+def _add_discovery_routes(app: FastAPI) -> None:
+    app.add_route("/health", _health, methods=["GET"])
+    app.add_route("/openapi.json", _openapi, methods=["GET"])
+    app.add_route("/v1/models", _list_models, methods=["GET"])
+    app.add_route("/v1/strategies", _list_strategies, methods=["GET"])
 
-    async def console(request: Request) -> Response:
-        """GET /ui and its two files: static, holding nothing private (the page fetches with the key entered)."""
-        name = request.path_params.get("name", "index.html")
-        body = console_asset(name) if config.telemetry.console else None
-        if body is None:
-            return error_response(NotFound(f"no console file {name!r}" if config.telemetry.console
-                                           else "the console is off (telemetry.console: false)", code="not_found"))
-        return Response(body, media_type=CONSOLE_ASSETS[name],
-                        headers={"content-security-policy": CONSOLE_POLICY, "x-content-type-options": "nosniff"})
 
-    async def openapi(request: Request) -> JSONResponse:
-        return JSONResponse(request.app.state.proxy.openapi)
+async def _health(request: Request) -> JSONResponse:
+    state: ProxyState = request.app.state.proxy
+    try:
+        state.authorize(request.headers)
+    except Unauthorized:  # liveness for anyone; which backends, where and how busy only for key holders
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({
+        "status": "ok",
+        "backends": {
+            name: {"url": b.base_url, "kind": b.capabilities.kind, "max_n": b.capabilities.max_n,
+                   "in_flight": b.scheduler.in_use, "queued": b.scheduler.queued, "down": b.down,
+                   **({"down_reason": b.down_reason} if b.down else {})}
+            for name, b in state.backends.items()
+        },
+    })
 
-    async def chat_completions(request: Request) -> Response:
-        return await _serve(request, "/chat/completions", ChatCompletionRequest)
 
-    async def completions(request: Request) -> Response:
-        return await _serve(request, "/completions", CompletionRequest)
+async def _openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.proxy.openapi)
 
-    async def tokenize(request: Request) -> Response:
-        return await _tokenizer(request, detokenize=False)
 
-    async def detokenize(request: Request) -> Response:
-        return await _tokenizer(request, detokenize=True)
+async def _list_models(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    try:
+        state.authorize(request.headers)
+    except ProxyError as exc:
+        return error_response(exc)
+    created = int(time.time())
+    entries: list[dict[str, Any]] = []
+    seen: set[str] = set()
 
-    # Plain Starlette routes: the handlers read raw requests, so FastAPI's per-request machinery is not needed.
-    app.add_route("/health", health, methods=["GET"])
-    app.add_route("/openapi.json", openapi, methods=["GET"])
-    app.add_route("/v1/models", list_models, methods=["GET"])
-    app.add_route("/v1/strategies", list_strategies, methods=["GET"])
-    app.add_route("/v1/traces", list_traces, methods=["GET"])
-    app.add_route("/v1/traces/{trace_id}", get_trace, methods=["GET"])
-    app.add_route("/metrics", get_metrics, methods=["GET"])
-    app.add_route("/ui", console, methods=["GET"])
-    app.add_route("/ui/{name}", console, methods=["GET"])
-    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_route("/v1/completions", completions, methods=["POST"])
+    def add(model_id: str, owner: str, **extra: Any) -> None:
+        if model_id not in seen:
+            seen.add(model_id)
+            entries.append({"id": model_id, "object": "model", "created": created, "owned_by": owner, **extra})
+
+    for backend in state.backends.values():
+        for model in backend.served_models:
+            add(model, backend.name)
+            for slug in sorted(state.registry):
+                add(f"{slug}-{model}", "ttc-proxy", ttc={"strategy": slug, "model": model})
+    for alias, target in state.config.aliases.items():
+        add(alias, "ttc-proxy", ttc={"strategy": target.strategy, "model": target.model, "params": target.params})
+    return JSONResponse({"object": "list", "data": entries})
+
+
+async def _list_strategies(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    try:
+        state.authorize(request.headers)
+    except ProxyError as exc:
+        return error_response(exc)
+    return JSONResponse(state.strategies)
+
+
+# ---- observing: traces, metrics and the console ----
+
+def _add_observing_routes(app: FastAPI) -> None:
+    app.add_route("/v1/traces", _list_traces, methods=["GET"])
+    app.add_route("/v1/traces/{trace_id}", _get_trace, methods=["GET"])
+    app.add_route("/metrics", _get_metrics, methods=["GET"])
+    app.add_route("/ui", _console, methods=["GET"])
+    app.add_route("/ui/{name}", _console, methods=["GET"])
+
+
+async def _get_trace(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    trace_id = request.path_params["trace_id"]
+    try:
+        owner = state.authorize(request.headers)
+        trace = await state.traces.get(trace_id, owner)  # another key's trace is absent, as an unknown id
+        if trace is None:
+            raise NotFound(f"no trace {trace_id!r} for this key ({state.traces.describe()})",
+                           param="trace_id", code="trace_not_found")
+    except ProxyError as exc:
+        return error_response(exc)
+    return Response(trace, media_type="application/json")
+
+
+async def _list_traces(request: Request) -> Response:
+    """GET /v1/traces?limit=N: this key's latest traces (the console's list), newest first."""
+    state: ProxyState = request.app.state.proxy
+    raw_limit = request.query_params.get("limit", "50")
+    try:
+        owner = state.authorize(request.headers)
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LISTED_TRACES:
+            raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LISTED_TRACES}", param="limit",
+                                 code="invalid_value")
+        bodies = await state.traces.recent(owner, int(raw_limit))
+    except ProxyError as exc:
+        return error_response(exc)
+    return Response(b'{"object":"list","data":[' + b",".join(bodies) + b"]}", media_type="application/json")
+
+
+async def _get_metrics(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    try:
+        state.authorize(request.headers)
+        if state.metrics is None:
+            raise NotFound("metrics are off (telemetry.metrics: false)", code="metrics_off")
+    except ProxyError as exc:
+        return error_response(exc)
+    text, content_type = state.metrics.exposition()
+    return Response(text, media_type=content_type)
+
+
+async def _console(request: Request) -> Response:
+    """GET /ui and its two files: static, holding nothing private (the page fetches with the key entered)."""
+    enabled = request.app.state.proxy.config.telemetry.console
+    name = request.path_params.get("name", "index.html")
+    body = console_asset(name) if enabled else None
+    if body is None:
+        return error_response(NotFound(f"no console file {name!r}" if enabled
+                                       else "the console is off (telemetry.console: false)", code="not_found"))
+    return Response(body, media_type=CONSOLE_ASSETS[name],
+                    headers={"content-security-policy": CONSOLE_POLICY, "x-content-type-options": "nosniff"})
+
+
+# ---- generation: the completions endpoints (pass-through or a strategy run) and the engines' tokenizers ----
+
+def _add_generation_routes(app: FastAPI) -> None:
+    app.add_route("/v1/chat/completions", _chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", _completions, methods=["POST"])
     for prefix in ("", "/v1"):  # at the root as vLLM serves them, and beside the OpenAI API for SDK base URLs
-        app.add_route(f"{prefix}/tokenize", tokenize, methods=["POST"])
-        app.add_route(f"{prefix}/detokenize", detokenize, methods=["POST"])
-    return app
+        app.add_route(f"{prefix}/tokenize", _tokenize, methods=["POST"])
+        app.add_route(f"{prefix}/detokenize", _detokenize, methods=["POST"])
+
+
+async def _chat_completions(request: Request) -> Response:
+    return await _serve(request, "/chat/completions", ChatCompletionRequest)
+
+
+async def _completions(request: Request) -> Response:
+    return await _serve(request, "/completions", CompletionRequest)
+
+
+async def _tokenize(request: Request) -> Response:
+    return await _tokenizer(request, detokenize=False)
+
+
+async def _detokenize(request: Request) -> Response:
+    return await _tokenizer(request, detokenize=True)
 
 
 def _tokenizer_backend(state: ProxyState, model: str, needs: tuple[str, ...]) -> tuple[Backend, str]:

@@ -132,7 +132,6 @@ class BestOfN(Strategy[BestOfNParams]):
         return {}
 
     async def run(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
-        tools = ctx.sampling.tools.get("tools")
         has_logprobs = ctx.supports("logprobs")
         fallback = resolve_fallback(params.select, params.fallback, has_logprobs)
         want_logprobs = params.select in CONFIDENCE_SELECTORS or fallback in CONFIDENCE_SELECTORS
@@ -174,38 +173,12 @@ class BestOfN(Strategy[BestOfNParams]):
         ]
 
         if selector == "verifier":
-            # Runs in the event loop: a pathological client regex holds it (CPython's re keeps the GIL, so a
-            # thread would not help). Checks are linear for ordinary patterns.
-            results = _verdicts(candidates, params, tools)
-            verdicts = [r.passed for r in results]
-            for entry, result in zip(per_candidate, results):
-                entry["passed"] = result.passed
-                if not result.passed:
-                    entry["reason"] = result.reason
-            if params.http_verifier:
-                verdicts = await self._http_verdicts(ctx, params.http_verifier, candidates, pool, verdicts,
-                                                     per_candidate)
-            await self._candidate_lines(ctx, spec, per_candidate)
-            selection, over_all = select_verified(pool, verdicts, fallback)
-            passed = sum(verdicts)
-            details["verifier"] = {"passed": passed, "fallback_over_all": over_all,
-                                   **({"http_verifier": params.http_verifier} if params.http_verifier else {}),
-                                   **({"regex": params.regex} if params.regex else {}),
-                                   **({"json_schema": True} if params.json_schema is not None else {})}
-            if over_all:
-                await ctx.progress(f"no candidate passes the check; {fallback} picks over all {len(candidates)}")
+            selection = await self._select_verified(ctx, params, spec, candidates, pool, fallback, per_candidate,
+                                                    details)
         elif selector == "judge":
             await self._candidate_lines(ctx, spec, per_candidate)
-            try:
-                selection = await self._judge(ctx, params, pool, fallback, details)
-            except BudgetExceeded:
-                budget_exhausted = True
-                await ctx.progress(f"the budget ran out while judging; {fallback} picks instead")
-                details["judge"] = {"mode": params.judge_mode, "stopped": "budget"}
-                selection = select(pool, fallback)
-            if "scores" in details.get("judge", {}):
-                for entry in per_candidate:
-                    entry["p_yes"] = details["judge"]["scores"].get(entry["answer"])
+            selection, budget_exhausted = await self._select_by_judge(ctx, params, pool, fallback, per_candidate,
+                                                                      details)
         else:
             await self._candidate_lines(ctx, spec, per_candidate)
             selection = select(pool, selector, fallback=fallback)
@@ -225,6 +198,45 @@ class BestOfN(Strategy[BestOfNParams]):
             candidates=per_candidate,
         )
         return StrategyResult(choices=[winner], details=details, budget_exhausted=budget_exhausted)
+
+    async def _select_verified(self, ctx: StrategyContext, params: BestOfNParams, spec: ConfidenceSpec,
+                               candidates: list[Candidate], pool: Pool, fallback: str,
+                               per_candidate: list[dict[str, Any]], details: dict[str, Any]) -> Selection:
+        """select=verifier: the fallback picks among the candidates that pass the checks, or over all if none does."""
+        # Runs in the event loop: a pathological client regex holds it (CPython's re keeps the GIL, so a
+        # thread would not help). Checks are linear for ordinary patterns.
+        results = _verdicts(candidates, params, ctx.sampling.tools.get("tools"))
+        verdicts = [r.passed for r in results]
+        for entry, result in zip(per_candidate, results):
+            entry["passed"] = result.passed
+            if not result.passed:
+                entry["reason"] = result.reason
+        if params.http_verifier:
+            verdicts = await self._http_verdicts(ctx, params.http_verifier, candidates, pool, verdicts, per_candidate)
+        await self._candidate_lines(ctx, spec, per_candidate)
+        selection, over_all = select_verified(pool, verdicts, fallback)
+        details["verifier"] = {"passed": sum(verdicts), "fallback_over_all": over_all,
+                               **({"http_verifier": params.http_verifier} if params.http_verifier else {}),
+                               **({"regex": params.regex} if params.regex else {}),
+                               **({"json_schema": True} if params.json_schema is not None else {})}
+        if over_all:
+            await ctx.progress(f"no candidate passes the check; {fallback} picks over all {len(candidates)}")
+        return selection
+
+    async def _select_by_judge(self, ctx: StrategyContext, params: BestOfNParams, pool: Pool, fallback: str,
+                               per_candidate: list[dict[str, Any]],
+                               details: dict[str, Any]) -> tuple[Selection, bool]:
+        """select=judge: (the judge's pick, or the fallback's if the budget ran out while judging; whether it did)."""
+        try:
+            selection = await self._judge(ctx, params, pool, fallback, details)
+        except BudgetExceeded:
+            await ctx.progress(f"the budget ran out while judging; {fallback} picks instead")
+            details["judge"] = {"mode": params.judge_mode, "stopped": "budget"}
+            return select(pool, fallback), True
+        if "scores" in details.get("judge", {}):
+            for entry in per_candidate:
+                entry["p_yes"] = details["judge"]["scores"].get(entry["answer"])
+        return selection, False
 
     @staticmethod
     async def _candidate_lines(ctx: StrategyContext, spec: ConfidenceSpec, per_candidate: list[dict[str, Any]]) -> None:

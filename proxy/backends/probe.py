@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ import aiohttp
 from .capabilities import Capabilities, kind_from_models_listing
 
 PREFIX = "1, 2, 3, 4, 5,"  # a prefix whose continuation is predictable: " 6" follows
+ASK = [{"role": "user", "content": "Count on: 1, 2, 3"}]
 N_STEPS = (2, 4, 8, 16, 32, 64)
 TOP_LOGPROBS_STEPS = (20, 10, 5, 1)
 
@@ -139,7 +141,7 @@ def _entry_id(entry: dict[str, Any]) -> int | None:
     return None
 
 
-def _error_shape(status: int, payload: Any) -> str:
+def _error_shape_of(status: int, payload: Any) -> str:
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         return f"HTTP {status}, OpenAI shape ({{error: {{message, type, ...}}}})"
     if isinstance(payload, dict) and "detail" in payload:
@@ -157,27 +159,62 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
     report = ProbeReport(engine.base_url, model or (listed[0] if listed else "default"))
     report.add("models", listed, "GET /models")
     report.add("kind", kind_from_models_listing(listing) or "generic", "from GET /models owned_by")
-    chat = f"{engine.base_url}/chat/completions"
-    ask = [{"role": "user", "content": "Count on: 1, 2, 3"}]
-
-    def body(**extra: Any) -> dict[str, Any]:
-        return {"model": report.model, "messages": ask, "max_tokens": 2, "temperature": 0, **extra}
-
-    status, payload, raw = await engine.post(chat, body())
+    probing = _Probing(engine, report)
+    status, payload, raw = await engine.post(probing.chat, probing.body())
     if status != 200 or not _choices(payload):
         report.add("chat", False, f"HTTP {status}: {raw[:200]}")
         return report
     report.add("chat", True, "POST /chat/completions")
+    for check in CHECKS:
+        await check(probing)
+    return report
 
+
+@dataclass
+class _Probing:
+    """One probe under way: the engine, the report so far, and what a later check needs from an earlier one."""
+
+    engine: _Engine
+    report: ProbeReport
+    sample_id: int | None = None  # the greedy first token's id (token_ids), for logit_bias
+    ids_on_request: bool = False  # ids come only with return_tokens_as_token_ids (vLLM)
+    prompt_ids: list[int] | None = None  # PREFIX tokenized (tokenize), for completions_token_ids
+
+    @property
+    def chat(self) -> str:
+        return f"{self.engine.base_url}/chat/completions"
+
+    @property
+    def completions(self) -> str:
+        return f"{self.engine.base_url}/completions"
+
+    def body(self, **extra: Any) -> dict[str, Any]:
+        """A tiny greedy chat request, with `extra` fields."""
+        return {"model": self.report.model, "messages": ASK, "max_tokens": 2, "temperature": 0, **extra}
+
+    async def first_choice(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The first choice of the chat reply to `body`; None if the engine refused it or answered none."""
+        status, payload, _ = await self.engine.post(self.chat, body)
+        return _first_choice(status, payload)
+
+
+def _first_choice(status: int, payload: Any) -> dict[str, Any] | None:
+    choices = _choices(payload) if status == 200 else []
+    return choices[0] if choices else None
+
+
+async def _max_n(p: _Probing) -> None:
+    """max_n: the most choices one call returns (doubling n, then halving the gap between the largest n that
+    worked and the first that did not)."""
     async def gives(n: int) -> tuple[bool, str]:
-        status, payload, _ = await engine.post(chat, body(n=n, max_tokens=1, temperature=0.8))
+        status, payload, _ = await p.engine.post(p.chat, p.body(n=n, max_tokens=1, temperature=0.8))
         if status != 200:
             return False, f"n={n}: HTTP {status}"
         got = len(_choices(payload))
         return got == n, f"n={n}: {got} choices"
 
     max_n, note = 1, f"n up to {N_STEPS[-1]} tried"
-    for n in N_STEPS:  # doubling, then halving the gap between the largest n that worked and the first that did not
+    for n in N_STEPS:
         ok, why = await gives(n)
         if not ok:
             note, low, high = why, max_n, n
@@ -188,128 +225,172 @@ async def probe(client: aiohttp.ClientSession, base_url: str, model: str | None 
             max_n = low
             break
         max_n = n
-    report.add("max_n", max_n, note)
+    p.report.add("max_n", max_n, note)
 
-    if max_n >= 2:
-        status, payload, _ = await engine.post(chat, body(n=2, max_tokens=4, temperature=1.0, logprobs=True))
-        choices = _choices(payload)
-        usage = (payload or {}).get("usage") if isinstance(payload, dict) else None
-        counted = [len(_entries(c)) for c in choices]
-        if status == 200 and isinstance(usage, dict) and all(counted):
-            one = usage.get("completion_tokens") == counted[0] and sum(counted) != counted[0]
-            report.add("usage_counts_one_choice", one, f"usage {usage.get('completion_tokens')} for choices of "
-                                                       f"{counted} tokens")
-        else:
-            report.add("usage_counts_one_choice", None, "not measurable (no logprobs to count tokens)")
 
+async def _usage_counts_one_choice(p: _Probing) -> None:
+    """usage_counts_one_choice: whether usage counts one choice's tokens where n > 1 (llama-server's does)."""
+    if p.report.value("max_n") < 2:
+        return
+    status, payload, _ = await p.engine.post(p.chat, p.body(n=2, max_tokens=4, temperature=1.0, logprobs=True))
+    usage = (payload or {}).get("usage") if isinstance(payload, dict) else None
+    counted = [len(_entries(c)) for c in _choices(payload)]
+    if status == 200 and isinstance(usage, dict) and all(counted):
+        one = usage.get("completion_tokens") == counted[0] and sum(counted) != counted[0]
+        p.report.add("usage_counts_one_choice", one, f"usage {usage.get('completion_tokens')} for choices of "
+                                                     f"{counted} tokens")
+    else:
+        p.report.add("usage_counts_one_choice", None, "not measurable (no logprobs to count tokens)")
+
+
+async def _logprobs(p: _Probing) -> None:
+    """logprobs and max_top_logprobs: the most alternatives per token, asking for fewer until some come."""
     top = 0
     for k in TOP_LOGPROBS_STEPS:
-        status, payload, _ = await engine.post(chat, body(logprobs=True, top_logprobs=k))
-        entries = _entries(_choices(payload)[0]) if status == 200 and _choices(payload) else []
+        choice = await p.first_choice(p.body(logprobs=True, top_logprobs=k))
+        entries = _entries(choice) if choice else []
         if entries:
             top = max(len(e.get("top_logprobs") or []) for e in entries)
             break
-    report.add("logprobs", top > 0, "chat logprobs with top_logprobs")
-    report.add("max_top_logprobs", top, f"asked for up to {TOP_LOGPROBS_STEPS[0]}")
-    sample_id: int | None = None
-    ids_note = "an `id` in every logprob entry"
+    p.report.add("logprobs", top > 0, "chat logprobs with top_logprobs")
+    p.report.add("max_top_logprobs", top, f"asked for up to {TOP_LOGPROBS_STEPS[0]}")
+
+
+async def _token_ids(p: _Probing) -> None:
+    """token_ids: whether logprob entries name their token's id."""
+    note = "an `id` in every logprob entry"
     for extra in ({}, {"return_tokens_as_token_ids": True}):  # vLLM names ids only when asked, as "token_id:N"
-        if not top:
+        if not p.report.value("max_top_logprobs"):
             break
-        status, payload, _ = await engine.post(chat, body(logprobs=True, top_logprobs=1, **extra))
-        entries = _entries(_choices(payload)[0]) if status == 200 and _choices(payload) else []
+        choice = await p.first_choice(p.body(logprobs=True, top_logprobs=1, **extra))
+        entries = _entries(choice) if choice else []
         ids = [_entry_id(e) for e in entries]
         if entries and all(i is not None for i in ids):
-            sample_id = ids[0]
-            ids_note = "`token_id:N` tokens with return_tokens_as_token_ids" if extra else ids_note
+            p.sample_id, p.ids_on_request = ids[0], bool(extra)
+            note = "`token_id:N` tokens with return_tokens_as_token_ids" if extra else note
             break
-    report.add("token_ids", sample_id is not None, ids_note)
+    p.report.add("token_ids", p.sample_id is not None, note)
 
-    prefilled = body(messages=[*ask, {"role": "assistant", "content": PREFIX}], max_tokens=3)
-    status, payload, _ = await engine.post(chat, prefilled)
-    reply = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
-    echoes = reply.startswith(PREFIX)
-    continued = (reply[len(PREFIX):] if echoes else reply).lstrip().startswith("6")
+
+async def _prefill(p: _Probing) -> None:
+    """prefill and prefill_echo: whether a trailing assistant message is continued, and repeated in the reply."""
+    prefilled = p.body(messages=[*ASK, {"role": "assistant", "content": PREFIX}], max_tokens=3)
     how = "a trailing assistant message"
+    status, payload, _ = await p.engine.post(p.chat, prefilled)
+    reply, echoes, continued = _continuation(status, payload)
     if not continued and status == 200:  # vLLM continues only when asked to
-        status, payload, _ = await engine.post(chat, {**prefilled, "continue_final_message": True,
-                                                      "add_generation_prompt": False})
-        reply = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
-        echoes = reply.startswith(PREFIX)
-        continued = (reply[len(PREFIX):] if echoes else reply).lstrip().startswith("6")
+        status, payload, _ = await p.engine.post(p.chat, {**prefilled, "continue_final_message": True,
+                                                          "add_generation_prompt": False})
+        reply, echoes, continued = _continuation(status, payload)
         how = "with continue_final_message, a trailing assistant message"
-    report.add("prefill", continued, f"{how} {PREFIX!r} went on with {reply[:24]!r}")
-    report.add("prefill_echo", echoes if continued else None, "the reply repeats the prefix")
+    p.report.add("prefill", continued, f"{how} {PREFIX!r} went on with {reply[:24]!r}")
+    p.report.add("prefill_echo", echoes if continued else None, "the reply repeats the prefix")
 
-    completions = f"{engine.base_url}/completions"
-    status, payload, raw = await engine.post(completions, {"model": report.model, "prompt": PREFIX, "max_tokens": 2,
-                                                           "temperature": 0, "logprobs": 3})
+
+def _continuation(status: int, payload: Any) -> tuple[str, bool, bool]:
+    """(the reply, whether it repeats PREFIX, whether it goes on counting) for a reply to the prefilled request."""
+    choice = _first_choice(status, payload)
+    reply = _content(choice) if choice else ""
+    echoes = reply.startswith(PREFIX)
+    return reply, echoes, (reply[len(PREFIX):] if echoes else reply).lstrip().startswith("6")
+
+
+async def _completions(p: _Probing) -> None:
+    """completions: whether POST /completions takes a text prompt."""
+    status, payload, _ = await p.engine.post(p.completions, {"model": p.report.model, "prompt": PREFIX,
+                                                             "max_tokens": 2, "temperature": 0, "logprobs": 3})
     text_ok = status == 200 and bool(_choices(payload))
-    report.add("completions", text_ok, "POST /completions with a text prompt" if text_ok else f"HTTP {status}")
+    p.report.add("completions", text_ok, "POST /completions with a text prompt" if text_ok else f"HTTP {status}")
 
-    ids: list[int] | None = None
-    status, payload, _ = await engine.post(f"{engine.root}/tokenize", {"content": PREFIX, "model": report.model,
-                                                                       "prompt": PREFIX})
+
+async def _tokenize(p: _Probing) -> None:
+    """tokenize: whether POST /tokenize answers token ids; completions_token_ids: whether /completions takes them."""
+    status, payload, _ = await p.engine.post(f"{p.engine.root}/tokenize", {"content": PREFIX, "model": p.report.model,
+                                                                           "prompt": PREFIX})
     tokens = payload.get("tokens") if status == 200 and isinstance(payload, dict) else None
     if isinstance(tokens, list):  # ids, or {id, piece} objects; llamafiler answers token texts (no ids)
         found = [t if isinstance(t, int) else t.get("id") if isinstance(t, dict) else None for t in tokens]
-        ids = found if all(isinstance(i, int) for i in found) else None
-    report.add("tokenize", ids is not None, f"POST /tokenize: {len(ids)} ids" if ids else
-               f"HTTP {status}{'' if tokens is None else ', tokens without ids'}")
-    if ids and text_ok:
-        status, payload, _ = await engine.post(completions, {"model": report.model, "prompt": ids, "max_tokens": 2,
-                                                             "temperature": 0})
-        report.add("completions_token_ids", status == 200 and bool(_choices(payload)),
-                   "POST /completions with a token-id prompt")
-    rendered = False
-    status, payload, _ = await engine.post(f"{engine.root}/apply-template", {"messages": ask})
+        p.prompt_ids = found if all(isinstance(i, int) for i in found) else None
+    ids = p.prompt_ids
+    p.report.add("tokenize", ids is not None, f"POST /tokenize: {len(ids)} ids" if ids else
+                 f"HTTP {status}{'' if tokens is None else ', tokens without ids'}")
+    if ids and p.report.value("completions"):
+        status, payload, _ = await p.engine.post(p.completions, {"model": p.report.model, "prompt": ids,
+                                                                 "max_tokens": 2, "temperature": 0})
+        p.report.add("completions_token_ids", status == 200 and bool(_choices(payload)),
+                     "POST /completions with a token-id prompt")
+
+
+async def _render(p: _Probing) -> None:
+    """render: whether the engine renders messages through its chat template."""
+    status, payload, _ = await p.engine.post(f"{p.engine.root}/apply-template", {"messages": ASK})
     if status == 200 and isinstance(payload, dict) and isinstance(payload.get("prompt"), str):
-        rendered = True
-        note = "POST /apply-template"
+        rendered, note = True, "POST /apply-template"
     else:
-        status, payload, _ = await engine.post(f"{engine.root}/tokenize", {"model": report.model, "messages": ask})
+        status, payload, _ = await p.engine.post(f"{p.engine.root}/tokenize", {"model": p.report.model,
+                                                                               "messages": ASK})
         # Non-empty: a /tokenize that ignores `messages` (llama-server-like ones) answers no tokens.
         rendered = status == 200 and isinstance(payload, dict) and isinstance(payload.get("tokens"), list) \
             and bool(payload["tokens"])
         note = "POST /tokenize with messages" if rendered else "no template endpoint"
-    report.add("render", rendered, note)
+    p.report.add("render", rendered, note)
 
-    if sample_id is not None:
-        status, payload, _ = await engine.post(chat, body(max_tokens=1, logprobs=True,
-                                                          logit_bias={str(sample_id): -100},
-                                                          **({} if "id`" in ids_note else
-                                                             {"return_tokens_as_token_ids": True})))
-        entries = _entries(_choices(payload)[0]) if status == 200 and _choices(payload) else []
-        moved = bool(entries) and _entry_id(entries[0]) not in (sample_id, None)
-        report.add("logit_bias", moved, f"-100 on the greedy first token {'moved' if moved else 'did not move'} it"
-                   if status == 200 else f"HTTP {status}")
-    else:
-        report.add("logit_bias", None, "not measurable without token ids")
 
-    seeded = body(max_tokens=8, temperature=1.0, seed=7)
-    first = await engine.post(chat, seeded)
-    second = await engine.post(chat, seeded)
-    same = first[0] == 200 and second[0] == 200 and _choices(first[1]) and _choices(second[1]) and \
-        _content(_choices(first[1])[0]) == _content(_choices(second[1])[0])
-    report.add("seed_determinism", bool(same), "two seeded samples at temperature 1")
+async def _logit_bias(p: _Probing) -> None:
+    """logit_bias: whether -100 on the greedy first token moves it."""
+    if p.sample_id is None:
+        p.report.add("logit_bias", None, "not measurable without token ids")
+        return
+    status, payload, _ = await p.engine.post(p.chat, p.body(max_tokens=1, logprobs=True,
+                                                            logit_bias={str(p.sample_id): -100},
+                                                            **({"return_tokens_as_token_ids": True}
+                                                               if p.ids_on_request else {})))
+    choice = _first_choice(status, payload)
+    entries = _entries(choice) if choice else []
+    moved = bool(entries) and _entry_id(entries[0]) not in (p.sample_id, None)
+    p.report.add("logit_bias", moved, f"-100 on the greedy first token {'moved' if moved else 'did not move'} it"
+                 if status == 200 else f"HTTP {status}")
 
-    status, payload, _ = await engine.post(chat, body(max_tokens=6))
-    free = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
+
+async def _seed_determinism(p: _Probing) -> None:
+    """seed_determinism: whether two seeded samples at temperature 1 are the same."""
+    seeded = p.body(max_tokens=8, temperature=1.0, seed=7)
+    first = await p.first_choice(seeded)
+    second = await p.first_choice(seeded)
+    same = first is not None and second is not None and _content(first) == _content(second)
+    p.report.add("seed_determinism", same, "two seeded samples at temperature 1")
+
+
+async def _stop_kept(p: _Probing) -> None:
+    """stop_kept: whether a reply cut at a stop sequence keeps the stop text."""
+    choice = await p.first_choice(p.body(max_tokens=6))
+    free = _content(choice) if choice else ""
     stop = free.strip()[1:3] if len(free.strip()) >= 3 else ""  # text the greedy reply goes through
-    if stop:
-        status, payload, _ = await engine.post(chat, body(max_tokens=6, stop=[stop]))
-        cut = _content(_choices(payload)[0]) if status == 200 and _choices(payload) else ""
-        report.add("stop_kept", stop in cut, f"stop {stop!r} in the greedy {free!r}: the reply was {cut!r}")
-    else:
-        report.add("stop_kept", None, f"not measurable: the greedy reply {free!r} is too short")
+    if not stop:
+        p.report.add("stop_kept", None, f"not measurable: the greedy reply {free!r} is too short")
+        return
+    choice = await p.first_choice(p.body(max_tokens=6, stop=[stop]))
+    cut = _content(choice) if choice else ""
+    p.report.add("stop_kept", stop in cut, f"stop {stop!r} in the greedy {free!r}: the reply was {cut!r}")
 
-    done, usage, note = await engine.stream_tail(body(stream=True, stream_options={"include_usage": True}))
-    report.add("stream_done", done, f"the stream ends with data: [DONE] ({note})")
-    report.add("stream_usage", usage, "stream_options.include_usage gives a usage chunk")
 
-    status, payload, _ = await engine.post(chat, body(messages="not a list"))
-    report.add("error_shape", _error_shape(status, payload), "messages that are not a list")
-    return report
+async def _stream(p: _Probing) -> None:
+    """stream_done and stream_usage: how a stream ends, and whether it reports usage when asked."""
+    done, usage, note = await p.engine.stream_tail(p.body(stream=True, stream_options={"include_usage": True}))
+    p.report.add("stream_done", done, f"the stream ends with data: [DONE] ({note})")
+    p.report.add("stream_usage", usage, "stream_options.include_usage gives a usage chunk")
+
+
+async def _error_shape(p: _Probing) -> None:
+    """error_shape: what a request the engine must refuse is answered with."""
+    status, payload, _ = await p.engine.post(p.chat, p.body(messages="not a list"))
+    p.report.add("error_shape", _error_shape_of(status, payload), "messages that are not a list")
+
+
+# The checks, in the order they run; a later one may read what an earlier one found.
+CHECKS: tuple[Callable[[_Probing], Awaitable[None]], ...] = (
+    _max_n, _usage_counts_one_choice, _logprobs, _token_ids, _prefill, _completions, _tokenize, _render,
+    _logit_bias, _seed_determinism, _stop_kept, _stream, _error_shape)
 
 
 CONFIG_FIELDS = ("max_n", "logprobs", "max_top_logprobs", "prefill", "completions", "usage_counts_one_choice",
