@@ -62,7 +62,7 @@ class MctsParams(CheckParams):
     level: Literal["auto", "answer", "step"] = Field(
         default="auto", description="nodes are whole answers or reasoning steps; auto: step where it can run (the "
                                     "backend continues text and mcts runs over no other strategy), else answer. "
-                                    "Default: the best measured on the dev set (step 52.5 %, answer 47.5 %), see "
+                                    "Default: the best measured on the dev set, see "
                                     "docs/results/2026-11-29-search.md")
     score: Literal["logprob", "confidence", "agreement", "judge", "verifier"] = Field(
         default="logprob", description=f"node scorer: {' | '.join(SCORER_NAMES)} (see strategies.scoring)")
@@ -138,7 +138,7 @@ class TreeSearch:
     """The treequest algorithm and its state for one run, with the run's own random state."""
 
     def __init__(self, prior: str, seed: int | None) -> None:
-        treequest = importlib.import_module("treequest")  # imported on first use: it loads scipy (~1 s)
+        treequest = importlib.import_module("treequest")  # imported on first use: it loads scipy, slow to import
         self.algorithm = treequest.ABMCTSA(dist_type=prior)
         self.random = np.random.RandomState(seed)
         with self._random():

@@ -39,7 +39,7 @@ class EngineError(Exception):
 def engine_command(kind: str, port: int, folder: Path = MODEL_FOLDER) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that serve `folder` with `kind` on 127.0.0.1:port."""
     python = ENGINES_VENV / "bin" / "python"
-    # One OpenMP thread: with two on this 2-core machine the engines run ~10x slower (they fight the proxy).
+    # One OpenMP thread: with two on this 2-core machine the engines fight the proxy for the cores and crawl.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if kind == "vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB of KV cache
