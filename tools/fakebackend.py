@@ -1,6 +1,6 @@
 """A small scripted OpenAI-compatible backend on raw asyncio: fast enough to expose the proxy's own cost in
-benchmarks, and scriptable for tests (errors, delays, calls held until a test releases them, caps on n, mid-stream failures,
-recorded aborts).
+benchmarks, and scriptable for tests (errors, delays, calls held until a test releases them, caps on n,
+mid-stream failures, recorded aborts).
 
 llama-server-like where strategies need it: logprob entries carry token ids and bytes, a trailing assistant
 message is continued and echoed (`echo_prefill`), /tokenize, /detokenize and /apply-template work (a word-piece
