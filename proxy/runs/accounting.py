@@ -31,6 +31,10 @@ class BudgetScope:
     exhausted: bool = False
     reason: str | None = None  # why it ran out (the limit that stopped a call here or in a scope inside it)
     reserved: int = 0  # tokens held by calls in flight (their prompt and max_tokens), not yet charged
+    # A call was cut at this scope's deadline. The cut runs on the event loop's clock, which can run a few
+    # milliseconds behind time.monotonic (uvloop caches it per iteration): a call that gets the slot the cut one
+    # freed must not start because time.monotonic says there is time left.
+    out_of_time: bool = False
 
     def chain(self) -> Iterator[BudgetScope]:
         scope: BudgetScope | None = self
@@ -101,7 +105,9 @@ class BudgetScope:
 
     def expire(self) -> BudgetExceeded:
         """The wall-time limit cut a call short: mark the scopes whose deadline passed."""
-        reason = f"wall-time budget of {self._tightest_seconds():g} s is spent"
+        tightest = self._tightest()
+        tightest.out_of_time = True
+        reason = f"wall-time budget of {tightest.limits.max_seconds:g} s is spent"
         self.exhausted = True
         self.reason = self.reason or reason
         now = time.monotonic()
@@ -111,15 +117,16 @@ class BudgetScope:
                 scope.reason = scope.reason or reason
         return BudgetExceeded(reason)
 
-    def _tightest_seconds(self) -> float:
-        return min(self.chain(), key=lambda s: s.started + s.limits.max_seconds).limits.max_seconds
+    def _tightest(self) -> BudgetScope:
+        """The scope in the chain whose wall-time limit comes first."""
+        return min(self.chain(), key=lambda s: s.started + s.limits.max_seconds)
 
     def _spent(self, now: float) -> str | None:
         if self.usage.calls >= self.limits.max_calls:
             return f"call budget of {self.limits.max_calls} backend calls is spent"
         if self.usage.total_tokens >= self.limits.max_total_tokens:
             return f"token budget of {self.limits.max_total_tokens} tokens is spent"
-        if now >= self.started + self.limits.max_seconds:
+        if self.out_of_time or now >= self.started + self.limits.max_seconds:
             return f"wall-time budget of {self.limits.max_seconds:g} s is spent"
         return None
 

@@ -8,6 +8,9 @@ import time
 import httpx
 import pytest
 
+from ttc_proxy.proxy.config import Budget
+from ttc_proxy.proxy.runs.accounting import BudgetScope
+from ttc_proxy.strategies.framework import BudgetExceeded
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
 
 from tests.helpers import fake_config
@@ -138,3 +141,16 @@ def test_bad_budget_is_400(proxy, fake, budget):
     response = chat(proxy, {"model": "sc-fake-model", "messages": user(), "ttc": {"budget": budget}})
     assert_openai_error(response, 400, param="ttc.budget")
     assert fake.requests == []
+
+
+def test_no_call_starts_once_a_call_was_cut_at_the_deadline():
+    # The cut runs on the event loop's clock, which may be a little behind time.monotonic: the call that gets the
+    # cut call's slot must not start because time.monotonic says a moment is left (it did, under load).
+    run = BudgetScope(Budget(max_total_tokens=10_000, max_calls=100, max_seconds=60))
+    nested = run.child({"max_seconds": 30})
+    nested.check()  # 30 s left on either clock
+    nested.expire()  # a call of the nested run was cut at its deadline
+    with pytest.raises(BudgetExceeded, match="wall-time budget of 30 s"):
+        nested.check()
+    assert nested.exhausted and not run.exhausted
+    run.check()  # the run's own deadline is still ahead: its other calls go on
