@@ -112,7 +112,6 @@ class ThinkingSplitter:
         self._open, self._close = open_tag, close_tag
         self._state = "start"  # start -> thinking -> after (the close tag) -> answer; start -> answer
         self._held = ""
-        self.opened = False  # the reply opened a thinking block
 
     def feed(self, piece: str) -> tuple[str, str]:
         text = self._held + piece
@@ -126,7 +125,7 @@ class ThinkingSplitter:
             if not stripped.startswith(self._open):
                 self._state = "answer"
                 return "", text
-            self._state, self.opened = "thinking", True
+            self._state = "thinking"
             text = stripped[len(self._open):]
         if self._state == "thinking":
             end = text.find(self._close)

@@ -7,7 +7,7 @@ tune`), a `policy` given inline, or the built-in default cascade. Reuse: a stage
 `bon:n=4>cot`'s four `cot` runs) as its first runs and draws only the rest.
 
 With tools (an agent's request), a stage runs only what compares tool calls (Strategy.tool_calls): its outer
-strategies that do (`bon:n=8>cot` runs as `bon:n=8`, sampling calls directly), else TOOL_STAGE. The stop signals
+strategies that do (`bon:n=8>cot` runs as `bon:n=8`, sampling calls directly), else TOOL_STAGE_SPEC. The stop signals
 then read tool-call candidates: agreement on name and canonical arguments, the chosen reply's logprob.
 """
 
@@ -124,10 +124,10 @@ class Auto(Strategy[AutoParams]):
             instead = ""
             if tools:
                 planned = stage.name
-                stage, why = stage_for_tools(stage, STAGE_STRATEGIES)
-                if why is not None:
-                    record.update(ran=stage.name, replaced=why)
-                    instead = f" (in place of {planned}: {why})"
+                stage, replaced = stage_for_tools(stage, STAGE_STRATEGIES)
+                if replaced is not None:
+                    record.update(ran=stage.name, replaced=replaced)
+                    instead = f" (in place of {planned}: {replaced})"
             missing = _missing_capabilities(ctx, stage, STAGE_STRATEGIES)
             if missing:
                 record["skipped"] = f"the backend lacks {', '.join(missing)}"

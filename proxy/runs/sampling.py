@@ -255,8 +255,8 @@ def make_candidate(choice: ParsedChoice, completion_tokens: int, seed: int | Non
     tokens = read_tokens(choice.entries, merges_split_characters) if keep_tokens else None
     separate = choice.reasoning  # the engine's reasoning_content: never in the text, nor in its logprobs
     candidate = Candidate(text=text, finish_reason=choice.finish_reason, completion_tokens=completion_tokens,
-                          tokens=tokens, reasoning=separate, thinking=separate, seed=seed, label=label, prompt_tokens=prompt_tokens,
-                          tool_calls=choice.tool_calls)
+                          tokens=tokens, reasoning=separate, thinking=separate, seed=seed, label=label,
+                          prompt_tokens=prompt_tokens, tool_calls=choice.tool_calls)
     if whole_reply:
         candidate = with_thinking_apart(candidate)
     if reported_thinking_tokens is not None:

@@ -111,6 +111,7 @@ def test_the_default_cascade_votes_on_tool_calls_and_ends_when_three_agree(clien
     assert record["replaced"] == f"cot does not take tools; tool calls are compared by {TOOL_STAGE}"
     assert record["answer"] == details["answer"] == 'get_weather({"city":"Paris"})'
     assert record["signals"]["agreement"] == 1.0
+    assert details["operating_point"]["chosen_by"] == "the policy's default"
 
 
 def test_agreeing_calls_stop_the_cascade_at_stage_one(client: openai.OpenAI, fake: FakeBackend) -> None:

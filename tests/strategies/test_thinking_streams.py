@@ -56,7 +56,6 @@ def test_the_splitter_releases_thinking_and_answer_as_split_thinking_reads_the_w
     assert "".join(t for t, _ in released).strip() == thinking
     assert "".join(a for _, a in released) == answer
     assert split_thinking("".join(pieces)) == (thinking, answer)
-    assert splitter.opened == bool(thinking)
 
 
 def test_a_tag_cut_at_the_end_is_held_not_released() -> None:
