@@ -206,8 +206,10 @@ def with_thinking_apart(candidate: Candidate) -> Candidate:
         return candidate
     generated = candidate.generated if candidate.generated is not None else candidate.text
     answer_start = candidate.text_start + len(candidate.text) - len(answer)
-    spent = estimate_tokens(generated, candidate.tokens, candidate.completion_tokens, candidate.text_start,
-                            answer_start)
+    end = candidate.text_start + len(candidate.text)
+    # the reply's tokens but the answer's (a token across the boundary, " The" after "</think>", is the answer's)
+    spent = (estimate_tokens(generated, candidate.tokens, candidate.completion_tokens, candidate.text_start, end)
+             - estimate_tokens(generated, candidate.tokens, candidate.completion_tokens, answer_start, end))
     return replace(candidate, text=answer, generated=generated, text_start=answer_start,
                    reasoning="\n".join(p for p in (candidate.reasoning, thinking) if p),
                    thinking="\n".join(p for p in (candidate.thinking, thinking) if p),

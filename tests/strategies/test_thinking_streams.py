@@ -71,7 +71,7 @@ def test_with_thinking_apart_keeps_the_answer_s_tokens_and_counts_the_thinking_s
     apart = with_thinking_apart(Candidate("".join(pieces), completion_tokens=4, tokens=tokens))
     assert apart.text == "42" and apart.reasoning == "48?"
     assert [t.text for t in apart.answer_tokens or ()] == [" 42"]
-    assert apart.thinking_tokens == 4 - 0  # ' 42' starts at the space, inside the thinking's span: overlapping both
+    assert apart.thinking_tokens == 3  # ' 42' starts at a space before the answer: it is still the answer's
     plain = Candidate("42", completion_tokens=1)
     assert with_thinking_apart(plain) is plain
 
@@ -103,10 +103,10 @@ def test_the_returned_reply_s_thinking_tokens_are_reasoning_tokens(client: opena
                                                                    model: str) -> None:
     fake.script = lambda body: FakeReply(texts=[REPLY], token_logprob=-0.01)
     completion = client.chat.completions.create(model=model, messages=user(), logprobs=True)
-    # The reply's 7 tokens: '<think>', ' 6*7=48?', ' </think>' and ' The' (its space is before the answer) are its
-    # thinking, so 3 are the answer's; everything else spent (entropy's branches) is reasoning too.
+    # Of the reply's 7 tokens '<think>', ' 6*7=48?' and ' </think>' are its thinking, ' The answer is 42.' its 4
+    # answer tokens; everything else spent (entropy's branches) is reasoning too.
     usage = completion.usage
-    assert usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens - 3
+    assert usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens - 4
     # the returned logprobs are the answer's tokens
     assert [t.token for t in completion.choices[0].logprobs.content] == [" The", " answer", " is", " 42."]
     assert "the chosen reply's thinking: 6*7=48?" in completion.choices[0].message.reasoning_content
