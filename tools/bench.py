@@ -186,15 +186,26 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
-# --metrics-off-too: a second proxy without metrics, measured in both orders in each phase (on, off, off, on), so
-# neither gains from running second; the two runs of each are averaged.
-METRICS_ORDER = ("proxy", "proxy_metrics_off", "proxy_metrics_off#2", "proxy#2")
+# --metrics-off-too: a second proxy without metrics, measured in both orders in each round of each phase (on, off,
+# off, on), so neither gains from running second; a round's difference is the mean of its two runs on minus off.
+# Rounds repeat that, so the difference gets an interval.
 TARGET_METRICS_ADDED_MS = 0.1
+MAX_ROUNDS = 50
+
+
+def metrics_rounds(rounds: int) -> list[tuple[str, str, str, str]]:
+    """Each round's run names, in the order they run: (on, off, off, on). Round 1's first runs are named
+    "proxy" and "proxy_metrics_off", the names the rest of the report reads."""
+    names = []
+    for r in range(rounds):
+        first, second = ("", "#2") if r == 0 else (f"#{2 * r + 1}", f"#{2 * r + 2}")
+        names.append((f"proxy{first}", f"proxy_metrics_off{first}", f"proxy_metrics_off{second}", f"proxy{second}"))
+    return names
 
 
 def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 5.0, concurrency: int = 16,
                   loop: str | None = None, http: str | None = None,
-                  progress: Any = None, metrics_off_too: bool = False) -> dict[str, Any]:
+                  progress: Any = None, metrics_off_too: bool = False, rounds: int = 1) -> dict[str, Any]:
     """Start the backend and the proxy, run every phase direct and through the proxy, return all numbers."""
     if not 1 <= requests <= MAX_REQUESTS:
         raise ValueError(f"requests must be in 1..{MAX_REQUESTS}")
@@ -202,6 +213,8 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
         raise ValueError(f"duration must be in (0, {MAX_DURATION}]")
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must be in 1..{MAX_CONCURRENCY}")
+    if not 1 <= rounds <= MAX_ROUNDS:
+        raise ValueError(f"rounds must be in 1..{MAX_ROUNDS}")
     warmup = max(0, min(warmup, MAX_REQUESTS))
     loop, http = proxy_runtime(loop, http)
     say = progress or (lambda message: None)
@@ -219,7 +232,8 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
         if metrics_off_too:
             quiet = start_proxy(config.model_copy(update={"telemetry": TelemetrySettings(metrics=False)}), loop, http)
             ports = {"proxy": proxy_port, "proxy_metrics_off": quiet.port}
-            targets = {"direct": backend_port, **{name: ports[name.split("#")[0]] for name in METRICS_ORDER}}
+            targets = {"direct": backend_port, **{name: ports[name.split("#")[0]]
+                                                  for names in metrics_rounds(rounds) for name in names}}
         sequential_timeout = 60.0 + (requests + warmup) * 0.05
         concurrent_timeout = 60.0 + duration * 2 + warmup * 0.05
         phases: dict[str, dict[str, Any]] = {"sequential": {}, "streaming": {}, "concurrent": {}}
@@ -274,7 +288,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
         value = check["value"]
         check["met"] = value is not None and (value <= limit if upper else value >= limit)
     if metrics_off_too:
-        summary["metrics"] = metrics_comparison(phases)
+        summary["metrics"] = metrics_comparison(phases, rounds)
         for key, name in (("sequential_added_p50_ms", "latency p50, 1 connection, non-streaming"),
                           ("ttft_added_p50_ms", "TTFT p50, 1 connection, streaming")):
             value = summary["metrics"][key]
@@ -297,6 +311,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
             "duration_s": duration,
             "concurrency": concurrency,
             "metrics_off_too": metrics_off_too,
+            "rounds": rounds if metrics_off_too else None,
         },
         "phases": phases,
         "summary": summary,
@@ -305,39 +320,70 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
     }
 
 
-def metrics_comparison(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """What metrics add: each measure with metrics on minus off, each side the mean of its two runs."""
+def metrics_comparison(phases: dict[str, dict[str, Any]], rounds: int = 1) -> dict[str, Any]:
+    """What metrics add: each measure with metrics on minus off, per round (each side the mean of its two runs in
+    that round), then the mean over rounds with a 95 % t-interval when there are several."""
+    order = metrics_rounds(rounds)
 
-    def mean(phase: dict[str, Any], side: str, key: str, stat: str) -> float | None:
-        values = [_p(phase[name], key, stat) for name in (side, f"{side}#2")]
-        return None if None in values else sum(values) / 2  # type: ignore[arg-type]
+    def per_round(phase: str, measure: Any) -> list[float]:
+        differences = []
+        for on_a, off_a, off_b, on_b in order:
+            values = [measure(phases[phase][name]) for name in (on_a, on_b, off_a, off_b)]
+            if None not in values:
+                differences.append((values[0] + values[1]) / 2 - (values[2] + values[3]) / 2)
+        return differences
 
-    def added(phase: str, key: str, stat: str) -> float | None:
-        return _diff(mean(phases[phase], "proxy_metrics_off", key, stat), mean(phases[phase], "proxy", key, stat))
-
-    def cpu_added(phase: str) -> float | None:
-        sides = []
-        for side in ("proxy", "proxy_metrics_off"):
-            values = [_cpu(phases[phase][name], "proxy") for name in (side, f"{side}#2")]
-            sides.append(None if None in values else sum(values) / 2)  # type: ignore[arg-type]
-        return _diff(sides[1], sides[0])
+    def added(phase: str, measure: Any) -> dict[str, Any]:
+        differences = per_round(phase, measure)
+        return {"mean": sum(differences) / len(differences) if differences else None,
+                "interval": t_interval(differences), "rounds": differences}
 
     conc = phases["concurrent"]
-    on_rps = (conc["proxy"]["rps"] + conc["proxy#2"]["rps"]) / 2
-    off_rps = (conc["proxy_metrics_off"]["rps"] + conc["proxy_metrics_off#2"]["rps"]) / 2
-    return {
-        "sequential_added_p50_ms": added("sequential", "latency_ms", "p50"),
-        "sequential_added_p99_ms": added("sequential", "latency_ms", "p99"),
-        "ttft_added_p50_ms": added("streaming", "ttft_ms", "p50"),
-        "ttft_added_p99_ms": added("streaming", "ttft_ms", "p99"),
+    on_names = [name for names in order for name in (names[0], names[3])]
+    off_names = [name for names in order for name in (names[1], names[2])]
+    latency = {stat: (lambda result, stat=stat: _p(result, "latency_ms", stat)) for stat in ("p50", "p99")}
+    ttft = {stat: (lambda result, stat=stat: _p(result, "ttft_ms", stat)) for stat in ("p50", "p99")}
+    proxy_cpu = lambda result: _cpu(result, "proxy")  # noqa: E731
+    detail = {
+        "sequential_p50": added("sequential", latency["p50"]),
+        "sequential_p99": added("sequential", latency["p99"]),
+        "ttft_p50": added("streaming", ttft["p50"]),
+        "ttft_p99": added("streaming", ttft["p99"]),
         # the proxy process's CPU time per request: less moved by other processes on the machine than latency
-        "cpu_added_ms": {phase: cpu_added(phase) for phase in ("sequential", "streaming", "concurrent")},
-        "rps_on": on_rps,
-        "rps_off": off_rps,
+        "cpu": {phase: added(phase, proxy_cpu) for phase in ("sequential", "streaming", "concurrent")},
+    }
+    return {
+        "rounds": rounds,
+        "sequential_added_p50_ms": detail["sequential_p50"]["mean"],
+        "sequential_added_p99_ms": detail["sequential_p99"]["mean"],
+        "ttft_added_p50_ms": detail["ttft_p50"]["mean"],
+        "ttft_added_p99_ms": detail["ttft_p99"]["mean"],
+        "cpu_added_ms": {phase: value["mean"] for phase, value in detail["cpu"].items()},
+        "detail": detail,
+        "rps_on": sum(conc[name]["rps"] for name in on_names) / len(on_names),
+        "rps_off": sum(conc[name]["rps"] for name in off_names) / len(off_names),
         "runs": {name: {"sequential_p50_ms": _p(phases["sequential"][name], "latency_ms", "p50"),
                         "ttft_p50_ms": _p(phases["streaming"][name], "ttft_ms", "p50"),
-                        "rps": conc[name]["rps"]} for name in METRICS_ORDER},
+                        "proxy_cpu_ms": _cpu(phases["sequential"][name], "proxy"),
+                        "rps": conc[name]["rps"]} for names in order for name in names},
     }
+
+
+# two-sided 95 % Student t quantiles by degrees of freedom (beyond the table, the normal's)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """The 95 % t-interval of the mean of `values` (None with fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    t = [q for df, q in _T95.items() if df <= n - 1][-1]  # the nearest tabled df at or below: conservative
+    half = t * sd / n ** 0.5
+    return (mean - half, mean + half)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,17 +447,27 @@ def format_report(report: dict[str, Any]) -> str:
     metrics = report["summary"].get("metrics")
     if metrics is not None:
         lines.append("")
-        lines.append("metrics on vs off (two proxies, same backend, run on, off, off, on in each phase):")
+        rounds = metrics.get("rounds", 1)
+        lines.append(f"metrics on vs off (two proxies, same backend; {rounds} round(s) of on, off, off, on in each "
+                     "phase):")
         for name, run in metrics["runs"].items():
             lines.append(f"  {name:<22} latency p50 {_fmt(run['sequential_p50_ms'])}   TTFT p50 "
-                         f"{_fmt(run['ttft_p50_ms'])}   {_fmt(run['rps'], 'rps')} req/s")
-        lines.append(f"  added by metrics: latency p50 {_fmt(metrics['sequential_added_p50_ms'], sign=True)}, p99 "
-                     f"{_fmt(metrics['sequential_added_p99_ms'], sign=True)}; TTFT p50 "
-                     f"{_fmt(metrics['ttft_added_p50_ms'], sign=True)}, p99 {_fmt(metrics['ttft_added_p99_ms'], sign=True)}; "
-                     f"req/s {_fmt(metrics['rps_on'], 'rps')} on, {_fmt(metrics['rps_off'], 'rps')} off")
-        cpu = metrics["cpu_added_ms"]
-        lines.append(f"  proxy CPU per request added by metrics: non-streaming {_fmt(cpu['sequential'], sign=True)}, "
-                     f"streaming {_fmt(cpu['streaming'], sign=True)}, 16 connections {_fmt(cpu['concurrent'], sign=True)}")
+                         f"{_fmt(run['ttft_p50_ms'])}   proxy CPU {_fmt(run.get('proxy_cpu_ms'))}   "
+                         f"{_fmt(run['rps'], 'rps')} req/s")
+        lines.append(f"  req/s {_fmt(metrics['rps_on'], 'rps')} on, {_fmt(metrics['rps_off'], 'rps')} off")
+        lines.append("  added by metrics (on minus off; mean over rounds [95 % t-interval]):")
+        detail = metrics.get("detail")
+        if detail is not None:
+            shown = [("latency p50, non-streaming", detail["sequential_p50"]),
+                     ("latency p99, non-streaming", detail["sequential_p99"]),
+                     ("TTFT p50, streaming", detail["ttft_p50"]), ("TTFT p99, streaming", detail["ttft_p99"]),
+                     ("proxy CPU/request, non-streaming", detail["cpu"]["sequential"]),
+                     ("proxy CPU/request, streaming", detail["cpu"]["streaming"]),
+                     (f"proxy CPU/request, {c} connections", detail["cpu"]["concurrent"])]
+            for label, value in shown:
+                interval = value["interval"]
+                around = f"  [{_fmt(interval[0], sign=True)}, {_fmt(interval[1], sign=True)}]" if interval else ""
+                lines.append(f"    {label:<36}{_fmt(value['mean'], sign=True):>12}{around}")
     lines.append("")
     counts = []
     for name, pair in phases.items():
@@ -453,6 +509,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--metrics-off-too", action="store_true",
                         help="also measure a proxy with metrics off (telemetry.metrics: false), both orders in "
                              "each phase, and report what metrics add")
+    parser.add_argument("--rounds", type=positive_int, default=1,
+                        help="with --metrics-off-too: rounds of (on, off, off, on) per phase, for an interval on "
+                             "what metrics add (default 1)")
     parser.add_argument("--log-level", default="warning")
     routing = parser.add_argument_group("auto's routing cost (tools/routing_bench.py): paired requests on the "
                                         "fake backend, auto running 1-3 stages against the same stages run fixed")
@@ -505,7 +564,8 @@ def _bench(args: argparse.Namespace) -> int:
             int(bool(report["non_streaming"]["failed"] + report["streaming_ttft"]["failed"]))
     report = _run_and_write(lambda: run_benchmark(requests=args.requests, warmup=args.warmup, duration=args.duration,
                                                   concurrency=args.concurrency, loop=args.loop, http=args.http,
-                                                  progress=say, metrics_off_too=args.metrics_off_too),
+                                                  progress=say, metrics_off_too=args.metrics_off_too,
+                                                  rounds=args.rounds),
                                    format_report, Path(args.output))
     if isinstance(report, int):
         return report

@@ -72,6 +72,43 @@ def test_load_generator_parses_sse_content_events() -> None:
     assert not carries_content(b": keep-alive")
 
 
+def test_metrics_on_and_off_in_rounds_give_a_difference_per_round(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`--metrics-off-too --rounds 2`: each phase runs on, off, off, on twice; the report has one on-minus-off
+    difference per round and their mean with an interval."""
+    output = tmp_path / "overhead.json"
+    code = main(["bench", "--requests", "20", "--warmup", "5", "--duration", "0.3", "--concurrency", "2",
+                 "--metrics-off-too", "--rounds", "2", "--output", str(output)])
+    assert code == 0
+    report = json.loads(output.read_text())
+    names = ["proxy", "proxy_metrics_off", "proxy_metrics_off#2", "proxy#2",
+             "proxy#3", "proxy_metrics_off#3", "proxy_metrics_off#4", "proxy#4"]
+    for phase in report["phases"].values():
+        assert list(phase) == ["direct", *names]
+        assert all(result["ok"] == result["requests"] > 0 for result in phase.values())
+    metrics = report["summary"]["metrics"]
+    assert metrics["rounds"] == 2
+    sequential = metrics["detail"]["sequential_p50"]
+    assert len(sequential["rounds"]) == 2
+    assert sequential["mean"] == pytest.approx(sum(sequential["rounds"]) / 2)
+    low, high = sequential["interval"]
+    assert low <= sequential["mean"] <= high
+    seq = report["phases"]["sequential"]
+    first = (seq["proxy"]["latency_ms"]["p50"] + seq["proxy#2"]["latency_ms"]["p50"]) / 2 \
+        - (seq["proxy_metrics_off"]["latency_ms"]["p50"] + seq["proxy_metrics_off#2"]["latency_ms"]["p50"]) / 2
+    assert sequential["rounds"][0] == pytest.approx(first)
+    assert len(metrics["detail"]["cpu"]["concurrent"]["rounds"]) == 2
+    assert "added by metrics" in capsys.readouterr().out
+
+
+def test_t_interval() -> None:
+    assert bench.t_interval([1.0]) is None
+    low, high = bench.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2 df) 4.303
+    assert low == pytest.approx(2 - 4.303 / 3 ** 0.5) and high == pytest.approx(2 + 4.303 / 3 ** 0.5)
+    low, high = bench.t_interval([0.0, 1.0] * 6)  # 11 df: the table's 10 df quantile, the wider
+    assert high - low == pytest.approx(2 * 2.228 * (12 / 11) ** 0.5 * 0.5 / 12 ** 0.5)
+
+
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError):
         bench.run_benchmark(requests=0)
@@ -79,6 +116,8 @@ def test_bad_sizes_are_refused() -> None:
         bench.run_benchmark(duration=0)
     with pytest.raises(ValueError):
         bench.run_benchmark(concurrency=0)
+    with pytest.raises(ValueError):
+        bench.run_benchmark(metrics_off_too=True, rounds=0)
 
 
 # ---- the backend client (proxy/backends.py, aiohttp) ----
