@@ -101,6 +101,56 @@ def split_thinking(text: str, open_tag: str = THINK_OPEN, close_tag: str = THINK
     return "", text
 
 
+class ThinkingSplitter:
+    """`split_thinking` for a reply that arrives in pieces (a streamed answer): `feed` returns the (thinking,
+    answer) text each piece releases. A `<think>` block at the reply's start (after whitespace) is thinking, what
+    follows its close tag the answer (its leading whitespace dropped, as split_thinking drops it); a reply that
+    does not open with the tag is all answer. A tag split across pieces is held back until it is whole: what is
+    held when the reply ends is still the reply's, in its text (never released as answer here)."""
+
+    def __init__(self, open_tag: str = THINK_OPEN, close_tag: str = THINK_CLOSE) -> None:
+        self._open, self._close = open_tag, close_tag
+        self._state = "start"  # start -> thinking -> after (the close tag) -> answer; start -> answer
+        self._held = ""
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        text = self._held + piece
+        self._held = ""
+        thinking = ""
+        if self._state == "start":
+            stripped = text.lstrip()
+            if len(stripped) < len(self._open) and self._open.startswith(stripped):
+                self._held = text  # nothing but whitespace and the start of an open tag yet
+                return "", ""
+            if not stripped.startswith(self._open):
+                self._state = "answer"
+                return "", text
+            self._state = "thinking"
+            text = stripped[len(self._open):]
+        if self._state == "thinking":
+            end = text.find(self._close)
+            if end < 0:
+                keep = _partial_suffix(text, self._close)
+                self._held = text[len(text) - keep:]
+                return text[:len(text) - keep], ""
+            thinking, text = text[:end], text[end + len(self._close):]
+            self._state = "after"
+        if self._state == "after":
+            text = text.lstrip()
+            if not text:
+                return thinking, ""
+            self._state = "answer"
+        return thinking, text
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is the start of `tag` (a tag cut by a piece boundary)."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
+
+
 def answer_text(text: str) -> str:
     """A reply's content without its thinking: what is graded, voted on, scored and checked."""
     return split_thinking(text)[1]

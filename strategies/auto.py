@@ -5,6 +5,10 @@ The policy (strategies.policy) is the model's policy file (config `strategies.po
 tune`), a `policy` given inline, or the built-in default cascade. Reuse: a stage that runs over another strategy
 (`bon:n=16>cot`) takes the answers of earlier runs of that strategy (a first `cot` stage's answer, an earlier
 `bon:n=4>cot`'s four `cot` runs) as its first runs and draws only the rest.
+
+With tools (an agent's request), a stage runs only what compares tool calls (Strategy.tool_calls): its outer
+strategies that do (`bon:n=8>cot` runs as `bon:n=8`, sampling calls directly), else TOOL_STAGE_SPEC. The stop signals
+then read tool-call candidates: agreement on name and canonical arguments, the chosen reply's logprob.
 """
 
 from __future__ import annotations
@@ -25,10 +29,15 @@ from .framework import (
     StrategySpec,
     Usage,
 )
-from .policy import CascadePolicy, Stage, default_policy, stage_signals
+from .policy import CascadePolicy, SpecModel, Stage, default_policy, stage_signals
 from .stages import STAGE_STRATEGIES
+from .toolcalls import asks_for_tools, describe_tool_calls
 
 SIGNAL_TOP_LOGPROBS = 5  # alternatives asked per token of a stage's answer (what bon's confidence scores use)
+
+# What a stage with nothing that compares tool calls (`cot`, `think`, `mcts`, ...) becomes on a request with tools:
+# self-consistency over the calls, in waves, ending after the first three samples when they all agree.
+TOOL_STAGE_SPEC = SpecModel(strategy="sc", params={"n": 5, "adaptive": True, "first_wave": 3})
 
 
 class AutoParams(StrategyParams):
@@ -93,8 +102,11 @@ class Auto(Strategy[AutoParams]):
     description = ("a cascade tuned on measurements: a cheap stage first, a costlier one only when the cheap "
                    "answer's signal is weak, reusing what earlier stages drew")
 
+    tool_calls = True
+
     async def run(self, ctx: StrategyContext, params: AutoParams) -> StrategyResult:
         policy = params.policy or default_policy()
+        tools = asks_for_tools(ctx.sampling.tools)
         point, why = policy.point_for(params.budget, ctx.budget.tokens)
         source = (policy.model_extra or {}).get("source") or f"tuned for {policy.model}" + (
             f" on {policy.created}" if policy.created else "")
@@ -109,12 +121,19 @@ class Auto(Strategy[AutoParams]):
             last = number == len(point.stages)
             record: dict[str, Any] = {"stage": stage.name}
             stages.append(record)
+            instead = ""
+            if tools:
+                planned = stage.name
+                stage, replaced = stage_for_tools(stage, STAGE_STRATEGIES)
+                if replaced is not None:
+                    record.update(ran=stage.name, replaced=replaced)
+                    instead = f" (in place of {planned}: {replaced})"
             missing = _missing_capabilities(ctx, stage, STAGE_STRATEGIES)
             if missing:
                 record["skipped"] = f"the backend lacks {', '.join(missing)}"
                 await ctx.progress(f"stage {number}: {stage.name} skipped ({record['skipped']})")
                 continue
-            await ctx.progress(f"stage {number}/{len(point.stages)}: {stage.name}")
+            await ctx.progress(f"stage {number}/{len(point.stages)}: {stage.name}{instead}")
             tokens_before, calls_before = ctx.budget.tokens, ctx.budget.calls
             try:
                 result, reused = await _run_stage(ctx.span(f"stage {number}", strategy=stage.name), stage, bank,
@@ -130,7 +149,7 @@ class Auto(Strategy[AutoParams]):
             signals = stage_signals(result)
             answer = result
             budget_exhausted = budget_exhausted or result.budget_exhausted or ctx.budget.exhausted
-            record.update(answer=result.answer.text, signals={k: round(v, 6) for k, v in signals.items()},
+            record.update(answer=shown(result.answer), signals={k: round(v, 6) for k, v in signals.items()},
                           tokens=tokens_before - ctx.budget.tokens, calls=calls_before - ctx.budget.calls,
                           **({"reused_runs": reused} if reused else {}))
             if stage.stop is not None:
@@ -158,9 +177,38 @@ class Auto(Strategy[AutoParams]):
             "operating_point": {"budget": point.budget, "chosen_by": why, "expected": point.expected},
             "stages": stages,
             "stopped": stopped,
-            "answer": answer.answer.text,
+            "answer": shown(answer.answer),
         }
         return StrategyResult(choices=[answer.answer], details=details, budget_exhausted=budget_exhausted)
+
+
+def shown(answer: Candidate) -> str:
+    """A stage's answer as details and progress show it: its tool calls when it made any, else its text."""
+    return describe_tool_calls(answer.tool_calls) if answer.tool_calls else answer.text
+
+
+def stage_for_tools(stage: Stage, builtins: Mapping[str, type[Strategy]]) -> tuple[Stage, str | None]:
+    """The stage as it runs on a request with tools, and why it differs from the policy's (None: it does not). It
+    keeps its outer strategies that compare tool calls, up to the first that does not (`bon:n=8>cot` becomes
+    `bon:n=8`, which samples the calls itself); with none kept it becomes TOOL_STAGE_SPEC. The stop rule stays."""
+    kept: list[SpecModel] = []
+    spec: SpecModel | None = stage.spec
+    while spec is not None:
+        strategy = builtins.get(spec.strategy)
+        if strategy is None or not strategy.tool_calls:
+            break
+        kept.append(spec)
+        spec = spec.over
+    if spec is None:
+        return stage, None
+    reason = "does not take tools" if spec.strategy in builtins else "is not a built-in known to compare tool calls"
+    replacement: SpecModel | None = None
+    for outer in reversed(kept):
+        replacement = SpecModel(strategy=outer.strategy, params=dict(outer.params), over=replacement)
+    if replacement is None:
+        replacement = TOOL_STAGE_SPEC
+    why = f"{spec.strategy} {reason}; tool calls are compared by {replacement.spec().describe()}"
+    return Stage(name=replacement.spec().describe(), spec=replacement, stop=stage.stop), why
 
 
 def _missing_capabilities(ctx: StrategyContext, stage: Stage, builtins: Mapping[str, type[Strategy]]) -> list[str]:
@@ -195,8 +243,8 @@ async def _run_stage(ctx: StrategyContext, stage: Stage, bank: RunBank,
 
 def _stage_line(number: int, stage: Stage, result: StrategyResult, signals: Mapping[str, float],
                 decision: str) -> str:
-    shown = ", ".join(f"{k} {v:.3g}" for k, v in signals.items()) or "no signals"
+    signals_shown = ", ".join(f"{k} {v:.3g}" for k, v in signals.items()) or "no signals"
     rule = ""
     if stage.stop is not None and decision != "last stage":
         rule = f"; stop when {stage.stop.signal} >= {stage.stop.threshold:.3g}"
-    return f"stage {number} → {result.answer.text!r} ({shown}{rule}): {decision}"
+    return f"stage {number} → {shown(result.answer)!r} ({signals_shown}{rule}): {decision}"

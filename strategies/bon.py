@@ -32,7 +32,6 @@ from .framework import (
     StrategyResult,
     Sampling,
     draw,
-    report_thinking,
     gather_all,
 )
 from .scoring import CheckParams, ConfidenceSpec, Judge
@@ -211,7 +210,6 @@ class BestOfN(Strategy[BestOfNParams]):
             selection = select(pool, selector, fallback=fallback)
 
         winner = candidates[selection.index]
-        await report_thinking(ctx, winner)
         if selection.tied:
             how = "kept" if selector == "verifier" else "tied"
             await ctx.progress(f"{how}: {', '.join(selection.tied)} → {selection.broken_by} picks")

@@ -92,6 +92,7 @@ class ChainOfThought(Strategy[CotParams]):
             completion_tokens=estimate_tokens(generated, sample.tokens, sample.completion_tokens, start,
                                               start + len(answer)),
             tokens=sample.tokens, reasoning="\n".join(p for p in (sample.reasoning, reasoning) if p),
+            thinking=sample.thinking,
             seed=sample.seed, label="cot", generated=generated, text_start=start,
             prompt_tokens=sample.prompt_tokens,
         )

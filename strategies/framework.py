@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Generic, Protocol, TypeVar, get_arg
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
+from .answers import split_thinking
 from .formats import parses_as
 from .toolcalls import ToolCall
 
@@ -131,7 +132,8 @@ def is_truncated(finish_reason: str | None) -> bool:
 @dataclass(frozen=True)
 class Candidate:
     """One reply: its content (`text`, the answer without any thinking), reasoning text if the engine or strategy
-    separated one, its tool calls (a reply that acts rather than answers), finish reason, completion tokens (of
+    separated one (`thinking`: the part that is the model's own, from the engine's reasoning_content or an inline
+    <think> block, which the run shows the client for the answer it returns), its tool calls (a reply that acts rather than answers), finish reason, completion tokens (of
     which `thinking_tokens` were thinking) and (when asked) its generated tokens with logprobs.
 
     `tokens` are the tokens of the reply as generated; their offsets index `generated` (which is `text` unless a
@@ -154,6 +156,7 @@ class Candidate:
     prompt_tokens: int = 0  # what the call that made it reported for its prompt (shared by n choices of one call)
     tool_calls: tuple[ToolCall, ...] = ()
     thinking_tokens: int = 0  # of completion_tokens, those spent on the reasoning (inline or the engine's)
+    thinking: str = ""  # of reasoning, the model's own thinking
 
     @property
     def truncated(self) -> bool:
@@ -191,6 +194,26 @@ def estimate_tokens(reply: str, tokens: Sequence[Token] | None, completion_token
     if tokens:
         return len(tokens_between(tokens, start, end))
     return round(completion_tokens * (end - start) / len(reply)) if reply else 0
+
+
+def with_thinking_apart(candidate: Candidate) -> Candidate:
+    """The candidate with the inline thinking of its text (strategies.answers.split_thinking) moved to its reasoning:
+    its text is the answer, its tokens stay (the answer's found through `generated` and `text_start`), and the
+    thinking's tokens count in `thinking_tokens` (from the tokens, else by share of characters). A candidate without
+    inline thinking comes back as it is."""
+    thinking, answer = split_thinking(candidate.text)
+    if not thinking and answer == candidate.text:
+        return candidate
+    generated = candidate.generated if candidate.generated is not None else candidate.text
+    answer_start = candidate.text_start + len(candidate.text) - len(answer)
+    end = candidate.text_start + len(candidate.text)
+    # the reply's tokens but the answer's (a token across the boundary, " The" after "</think>", is the answer's)
+    spent = (estimate_tokens(generated, candidate.tokens, candidate.completion_tokens, candidate.text_start, end)
+             - estimate_tokens(generated, candidate.tokens, candidate.completion_tokens, answer_start, end))
+    return replace(candidate, text=answer, generated=generated, text_start=answer_start,
+                   reasoning="\n".join(p for p in (candidate.reasoning, thinking) if p),
+                   thinking="\n".join(p for p in (candidate.thinking, thinking) if p),
+                   thinking_tokens=min(candidate.completion_tokens, candidate.thinking_tokens + spent))
 
 
 @dataclass(frozen=True)
@@ -650,13 +673,6 @@ def keep_parsing(ctx: StrategyContext, candidates: list[Candidate], label: str =
     if parsing and len(parsing) < len(candidates):
         ctx.note(f"{label}_not_parsing", len(candidates) - len(parsing))
     return parsing or candidates
-
-
-async def report_thinking(ctx: StrategyContext, chosen: Candidate) -> None:
-    """The chosen reply's own thinking (the engine's reasoning_content or inline <think>), as progress: the client
-    sees the reasoning behind the answer it gets, never inside the answer."""
-    if chosen.reasoning:
-        await ctx.progress(f"the chosen reply's thinking: {chosen.reasoning}")
 
 
 def last_user_index(messages: Sequence[Mapping[str, Any]]) -> int:

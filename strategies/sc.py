@@ -24,7 +24,6 @@ from .framework import (
     StrategyParams,
     StrategyResult,
     draw,
-    report_thinking,
 )
 from .selection import Pool, select
 
@@ -179,7 +178,6 @@ class SelfConsistency(Strategy[SelfConsistencyParams]):
         selection = select(pool, "vote", fallback="first")  # a tie goes to the answer seen first
         counted = set(pool.counted())
         winner = candidates[selection.index]
-        await report_thinking(ctx, winner)
         await ctx.progress(f"winner: {selection.answer}, {selection.scores[selection.answer]:g} of {len(counted)} "
                            f"votes")
         details = {

@@ -7,6 +7,7 @@ Pure functions over data, usable offline (an evaluator, another strategy such as
                                 and canonical JSON arguments, as a set (the order of parallel calls does not matter)
   check_tool_calls(calls, tools) whether every call names an offered function and its arguments satisfy that
                                 function's parameter schema (the JSON-schema subset of strategies.formats)
+  asks_for_tools(fields)        whether a request's tool fields ask for tool use at all
 
 A reply with no tool calls is compared on its text answer instead (strategies.answers.candidate_answer).
 """
@@ -43,6 +44,12 @@ class ToolCall:
         except ValueError:
             return self.arguments.strip()
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def asks_for_tools(fields: Mapping[str, Any]) -> bool:
+    """Whether a request's `tools` / `tool_choice` ask for tool use: offered tools (whatever the choice) or a
+    choice other than "none". `tool_choice: "none"` alone is no tool use."""
+    return any(fields.get(f) not in (None, False, [], 0, "none") for f in ("tools", "tool_choice"))
 
 
 def tool_calls_of(message: Mapping[str, Any]) -> tuple[ToolCall, ...]:

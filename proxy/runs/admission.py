@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ttc_proxy.strategies.framework import Sampling, Strategy
+from ttc_proxy.strategies.toolcalls import asks_for_tools
 
 from ..config import StrategySettings
 from ..errors import InvalidRequest
@@ -22,10 +23,6 @@ _NOT_FORWARDED_TO_STRATEGY_CALLS = frozenset({
     *TOOL_FIELDS,
 })
 _LEGACY_FUNCTION_FIELDS = ("functions", "function_call")
-
-
-def uses_tools(raw: Mapping[str, Any]) -> bool:
-    return any(raw.get(f) not in (None, False, [], 0, "none") for f in ("tools", "tool_choice"))
 
 
 def check_tool_fields(raw: Mapping[str, Any]) -> None:
@@ -73,10 +70,10 @@ def check_strategy_request(strategy: type[Strategy], request: ChatCompletionRequ
         if raw.get(feature) not in (None, False, [], 0):
             raise InvalidRequest(
                 f"strategy {strategy.slug!r} does not take the legacy {feature!r}; send the functions as 'tools' "
-                f"(sc and bon compare tool calls), or send it without a strategy prefix",
+                f"(sc, bon and auto compare tool calls), or send it without a strategy prefix",
                 param=feature, code="unsupported_by_strategy")
     check_tool_fields(raw)
-    if uses_tools(raw):
+    if asks_for_tools(raw):
         refusing = [s.slug for s in (chain or [strategy]) if not s.tool_calls]
         if refusing:
             feature = "tools" if raw.get("tools") not in (None, []) else "tool_choice"

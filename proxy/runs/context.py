@@ -334,9 +334,20 @@ class RunContext:
     async def emit(self, text: str) -> None:
         if not text or not self._scope.emits:
             return
-        self._state.emitted.append(text)
-        if self._state.emit_sink is not None:
-            await self._state.emit_sink(text)
+        # Every strategy's answer passes here on its way to the client: an inline <think> block at its start (an
+        # engine's tokens streamed as they come) leaves as reasoning, never as the answer's content.
+        state = self._state
+        thinking, answer = state.answer_stream.feed(text)
+        if thinking:
+            state.emitted_thinking.append(thinking)
+            if state.thinking_sink is not None:
+                await state.thinking_sink(thinking)
+        if answer:
+            if state.emitted_thinking and not state.emitted and state.thinking_sink is not None:
+                await state.thinking_sink("\n")  # the thinking's end: progress lines go on from a new line
+            state.emitted.append(answer)
+            if state.emit_sink is not None:
+                await state.emit_sink(answer)
 
     def note(self, key: str, value: Any) -> None:
         self._state.note(self._scope.node, key, value)

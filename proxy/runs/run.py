@@ -23,6 +23,7 @@ from ttc_proxy.strategies.framework import (
     StrategyParams,
     StrategyResult,
     StrategySpec,
+    with_thinking_apart,
 )
 
 from ..backends import Backend
@@ -130,6 +131,7 @@ class StrategyRun:
                 raise StrategyFailed(str(exc)) from exc
             if not result.choices:
                 raise StrategyFailed(f"strategy {self.job.strategy.slug!r} returned no answer")
+            result.choices = await self._thinking_apart(result.choices)
         except ProxyError as exc:
             self.budget_exhausted = isinstance(exc, BudgetExhausted)
             self.trace.update(0, status="error", error=exc.message, ms=self._wall_ms(), **self.budget.usage_attrs())
@@ -151,11 +153,24 @@ class StrategyRun:
                           budget_exhausted=result.budget_exhausted, **self.budget.usage_attrs())
         return result
 
+    async def _thinking_apart(self, choices: Sequence[Candidate]) -> list[Candidate]:
+        """The answers without their inline thinking (with_thinking_apart: a strategy's own stream of an engine's
+        tokens keeps it in the text), and the model's thinking behind each shown as progress, unless it streamed
+        to the client as the answer was emitted. The one place the client is shown a reply's thinking."""
+        streamed = self.state.thinking_sink is not None and bool(self.state.emitted_thinking)
+        apart = [with_thinking_apart(choice) for choice in choices]
+        for index, choice in enumerate(apart):
+            if choice.thinking and not (index == 0 and streamed):
+                label = "the chosen reply's thinking" if len(apart) == 1 else f"choice {index}'s thinking"
+                await RunContext(self.state, self.scope).progress(f"{label}: {choice.thinking}")
+        return apart
+
     def observations(self) -> dict[str, Any]:
         """For the metrics, once the run has ended: its tokens by kind, whether its budget ran out, and what its
         strategies counted."""
         usage = self.budget.usage
-        answer_tokens = sum(c.completion_tokens for c in self.result.choices) if self.result is not None else 0
+        answer_tokens = sum(c.completion_tokens - c.thinking_tokens for c in self.result.choices) \
+            if self.result is not None else 0
         return {
             "tokens": {"prompt": usage.prompt_tokens, "cached": usage.cached_prompt_tokens,
                        "completion": usage.completion_tokens,
@@ -269,8 +284,12 @@ class StrategyRun:
         async def answer(text: str) -> None:
             events.put_nowait(("content", text))
 
+        async def thinking(text: str) -> None:
+            events.put_nowait(("reasoning_content", text))
+
         self.state.progress_sink = progress
         self.state.emit_sink = answer
+        self.state.thinking_sink = thinking
         task = asyncio.create_task(self.execute())
         getter: asyncio.Future[tuple[str, str]] | None = None
         try:

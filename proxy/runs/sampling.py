@@ -7,11 +7,18 @@ import codecs
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ttc_proxy.strategies.answers import split_thinking
-from ttc_proxy.strategies.framework import CallOptions, Candidate, Sampling, Token, TokenAlternative, message_text
+from ttc_proxy.strategies.framework import (
+    CallOptions,
+    Candidate,
+    Sampling,
+    Token,
+    TokenAlternative,
+    message_text,
+    with_thinking_apart,
+)
 from ttc_proxy.strategies.toolcalls import ToolCall, tool_calls_of
 
 from ..wire.protocol import choice_index
@@ -240,26 +247,22 @@ def make_candidate(choice: ParsedChoice, completion_tokens: int, seed: int | Non
                    prompt_tokens: int = 0, whole_reply: bool = False,
                    reported_thinking_tokens: int | None = None) -> Candidate:
     """`whole_reply`: the choice is a whole assistant reply (not the continuation of a prefix), so inline thinking
-    at its start is set apart as reasoning (strategies.answers.split_thinking), the tokens kept for the answer."""
+    at its start is set apart as reasoning (strategies.framework.with_thinking_apart), the tokens kept for the
+    answer. The engine's own count of thinking tokens, when it reports one, is the count."""
     text = choice.text
     if echoed and text.startswith(echoed):
         text = text[len(echoed):]
     tokens = read_tokens(choice.entries, merges_split_characters) if keep_tokens else None
-    reasoning, generated, start = choice.reasoning, None, 0
+    separate = choice.reasoning  # the engine's reasoning_content: never in the text, nor in its logprobs
+    candidate = Candidate(text=text, finish_reason=choice.finish_reason, completion_tokens=completion_tokens,
+                          tokens=tokens, reasoning=separate, thinking=separate, seed=seed, label=label,
+                          prompt_tokens=prompt_tokens, tool_calls=choice.tool_calls)
     if whole_reply:
-        thinking, answer = split_thinking(text)
-        if thinking or answer != text:
-            reasoning = "\n".join(p for p in (reasoning, thinking) if p)
-            generated, start = text, len(text) - len(answer)
-            text = answer
+        candidate = with_thinking_apart(candidate)
     if reported_thinking_tokens is not None:
         thinking_tokens = min(completion_tokens, reported_thinking_tokens)
-    elif reasoning:
-        # The engine did not say: the share of the reply's characters that are thinking.
-        thinking_tokens = round(completion_tokens * len(reasoning) / (len(reasoning) + len(text)))
     else:
-        thinking_tokens = 0
-    return Candidate(text=text, finish_reason=choice.finish_reason, completion_tokens=completion_tokens,
-                     tokens=tokens, reasoning=reasoning, seed=seed, label=label, prompt_tokens=prompt_tokens,
-                     tool_calls=choice.tool_calls, thinking_tokens=thinking_tokens, generated=generated,
-                     text_start=start)
+        # The engine did not say: its separate reasoning's share of the reply's characters.
+        thinking_tokens = candidate.thinking_tokens + (
+            round(completion_tokens * len(separate) / (len(separate) + len(text))) if separate else 0)
+    return replace(candidate, thinking_tokens=min(completion_tokens, thinking_tokens))

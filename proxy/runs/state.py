@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ttc_proxy.strategies.answers import ThinkingSplitter
 from ttc_proxy.strategies.framework import CallOptions, Candidate, Sampling, Strategy, StrategySpec, StreamEvent
 
 from ..backends import Backend
@@ -54,9 +55,12 @@ class RunState:
     backend_for: Callable[[str], Backend] | None = None
     progress_sink: TextSink | None = None
     emit_sink: TextSink | None = None
+    thinking_sink: TextSink | None = None  # the emitted answer's inline thinking, streamed as reasoning
     sample_source: SampleSource | None = None  # None: every sample comes from the engine
     progress_lines: list[str] = field(default_factory=list)
-    emitted: list[str] = field(default_factory=list)
+    emitted: list[str] = field(default_factory=list)  # the answer as sent, its inline thinking set apart
+    emitted_thinking: list[str] = field(default_factory=list)
+    answer_stream: ThinkingSplitter = field(default_factory=ThinkingSplitter)  # splits what the strategy emits
     span_counts: dict[tuple[int, str], int] = field(default_factory=dict)
     rendered: dict[str, str] = field(default_factory=dict)  # render() results, per backend, model and conversation
     # How the run worked around what an engine lacks (ttc.details.adaptations): the client sees the degradation.

@@ -52,6 +52,18 @@ def test_tool_request_round_trips_through_strategies(tools_proxy, model):
     assert completion.model_extra["ttc"]["backend_calls"] >= 1
 
 
+def test_auto_runs_its_stages_as_ones_that_compare_tool_calls(tools_proxy):
+    with openai.OpenAI(base_url=tools_proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
+        completion = client.chat.completions.create(model="auto-smollm2", messages=QUESTION, tools=TOOLS,
+                                                    tool_choice="required", max_tokens=64, temperature=0.7)
+    choice = completion.choices[0]
+    print(f"\nauto: {choice.finish_reason} {choice.message.tool_calls or choice.message.content!r}")
+    assert_openai_answer(choice)
+    (stage,) = completion.model_extra["ttc"]["details"]["stages"]  # the built-in default: one `cot` stage
+    assert stage["stage"] == "cot" and stage["ran"] == "sc:n=5,adaptive=True,first_wave=3"
+    assert "agreement" in stage["signals"]
+
+
 async def test_tool_request_round_trips_async_and_streamed(tools_proxy):
     async with openai.AsyncOpenAI(base_url=tools_proxy.url + "/v1", api_key="x", max_retries=0,
                                   timeout=300) as client:

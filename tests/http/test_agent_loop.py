@@ -1,5 +1,5 @@
-"""An unchanged LangChain agent loop (langchain-openai's ChatOpenAI with bound tools) through `sc:n=5-<model>` and
-`bon-<model>` on the scripted backend: the model asks for a tool, the loop runs it, sends the result back as a
+"""An unchanged LangChain agent loop (langchain-openai's ChatOpenAI with bound tools) through `sc:n=5-<model>`,
+`bon-<model>` and `auto-<model>` on the scripted backend: the model asks for a tool, the loop runs it, sends the result back as a
 `tool` message, and the model answers."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def run_agent(model: str, base_url: str, streaming: bool = False) -> tuple[str, 
     raise AssertionError("the agent did not finish")
 
 
-@pytest.mark.parametrize("model", ["sc:n=5-fake-model", "bon-fake-model", "bon:n=3,select=verifier-fake-model"])
+@pytest.mark.parametrize("model", ["sc:n=5-fake-model", "bon-fake-model", "bon:n=3,select=verifier-fake-model",
+                                   "auto-fake-model"])
 @pytest.mark.parametrize("streaming", [False, True])
 def test_langchain_agent_loop_runs_unchanged(proxy, fake, model, streaming):
     fake.script = scripted_model
