@@ -513,12 +513,18 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         help="with --metrics-off-too: rounds of (on, off, off, on) per phase, for an interval on "
                              "what metrics add (default 1)")
     parser.add_argument("--log-level", default="warning")
+    routing = parser.add_argument_group("auto's routing cost (tools/routing_bench.py): paired requests on the "
+                                        "fake backend, auto running 1-3 stages against the same stages run fixed")
+    routing.add_argument("--routing", action="store_true",
+                         help="measure auto's routing cost instead of pass-through (pairs: --pairs; output default "
+                              "bench-results/routing.json)")
     engine = parser.add_argument_group("in front of a real engine (tools/engine_bench.py): paired requests, "
                                        "direct and through the proxy")
     engine.add_argument("--backend", help="the engine's base URL on loopback, e.g. http://127.0.0.1:8201/v1")
     engine.add_argument("--kind", default="generic", help="the backend's kind in the proxy's config")
     engine.add_argument("--engine-model", default="smollm2", help="the model name the engine wants")
-    engine.add_argument("--pairs", type=positive_int, default=200, help="pairs per phase (default 200)")
+    engine.add_argument("--pairs", type=positive_int, default=200,
+                        help="pairs per phase, with --backend or --routing (default 200)")
     parser.set_defaults(handler=bench_command)
     return parser
 
@@ -530,6 +536,21 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.routing:
+        from .routing_bench import format_routing_report, run_routing_overhead
+
+        output = Path(args.output)
+        if output == DEFAULT_OUTPUT:
+            output = output.with_name("routing.json")
+        report = _run_and_write(lambda: run_routing_overhead(pairs=args.pairs, warmup=min(args.warmup, args.pairs),
+                                                             progress=say), format_routing_report, output)
+        if isinstance(report, int):
+            return report
+        if not (report["all_answered_ok"] and report["same_backend_calls"]):
+            print("ttc-proxy bench: some requests failed, or auto sent other backend calls than the fixed stages",
+                  file=sys.stderr)
+            return 1
+        return 1 if args.check and not report["target"]["met"] else 0
     if args.backend:
         from .engine_bench import format_engine_report, run_engine_overhead
 

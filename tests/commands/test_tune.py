@@ -100,3 +100,31 @@ def test_an_engine_without_logprobs_gets_no_logprob_rules(proxy: ProxyServer, fa
     policy = CascadePolicy.model_validate_json(policy_path.read_text())
     rules = [s.stop for p in policy.points for s in p.stages if s.stop is not None]
     assert all(rule.signal == "agreement" for rule in rules)
+
+
+def test_refit_fits_again_on_an_earlier_runs_tables_without_an_engine(proxy: ProxyServer, fake: FakeBackend,
+                                                                       tmp_path: Path) -> None:
+    fake.script = script
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    first, again = tmp_path / "first", tmp_path / "again"
+    common = ["--model", "fake-model", "--folds", "2", "--no-progress", "--default-budget", "250"]
+    assert cli.main(["tune", str(tasks), "--proxy", proxy.url, "--out", str(first / "p.json"), "--results",
+                     str(first), "--pool", "4", "--candidates", "cot",
+                     "bon:n=4,select=confidence,confidence=logprob>cot",
+                     "--chains", "cot|bon:n=4,select=confidence,confidence=logprob>cot", *common]) == 0
+    calls = len(fake.requests)
+    assert cli.main(["tune", "--refit", str(first / "tune.json"), "--out", str(again / "p.json"), "--results",
+                     str(again), *common]) == 0
+    assert len(fake.requests) == calls  # nothing measured
+    before, after = (json.loads((d / "tune.json").read_text()) for d in (first, again))
+    assert after["frontier"] == before["frontier"] and after["per_task"] == before["per_task"]
+    assert after["meta"]["refit_of"] == str(first / "tune.json")
+    assert after["meta"]["seconds"] == before["meta"]["seconds"]  # the measuring run's time, kept
+
+
+def test_refit_of_a_file_that_is_not_a_tune_json_is_refused(tmp_path: Path, capsys: Any) -> None:
+    bad = tmp_path / "tune.json"
+    bad.write_text('{"meta": {}}')
+    assert cli.main(["tune", "--refit", str(bad), "--model", "fake-model"]) == 2
+    assert "not a tune.json" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from ..eval.pooled import parse_strategy_string
 from ..eval.runner import Progress, RunSettings, add_engine_arguments, proxy_endpoint
 from ..eval.stats import Interval, paired_difference, wilson_interval
 from ..eval.tasks import EvalError, add_subset_arguments, load_tasks
-from .fit import Chain, CrossValidated, Scored, budget_grid, cross_validate, fit
+from .fit import MARGINS, Chain, CrossValidated, Fitted, Scored, StageRecord, budget_grid, cross_validate, fit
 from .measure import Candidate, Measured, measure
 
 LOGPROB = "select=confidence,confidence=logprob"
@@ -46,7 +46,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                     "signals, and fits a cascade policy for `auto-MODEL`: stages with stop rules whose thresholds "
                     "maximise accuracy at each token budget, judged by k-fold cross-validation over tasks. Writes "
                     "the policy (--out), and frontier.csv, per_task.csv, tune.json and frontier.png (--results).")
-    parser.add_argument("tasks", help="JSONL task file with checkable answers (the eval's format)")
+    parser.add_argument("tasks", nargs="?", help="JSONL task file with checkable answers (the eval's format); "
+                                                  "not needed with --refit")
     parser.add_argument("--model", required=True, help="the model to tune for (a plain model name)")
     parser.add_argument("--out", help="the policy file to write (default: policies/MODEL.json)")
     parser.add_argument("--results", help="folder for the frontier table, plot and per-task table "
@@ -67,6 +68,14 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=positive_int, default=4, help="tasks in flight (default 4)")
     parser.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per call (default 300)")
     parser.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument("--margin", type=float, nargs="+", default=list(MARGINS), metavar="Z",
+                        help="the guard: a dearer cascade replaces a cheaper one only when its paired gain on the "
+                             "training tasks exceeds Z standard errors; several values: cross-validation on the "
+                             "training tasks chooses (nested inside the reported cross-validation) "
+                             f"(default: {' '.join(f'{m:g}' for m in MARGINS)})")
+    parser.add_argument("--refit", metavar="TUNE_JSON",
+                        help="measure nothing: fit again on the per-task tables of an earlier run's tune.json (its "
+                             "candidates, tasks and settings)")
     parser.add_argument("--budgets", type=positive_float, nargs="+",
                         help="token budgets per task for the frontier (default: 12 from the cheapest to the "
                              "dearest candidate)")
@@ -119,13 +128,78 @@ def tune_command(args: argparse.Namespace) -> int:
     results_dir = Path(args.results or f"eval-results/tune-{model}")
     try:
         registry = load_registry()[0]
-        candidates = parse_candidates(args.candidates, args.chains, model, registry)
-        tasks = load_tasks(args.tasks, args.limit, args.every, args.start)
-        if args.folds > len(tasks):
-            raise EvalError(f"--folds {args.folds} needs at least as many tasks ({len(tasks)} given)")
+        if args.refit:
+            candidates, chains, task_ids, meta, errors = load_measurements(args.refit, model, registry)
+        else:
+            measured_run = measure_candidates(args, model, registry)
+            if isinstance(measured_run, int):
+                return measured_run
+            candidates, chains, task_ids, meta, errors = measured_run
     except EvalError as exc:
         print(f"ttc-proxy tune: {exc}", file=sys.stderr)
         return 2
+    if len(task_ids) < max(2, args.folds):
+        print(f"ttc-proxy tune: only {len(task_ids)} tasks were answered by every candidate; nothing to fit with "
+              f"{args.folds} folds (first errors: {'; '.join(e for errs in errors.values() for e in errs)[:500] or 'none'})",
+              file=sys.stderr)
+        return 1
+
+    fit_started = time.monotonic()
+    fixed = [i for i, c in enumerate(candidates) if len(c.stages) == 1]
+    fixed_summary = [_fixed_row(chains[i]) for i in fixed]
+    costs = [row["mean_tokens"] for row in fixed_summary]
+    budgets = sorted(set(args.budgets or budget_grid(min(costs), max(costs))))
+    best_fixed = max(fixed_summary, key=lambda r: (r["accuracy"], -r["mean_tokens"]))
+    default_budget = float(args.default_budget or round(best_fixed["mean_tokens"] / 3))
+    budgets = sorted(set(budgets) | {default_budget})
+    margins = sorted(set(args.margin))
+    validated = cross_validate(chains, budgets, args.folds, seed=args.seed, margins=margins)
+    fitted = fit(chains, budgets, margins=margins, folds=args.folds, seed=args.seed)
+    frontier = [_frontier_row(cv, chains, fixed, fixed_summary, fitted.points.get(cv.budget)) for cv in validated]
+    meta.update(folds=args.folds, margins_offered=margins, margin=fitted.margin,
+                fold_margins=list(validated[0].margins) if validated else [], default_budget=default_budget,
+                fit_seconds=round(time.monotonic() - fit_started, 1))
+
+    policy = build_policy(model, candidates, chains, fitted, validated, default_budget, meta, frontier)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(policy.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(results_dir / "frontier.csv", frontier)
+    _write_csv(results_dir / "fixed.csv", fixed_summary)
+    _write_per_task(results_dir / "per_task.csv", chains, task_ids)
+    (results_dir / "tune.json").write_text(json.dumps(
+        {"meta": meta, "frontier": frontier, "fixed": fixed_summary, "errors": errors,
+         "per_task": {c.name: [[asdict(r) for r in row] for row in c.rows] for c in chains},
+         "task_ids": list(task_ids)}, indent=1) + "\n", encoding="utf-8")
+    written = [out, results_dir / "frontier.csv", results_dir / "fixed.csv", results_dir / "per_task.csv",
+               results_dir / "tune.json"]
+    if write_plot(results_dir / "frontier.png", frontier, fixed_summary, default_budget,
+                  f"{Path(meta['tasks_file']).name}, {len(task_ids)} tasks, {args.folds}-fold cross-validated"):
+        written.append(results_dir / "frontier.png")
+    else:
+        print("plot skipped: matplotlib is not installed (pip install 'ttc-proxy[plot]')")
+    source = f"refitted from {args.refit}" if args.refit else f"{meta['seconds']:.0f} s"
+    print(f"ttc-proxy tune: {model} on {len(task_ids)} of {meta['tasks']} tasks from {meta['tasks_file']}, pool "
+          f"{meta['pool']}, seed {meta['seed']}, temperature {meta['temperature']:g}, max_tokens {meta['max_tokens']}, "
+          f"{args.folds} folds, margin {fitted.margin:g} (folds: {', '.join(f'{m:g}' for m in meta['fold_margins'])}); "
+          f"{source}" + (" (stopped early: --max-tokens-total)" if meta.get("stopped_early") else ""))
+    print(render_frontier(frontier, fixed_summary, default_budget))
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+Measurements = tuple[list[Candidate], list[Chain], list[str], dict[str, Any], dict[str, list[str]]]
+
+
+def measure_candidates(args: argparse.Namespace, model: str,
+                       registry: Mapping[str, type[Strategy]]) -> Measurements | int:
+    """Every candidate measured on the tasks through the engine; an exit status when the run cannot finish."""
+    if not args.tasks:
+        raise EvalError("give a task file (or --refit an earlier run's tune.json)")
+    candidates = parse_candidates(args.candidates, args.chains, model, registry)
+    tasks = load_tasks(args.tasks, args.limit, args.every, args.start)
+    if args.folds > len(tasks):
+        raise EvalError(f"--folds {args.folds} needs at least as many tasks ({len(tasks)} given)")
     settings = RunSettings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                            timeout=args.timeout, concurrency=args.concurrency)
     progress = Progress(len(tasks) * len(candidates), enabled=not args.no_progress, name="tune")
@@ -139,68 +213,38 @@ def tune_command(args: argparse.Namespace) -> int:
                                                registry, progress, args.max_tokens_total))
             finally:
                 progress.close()
-    except EvalError as exc:
-        print(f"ttc-proxy tune: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\nttc-proxy tune: interrupted", file=sys.stderr)
         return 130
     seconds = time.monotonic() - started
     chains, usable = tables(candidates, measured)
-    if len(usable) < max(2, args.folds):
-        print(f"ttc-proxy tune: only {len(usable)} tasks were answered by every candidate; nothing to fit "
-              f"(first errors: {_first_errors(measured)})", file=sys.stderr)
-        return 1
-
-    fixed = [i for i, c in enumerate(candidates) if len(c.stages) == 1]
-    fixed_summary = [_fixed_row(chains[i]) for i in fixed]
-    costs = [row["mean_tokens"] for row in fixed_summary]
-    budgets = sorted(set(args.budgets or budget_grid(min(costs), max(costs))))
-    best_fixed = max(fixed_summary, key=lambda r: (r["accuracy"], -r["mean_tokens"]))
-    default_budget = float(args.default_budget or round(best_fixed["mean_tokens"] / 3))
-    budgets = sorted(set(budgets) | {default_budget})
-    validated = cross_validate(chains, budgets, args.folds, seed=args.seed)
-    fitted = fit(chains, budgets)
-    frontier = [_frontier_row(cv, chains, fixed, fixed_summary, fitted.get(cv.budget)) for cv in validated]
-
-    meta = {
+    meta: dict[str, Any] = {
         "model": model, "tasks_file": str(args.tasks), "tasks": len(tasks), "tasks_used": len(usable),
         "every": args.every, "start": args.start, "limit": args.limit, "pool": args.pool, "seed": args.seed,
-        "temperature": args.temperature, "max_tokens": args.max_tokens, "folds": args.folds,
-        "candidates": [c.name for c in candidates], "default_budget": default_budget,
-        "started_at": started_at.isoformat(), "seconds": round(seconds, 1),
-        "stopped_early": measured.stopped_early, "proxy": args.proxy or "in-process proxy",
+        "temperature": args.temperature, "max_tokens": args.max_tokens,
+        "candidates": [c.name for c in candidates], "started_at": started_at.isoformat(),
+        "seconds": round(seconds, 1), "stopped_early": measured.stopped_early,
+        "proxy": args.proxy or "in-process proxy",
     }
-    policy = build_policy(model, candidates, chains, fitted, validated, default_budget, meta, frontier)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(policy.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-    results_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(results_dir / "frontier.csv", frontier)
-    _write_csv(results_dir / "fixed.csv", fixed_summary)
-    _write_per_task(results_dir / "per_task.csv", chains, [tasks[i].id for i in usable])
-    (results_dir / "tune.json").write_text(json.dumps(
-        {"meta": meta, "frontier": frontier, "fixed": fixed_summary,
-         "errors": {name: [e for e in errs if e] for name, errs in measured.errors.items()},
-         "per_task": {c.name: [[asdict(r) for r in row] for row in c.rows] for c in chains},
-         "task_ids": [tasks[i].id for i in usable]}, indent=1) + "\n", encoding="utf-8")
-    written = [out, results_dir / "frontier.csv", results_dir / "fixed.csv", results_dir / "per_task.csv",
-               results_dir / "tune.json"]
-    if write_plot(results_dir / "frontier.png", frontier, fixed_summary, default_budget,
-                  f"{Path(args.tasks).name}, {len(usable)} tasks, {args.folds}-fold cross-validated"):
-        written.append(results_dir / "frontier.png")
-    else:
-        print("plot skipped: matplotlib is not installed (pip install 'ttc-proxy[plot]')")
-    print(f"ttc-proxy tune: {model} on {len(usable)} of {len(tasks)} tasks from {args.tasks}, pool {args.pool}, "
-          f"seed {args.seed}, temperature {args.temperature:g}, max_tokens {args.max_tokens}, {args.folds} folds; "
-          f"{seconds:.0f} s" + (" (stopped early: --max-tokens-total)" if measured.stopped_early else ""))
-    print(render_frontier(frontier, fixed_summary, default_budget))
-    print("written: " + ", ".join(str(p) for p in written))
-    return 0
+    errors = {name: [e for e in errs if e] for name, errs in measured.errors.items()}
+    return candidates, chains, [tasks[i].id for i in usable], meta, errors
 
 
-def _first_errors(measured: Measured) -> str:
-    errors = [e for errs in measured.errors.values() for e in errs if e]
-    return "; ".join(errors[:3]) or "none"
+def load_measurements(path: str, model: str, registry: Mapping[str, type[Strategy]]) -> Measurements:
+    """An earlier run's candidates, per-task tables and settings, from its tune.json."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        meta = dict(saved["meta"])
+        candidates = parse_candidates([], meta["candidates"], model, registry)
+        chains = [Chain(c.name, c.stages, [[StageRecord(**record) for record in row]
+                                           for row in saved["per_task"][c.name]]) for c in candidates]
+        task_ids = list(saved["task_ids"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvalError(f"--refit {path}: not a tune.json ({type(exc).__name__}: {exc})") from exc
+    if meta.get("model") != model:
+        raise EvalError(f"--refit {path} was measured for {meta.get('model')!r}, not {model!r}")
+    meta["refit_of"] = str(path)
+    return candidates, chains, task_ids, meta, saved.get("errors") or {}
 
 
 def _interval(interval: Interval) -> dict[str, float]:
@@ -218,9 +262,10 @@ def _fixed_row(chain: Chain) -> dict[str, Any]:
 def _frontier_row(cv: CrossValidated, chains: Sequence[Chain], fixed: Sequence[int],
                   fixed_summary: Sequence[Mapping[str, Any]], fitted: Scored | None) -> dict[str, Any]:
     """One budget: auto's cross-validated accuracy and tokens, against the most accurate fixed candidate that
-    spends no more than auto did (paired on the same tasks)."""
+    spends no more than the budget (or than auto did, where auto spent more), paired on the same tasks."""
     accuracy = wilson_interval(int(cv.correct.sum()), len(cv.correct))
-    affordable = [(i, s) for i, s in zip(fixed, fixed_summary) if s["mean_tokens"] <= cv.mean_tokens]
+    limit = max(cv.budget, cv.mean_tokens)
+    affordable = [(i, s) for i, s in zip(fixed, fixed_summary) if s["mean_tokens"] <= limit]
     row: dict[str, Any] = {
         "budget": cv.budget, "auto_accuracy": round(accuracy.estimate, 4), "auto_low": round(accuracy.low, 4),
         "auto_high": round(accuracy.high, 4), "auto_mean_tokens": round(cv.mean_tokens, 1),
@@ -238,7 +283,7 @@ def _frontier_row(cv: CrossValidated, chains: Sequence[Chain], fixed: Sequence[i
     return row
 
 
-def build_policy(model: str, candidates: Sequence[Candidate], chains: Sequence[Chain], fitted: Mapping[float, Scored],
+def build_policy(model: str, candidates: Sequence[Candidate], chains: Sequence[Chain], fitted: Fitted,
                  validated: Sequence[CrossValidated], default_budget: float, meta: Mapping[str, Any],
                  frontier: Sequence[Mapping[str, Any]]) -> CascadePolicy:
     """The policy file: one operating point per budget (the cascade fitted on every task), each with what
@@ -246,8 +291,8 @@ def build_policy(model: str, candidates: Sequence[Candidate], chains: Sequence[C
     points: list[OperatingPoint] = []
     by_budget = {cv.budget: cv for cv in validated}
     default = 0
-    for budget in sorted(fitted):
-        scored = fitted[budget]
+    for budget in sorted(fitted.points):
+        scored = fitted.points[budget]
         cascade = scored.cascade
         candidate = candidates[cascade.chain]
         stages = []
@@ -276,7 +321,7 @@ def render_frontier(frontier: Sequence[Mapping[str, Any]], fixed: Sequence[Mappi
     for row in sorted(fixed, key=lambda r: r["mean_tokens"]):
         lines.append(f"  {pct(row['accuracy']):>5} [{pct(row['accuracy_low'])}, {pct(row['accuracy_high'])}]"
                      f"{'':<11} {row['mean_tokens']:>11.0f}  {row['candidate']}")
-    lines += ["auto, cross-validated frontier (vs the best fixed candidate spending no more, paired):",
+    lines += ["auto, cross-validated frontier (vs the best fixed candidate within the budget, paired):",
               f"  {'budget':>7} {'auto % [95%]':<20} {'tokens':>7}  {'diff pts [95%]':<22} fixed (%, tokens)"]
     for row in frontier:
         mark = " *default" if row["budget"] == default_budget else ""
