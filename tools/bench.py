@@ -369,7 +369,7 @@ def metrics_comparison(phases: dict[str, dict[str, Any]], rounds: int = 1) -> di
     }
 
 
-# two-sided 95 % Student t quantiles by degrees of freedom (beyond the table, the normal's)
+# two-sided 95 % Student t quantiles by degrees of freedom (beyond 30, 30's: a little wide)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
@@ -536,6 +536,10 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.rounds != 1 and not args.metrics_off_too:
+        print("ttc-proxy bench: --rounds repeats the metrics on/off comparison: use it with --metrics-off-too",
+              file=sys.stderr)
+        return 2
     if args.routing:
         from .routing_bench import format_routing_report, run_routing_overhead
 

@@ -63,9 +63,12 @@ def backend_calls(port: int, body: dict[str, Any]) -> int:
     """One request through the proxy, checked: its `ttc.backend_calls`."""
     request = urllib.request.Request(f"http://{HOST}:{port}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        reply = json.loads(response.read())
-    return int(reply["ttc"]["backend_calls"])
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            reply = json.loads(response.read())
+        return int(reply["ttc"]["backend_calls"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # refused, not JSON, or no ttc: cannot measure
+        raise ValueError(f"the proxy did not answer {body.get('model')!r} with its backend calls: {exc}") from exc
 
 
 async def _pairs(port: int, stages: int, pairs: int, warmup: int, rng: random.Random) -> dict[str, Any]:

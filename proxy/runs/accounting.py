@@ -62,7 +62,8 @@ class BudgetScope:
         return BudgetView(
             tokens=min(s.limits.max_total_tokens - s.usage.total_tokens - s.reserved for s in self.chain()),
             calls=min(s.limits.max_calls - s.usage.calls for s in self.chain()),
-            seconds=max(0.0, self.deadline - now),
+            # once a call was cut at a deadline in the chain, no time is left whatever the clock says
+            seconds=0.0 if any(s.out_of_time for s in self.chain()) else max(0.0, self.deadline - now),
         )
 
     def check(self) -> None:

@@ -101,6 +101,11 @@ def test_metrics_on_and_off_in_rounds_give_a_difference_per_round(tmp_path: Path
     assert "added by metrics" in capsys.readouterr().out
 
 
+def test_rounds_without_the_metrics_comparison_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--rounds", "3"]) == 2
+    assert "--metrics-off-too" in capsys.readouterr().err
+
+
 def test_t_interval() -> None:
     assert bench.t_interval([1.0]) is None
     low, high = bench.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2 df) 4.303

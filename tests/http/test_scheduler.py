@@ -283,10 +283,13 @@ def test_pass_through_not_starved_behind_strategy(fake_backend, fake):
         scheduler = server.server.config.app.state.proxy.backends["fake"].scheduler
         strategy = {"model": "sc:n=8-fake-model", "messages": user(), "seed": 1}
         thread, out = run_in_thread(lambda: chat(server, strategy))
-        wait_until(lambda: fake.in_flight == 1 and scheduler.queued == 7, timeout=10)  # one in flight, seven queued
-        quick, answer = run_in_thread(lambda: chat(server, {"model": "fake-model", "messages": user("quick one")}))
-        wait_until(lambda: scheduler.queued == 8, timeout=10)
-        release.set()
+        try:
+            wait_until(lambda: fake.in_flight == 1 and scheduler.queued == 7, timeout=10)  # one in flight, 7 queued
+            quick, answer = run_in_thread(lambda: chat(server, {"model": "fake-model",
+                                                                "messages": user("quick one")}))
+            wait_until(lambda: scheduler.queued == 8, timeout=10)
+        finally:
+            release.set()  # a failed wait must not leave the held calls waiting out their hold
         quick.join(10)
         thread.join(10)
         assert answer[0].status_code == 200

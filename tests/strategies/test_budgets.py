@@ -153,4 +153,8 @@ def test_no_call_starts_once_a_call_was_cut_at_the_deadline():
     with pytest.raises(BudgetExceeded, match="wall-time budget of 30 s"):
         nested.check()
     assert nested.exhausted and not run.exhausted
+    # what the nested run sees of its budget agrees: no time left, and a run nested in it gets none either
+    assert nested.view().seconds == 0.0
+    assert nested.child(None).view().seconds == 0.0
     run.check()  # the run's own deadline is still ahead: its other calls go on
+    assert run.view().seconds > 29
