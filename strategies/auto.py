@@ -117,6 +117,7 @@ class Auto(Strategy[AutoParams]):
         answer: StrategyResult | None = None
         stopped = "no stage ran"
         budget_exhausted = False
+        ran: dict[str, int] = {}  # what each stage that ran ran -> its number
         for number, stage in enumerate(point.stages, start=1):
             last = number == len(point.stages)
             record: dict[str, Any] = {"stage": stage.name}
@@ -128,6 +129,11 @@ class Auto(Strategy[AutoParams]):
                 if replaced is not None:
                     record.update(ran=stage.name, replaced=replaced)
                     instead = f" (in place of {planned}: {replaced})"
+                    if stage.name in ran:  # the same vote again with new samples is no escalation
+                        record["skipped"] = f"with tools it runs as stage {ran[stage.name]} did ({stage.name})"
+                        await ctx.progress(f"stage {number}: {planned} skipped ({record['skipped']})")
+                        stopped = f"stage {number} would repeat stage {ran[stage.name]} with tools"
+                        continue
             missing = _missing_capabilities(ctx, stage, STAGE_STRATEGIES)
             if missing:
                 record["skipped"] = f"the backend lacks {', '.join(missing)}"
@@ -148,6 +154,7 @@ class Auto(Strategy[AutoParams]):
                 break
             signals = stage_signals(result)
             answer = result
+            ran.setdefault(stage.name, number)
             budget_exhausted = budget_exhausted or result.budget_exhausted or ctx.budget.exhausted
             record.update(answer=shown(result.answer), signals={k: round(v, 6) for k, v in signals.items()},
                           tokens=tokens_before - ctx.budget.tokens, calls=calls_before - ctx.budget.calls,

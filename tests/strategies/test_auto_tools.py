@@ -142,6 +142,21 @@ def test_disagreeing_calls_go_on_and_stage_two_picks_the_surest_call(client: ope
     assert choices(fake) == 9 and all(r.body["tools"] == TOOLS for r in fake.chat_requests())
 
 
+def test_a_stage_that_would_run_as_an_earlier_one_with_tools_is_skipped(client: openai.OpenAI,
+                                                                          fake: FakeBackend) -> None:
+    # cot and mcts both run as the same tool vote: running it again with new samples is no escalation
+    mcts = {"name": "mcts", "spec": {"strategy": "mcts"}}
+    fake.script = in_turn(weather("Paris", "Lyon", "Paris"), weather("Lyon", "Paris"))
+    completion = ask(client, {"policy": policy(COT, mcts)})
+    details = completion.model_extra["ttc"]["details"]
+    first, second = details["stages"]
+    assert details["stopped"] == "stage 2 would repeat stage 1 with tools"
+    assert first["decision"] == "continue" and first["signals"]["agreement"] == 0.6
+    assert second["ran"] == TOOL_STAGE and second["skipped"] == f"with tools it runs as stage 1 did ({TOOL_STAGE})"
+    assert "decision" not in second and choices(fake) == 5
+    assert json.loads(completion.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
 def test_a_text_majority_answers_in_text(client: openai.OpenAI, fake: FakeBackend) -> None:
     fake.script = lambda body: FakeReply(texts=["I cannot look up the weather."])
     completion = ask(client)
