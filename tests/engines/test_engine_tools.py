@@ -41,24 +41,25 @@ def assert_openai_answer(choice: object) -> None:
         assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
 
 
-@pytest.mark.parametrize("model", ["sc:n=3-smollm2", "bon:n=3,select=verifier-smollm2", "bon:n=2-smollm2"])
-def test_tool_request_round_trips_through_strategies(tools_proxy, model):
-    with openai.OpenAI(base_url=tools_proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
+def ask_for_a_call(proxy: ProxyServer, model: str) -> object:
+    """The SDK's tool-calling request (a call required), its answer checked for the OpenAI shape."""
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
         completion = client.chat.completions.create(model=model, messages=QUESTION, tools=TOOLS,
                                                     tool_choice="required", max_tokens=64, temperature=0.7)
     choice = completion.choices[0]
     print(f"\n{model}: {choice.finish_reason} {choice.message.tool_calls or choice.message.content!r}")
     assert_openai_answer(choice)
+    return completion
+
+
+@pytest.mark.parametrize("model", ["sc:n=3-smollm2", "bon:n=3,select=verifier-smollm2", "bon:n=2-smollm2"])
+def test_tool_request_round_trips_through_strategies(tools_proxy, model):
+    completion = ask_for_a_call(tools_proxy, model)
     assert completion.model_extra["ttc"]["backend_calls"] >= 1
 
 
 def test_auto_runs_its_stages_as_ones_that_compare_tool_calls(tools_proxy):
-    with openai.OpenAI(base_url=tools_proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
-        completion = client.chat.completions.create(model="auto-smollm2", messages=QUESTION, tools=TOOLS,
-                                                    tool_choice="required", max_tokens=64, temperature=0.7)
-    choice = completion.choices[0]
-    print(f"\nauto: {choice.finish_reason} {choice.message.tool_calls or choice.message.content!r}")
-    assert_openai_answer(choice)
+    completion = ask_for_a_call(tools_proxy, "auto-smollm2")
     (stage,) = completion.model_extra["ttc"]["details"]["stages"]  # the built-in default: one `cot` stage
     assert stage["stage"] == "cot" and stage["ran"] == "sc:n=5,adaptive=True,first_wave=3"
     assert "agreement" in stage["signals"]
@@ -88,12 +89,7 @@ async def test_tool_request_round_trips_async_and_streamed(tools_proxy):
 
 def test_the_engine_itself_with_tools(tools_proxy):
     """Pass-through: what llama-server makes of the tools with this model (the strategies' samples get the same)."""
-    with openai.OpenAI(base_url=tools_proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
-        completion = client.chat.completions.create(model="smollm2", messages=QUESTION, tools=TOOLS,
-                                                    tool_choice="required", max_tokens=64, temperature=0.7)
-    choice = completion.choices[0]
-    print(f"\npass-through: {choice.finish_reason} {choice.message.tool_calls or choice.message.content!r}")
-    assert_openai_answer(choice)
+    ask_for_a_call(tools_proxy, "smollm2")
 
 
 def test_multi_turn_with_a_tool_result_round_trips(tools_proxy):
