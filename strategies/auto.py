@@ -124,16 +124,11 @@ class Auto(Strategy[AutoParams]):
             stages.append(record)
             instead = ""
             if tools:
-                planned = stage.name
-                stage, replaced = stage_for_tools(stage, STAGE_STRATEGIES)
-                if replaced is not None:
-                    record.update(ran=stage.name, replaced=replaced)
-                    instead = f" (in place of {planned}: {replaced})"
-                    if stage.name in ran:  # the same vote again with new samples is no escalation
-                        record["skipped"] = f"with tools it runs as stage {ran[stage.name]} did ({stage.name})"
-                        await ctx.progress(f"stage {number}: {planned} skipped ({record['skipped']})")
-                        stopped = f"stage {number} would repeat stage {ran[stage.name]} with tools"
-                        continue
+                stage, instead = _stage_with_tools(stage, record, ran)
+                if "skipped" in record:
+                    await ctx.progress(f"stage {number}: {record['stage']} skipped ({record['skipped']})")
+                    stopped = f"stage {number} would repeat stage {ran[stage.name]} with tools"
+                    continue
             missing = _missing_capabilities(ctx, stage, STAGE_STRATEGIES)
             if missing:
                 record["skipped"] = f"the backend lacks {', '.join(missing)}"
@@ -187,6 +182,20 @@ class Auto(Strategy[AutoParams]):
             "answer": shown(answer.answer),
         }
         return StrategyResult(choices=[answer.answer], details=details, budget_exhausted=budget_exhausted)
+
+
+def _stage_with_tools(stage: Stage, record: dict[str, Any], ran: Mapping[str, int]) -> tuple[Stage, str]:
+    """The stage a tool request runs in its place, and the progress note saying so; `record` gets what ran
+    instead and why, and `skipped` when that is what an earlier stage already ran (the same vote again with new
+    samples is no escalation)."""
+    planned = stage.name
+    stage, replaced = stage_for_tools(stage, STAGE_STRATEGIES)
+    if replaced is None:
+        return stage, ""
+    record.update(ran=stage.name, replaced=replaced)
+    if stage.name in ran:
+        record["skipped"] = f"with tools it runs as stage {ran[stage.name]} did ({stage.name})"
+    return stage, f" (in place of {planned}: {replaced})"
 
 
 def shown(answer: Candidate) -> str:
