@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -40,7 +41,18 @@ def test_a_failed_strategy_costs_one_run(retrying_sdk, fake):
 
 def test_a_strategy_with_too_few_survivors_costs_one_run(retrying_sdk, fake):
     sdk, attempts = retrying_sdk
-    fake.script = lambda body: FakeReply(status=500) if body["seed"] % 2 else FakeReply()
+    # The strategy gives up after the second failure and cancels calls not yet sent; the failures answer only
+    # once all four calls have arrived, so the count below does not race that cancellation.
+    all_arrived = threading.Event()
+    seen: list[int] = []
+
+    def script(body):
+        seen.append(body["seed"])
+        if len(seen) == 4:
+            all_arrived.set()
+        return FakeReply(status=500, release=all_arrived) if body["seed"] % 2 else FakeReply()
+
+    fake.script = script
     with pytest.raises(openai.InternalServerError) as caught:
         sdk.chat.completions.create(model="sc:n=4,min_success=3-fake-model", messages=user(), seed=1)
     assert caught.value.status_code == 502 and caught.value.code == "strategy_failed"
