@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -382,12 +383,23 @@ async def test_gather_successes_cancels_the_rest_once_min_success_is_unreachable
 
 
 def test_one_failure_that_makes_min_success_unreachable_aborts_the_siblings(client, fake):
-    fake.script = lambda body: (FakeReply(status=500) if body["seed"] == 0 else FakeReply(delay=3.0))
+    # The failure answers only once all three calls are in flight, so there are siblings to abort at the backend.
+    all_arrived = threading.Event()
+    seen: list[int] = []
+
+    def script(body):
+        seen.append(body["seed"])
+        if len(seen) == 3:
+            all_arrived.set()
+        return FakeReply(status=500, release=all_arrived) if body["seed"] == 0 else FakeReply(delay=3.0)
+
+    fake.script = script
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(model="sc:n=3,min_success=3-fake-model", messages=user(), seed=0)
     assert time.monotonic() - started < 2
     slow = [r for r in fake.chat_requests() if r.body["seed"] != 0]
+    assert len(slow) == 2
     deadline = time.monotonic() + 2
     while not all(r.aborted for r in slow):
         assert time.monotonic() < deadline, "the siblings must be aborted at the backend"
