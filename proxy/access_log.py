@@ -20,8 +20,10 @@ from typing import Any, Protocol
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import CLIENT_CLOSED
+from .scope_slots import scope_slot
+
 ACCESS_LOGGER = "ttc_proxy.access"
-CLIENT_CLOSED = 499  # the client left before the response ended
 _SCOPE_KEY = "access_record"
 _MAX_TEXT = 200  # a model name or a strategy's parameters are the client's: at most this much is logged
 _MAX_SNIFFED_BODY = 1 << 20  # a JSON reply's usage is read only from replies this small
@@ -44,11 +46,7 @@ class AccessRecord:
 
 def access_record(scope: Scope) -> AccessRecord:
     """The request's record (made by the middleware; a detached one where there is none)."""
-    state = scope.setdefault("state", {})
-    record = state.get(_SCOPE_KEY)
-    if record is None:
-        record = state[_SCOPE_KEY] = AccessRecord()
-    return record
+    return scope_slot(scope, _SCOPE_KEY, AccessRecord)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from .backends.scheduler import share_bounds
 from .config import ProxyConfig
 from .console import ASSETS as CONSOLE_ASSETS, asset as console_asset
 from .errors import (
+    CLIENT_CLOSED,
     ClientDisconnected,
     InvalidRequest,
     NotFound,
@@ -553,4 +554,4 @@ async def _serve(request: Request, path: str, schema: type[Any]) -> Response:
     except ProxyError as exc:
         return error_response(exc, request_id)
     except ClientDisconnected:
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# The status a request gets when its client left before the response ended (nginx's "client closed request").
+CLIENT_CLOSED = 499
+
 
 class ProxyError(Exception):
     """An error the client should see as an OpenAI-style error body."""

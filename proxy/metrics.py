@@ -18,9 +18,10 @@ from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .errors import CLIENT_CLOSED
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")
-CLIENT_CLOSED = 499
 ENDPOINTS = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json",
     "/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize", "/ui",

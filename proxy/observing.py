@@ -16,7 +16,9 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import CLIENT_CLOSED, FinishedRequest, ProxyMetrics, RequestLabels, usage_tokens
+from .errors import CLIENT_CLOSED
+from .metrics import FinishedRequest, ProxyMetrics, RequestLabels, usage_tokens
+from .scope_slots import scope_slot
 from .telemetry import Telemetry
 
 _SCOPE_KEY = "request_labels"
@@ -28,11 +30,7 @@ _OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completi
 
 def request_labels(scope: Scope) -> RequestLabels:
     """The request's labels (made by the middleware; a detached one where there is none)."""
-    state = scope.setdefault("state", {})
-    labels = state.get(_SCOPE_KEY)
-    if labels is None:
-        labels = state[_SCOPE_KEY] = RequestLabels()
-    return labels
+    return scope_slot(scope, _SCOPE_KEY, RequestLabels)
 
 
 def carries_text(chunk: bytes) -> bool:
