@@ -207,6 +207,41 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
                   loop: str | None = None, http: str | None = None,
                   progress: Any = None, metrics_off_too: bool = False, rounds: int = 1) -> dict[str, Any]:
     """Start the backend and the proxy, run every phase direct and through the proxy, return all numbers."""
+    _check_limits(requests, duration, concurrency, rounds)
+    warmup = max(0, min(warmup, MAX_REQUESTS))
+    loop, http = proxy_runtime(loop, http)
+    started = time.time()
+    load_before = load_average()
+    phases = _measure_phases(requests=requests, warmup=warmup, duration=duration, concurrency=concurrency,
+                             loop=loop, http=http, say=progress or (lambda message: None),
+                             metrics_off_too=metrics_off_too, rounds=rounds)
+    summary, checks = _summary_and_checks(phases, concurrency, metrics_off_too, rounds)
+    answered = all(result["requests"] > 0 and result["ok"] == result["requests"]
+                   for phase in phases.values() for result in phase.values())
+    return {
+        **report_header("pass-through overhead", started, load_before),
+        "setup": {
+            "model": BENCH_MODEL,
+            "request_body": json.loads(request_body(False)),
+            "backend": "ttc_proxy.tools.fakebackend.FakeBackend, own process, " + ("uvloop" if has_module("uvloop") else "asyncio"),
+            "proxy": f"create_app(config_for_backend_url(...)), uvicorn, 1 worker, loop={loop}, http={http}, "
+                     "access log off",
+            "client": "raw asyncio HTTP/1.1 keep-alive, own process",
+            "requests": requests,
+            "warmup": warmup,
+            "duration_s": duration,
+            "concurrency": concurrency,
+            "metrics_off_too": metrics_off_too,
+            "rounds": rounds if metrics_off_too else None,
+        },
+        "phases": phases,
+        "summary": summary,
+        "targets": checks,
+        "all_answered_ok": answered,
+    }
+
+
+def _check_limits(requests: int, duration: float, concurrency: int, rounds: int) -> None:
     if not 1 <= requests <= MAX_REQUESTS:
         raise ValueError(f"requests must be in 1..{MAX_REQUESTS}")
     if not 0 < duration <= MAX_DURATION:
@@ -215,13 +250,13 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
         raise ValueError(f"concurrency must be in 1..{MAX_CONCURRENCY}")
     if not 1 <= rounds <= MAX_ROUNDS:
         raise ValueError(f"rounds must be in 1..{MAX_ROUNDS}")
-    warmup = max(0, min(warmup, MAX_REQUESTS))
-    loop, http = proxy_runtime(loop, http)
-    say = progress or (lambda message: None)
 
+
+def _measure_phases(*, requests: int, warmup: int, duration: float, concurrency: int, loop: str, http: str,
+                    say: Any, metrics_off_too: bool, rounds: int) -> dict[str, dict[str, Any]]:
+    """Each phase against each target (the backend direct, the proxy, the proxy with metrics off), with the CPU
+    each process spent per request."""
     backend = proxy = quiet = None
-    started = time.time()
-    load_before = load_average()
     try:
         backend = start_backend(max(64, concurrency))
         config = config_for_backend_url(f"http://{HOST}:{backend.port}/v1")
@@ -260,11 +295,16 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
                 phases[name][target] = result
                 backend.check_alive()
                 proxy.check_alive()
+        return phases
     finally:
         for child in (quiet, proxy, backend):
             if child is not None:
                 child.stop()
 
+
+def _summary_and_checks(phases: dict[str, dict[str, Any]], concurrency: int, metrics_off_too: bool,
+                        rounds: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The added latency, TTFT and throughput, and each against its target."""
     seq, stream, conc = phases["sequential"], phases["streaming"], phases["concurrent"]
     summary = {
         "sequential_added_p50_ms": _diff(_p(seq["direct"], "latency_ms", "p50"), _p(seq["proxy"], "latency_ms", "p50")),
@@ -295,29 +335,7 @@ def run_benchmark(*, requests: int = 2000, warmup: int = 200, duration: float = 
             checks.append({"name": f"metrics on vs off: {name}", "value": value,
                            "target": f"<= {TARGET_METRICS_ADDED_MS:g} ms", "unit": "ms",
                            "met": value is not None and value <= TARGET_METRICS_ADDED_MS})
-    answered = all(result["requests"] > 0 and result["ok"] == result["requests"]
-                   for phase in phases.values() for result in phase.values())
-    return {
-        **report_header("pass-through overhead", started, load_before),
-        "setup": {
-            "model": BENCH_MODEL,
-            "request_body": json.loads(request_body(False)),
-            "backend": "ttc_proxy.tools.fakebackend.FakeBackend, own process, " + ("uvloop" if has_module("uvloop") else "asyncio"),
-            "proxy": f"create_app(config_for_backend_url(...)), uvicorn, 1 worker, loop={loop}, http={http}, "
-                     "access log off",
-            "client": "raw asyncio HTTP/1.1 keep-alive, own process",
-            "requests": requests,
-            "warmup": warmup,
-            "duration_s": duration,
-            "concurrency": concurrency,
-            "metrics_off_too": metrics_off_too,
-            "rounds": rounds if metrics_off_too else None,
-        },
-        "phases": phases,
-        "summary": summary,
-        "targets": checks,
-        "all_answered_ok": answered,
-    }
+    return summary, checks
 
 
 def metrics_comparison(phases: dict[str, dict[str, Any]], rounds: int = 1) -> dict[str, Any]:

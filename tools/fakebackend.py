@@ -407,26 +407,7 @@ class FakeBackend:
             echoed = str(messages[-1].get("content") or "")
         if body.get("stream"):
             return await self._stream(record, reply, texts[0], is_chat, reader, writer, echoed)
-        choices = []
-        generated = []  # what each choice's tokens are: its text, or its calls' arguments, and its reasoning
-        for i, text in enumerate(texts):
-            calls = reply.calls_for(i) if is_chat else []
-            if calls:
-                message: dict[str, Any] = {"role": "assistant", "content": None,
-                                           "tool_calls": [_tool_call(i, k, *call) for k, call in enumerate(calls)]}
-                choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": "tool_calls"}
-                text = "".join(arguments for _, arguments in calls)
-            elif is_chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": echoed + text},
-                          "finish_reason": reply.finish_reason}
-            else:
-                choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
-            if is_chat and reply.reasoning_for(i):
-                choice["message"]["reasoning_content"] = reply.reasoning_for(i)
-            if body.get("logprobs") and reply.logprobs:
-                choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
-            choices.append(choice)
-            generated.append(text + (reply.reasoning_for(i) if is_chat else ""))
+        choices, generated = self._choices(reply, texts, body, is_chat, echoed)
         counted = [len(_tokens(t)) for t in generated]
         completion_tokens = counted[0] if self.usage_counts_one_choice else sum(counted)
         prompt_tokens = self._prompt_tokens(body)
@@ -447,6 +428,32 @@ class FakeBackend:
         await self._send(writer, 200, encoded)
         record.finished = True
         return True
+
+    def _choices(self, reply: FakeReply, texts: list[str], body: dict[str, Any], is_chat: bool,
+                 echoed: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """The response's choices, and what each one's tokens are: its text, or its calls' arguments, and its
+        reasoning (what usage counts)."""
+        choices = []
+        generated = []
+        for i, text in enumerate(texts):
+            calls = reply.calls_for(i) if is_chat else []
+            if calls:
+                message: dict[str, Any] = {"role": "assistant", "content": None,
+                                           "tool_calls": [_tool_call(i, k, *call) for k, call in enumerate(calls)]}
+                choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": "tool_calls"}
+                text = "".join(arguments for _, arguments in calls)
+            elif is_chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": echoed + text},
+                          "finish_reason": reply.finish_reason}
+            else:
+                choice = {"index": i, "text": text, "finish_reason": reply.finish_reason}
+            if is_chat and reply.reasoning_for(i):
+                choice["message"]["reasoning_content"] = reply.reasoning_for(i)
+            if body.get("logprobs") and reply.logprobs:
+                choice["logprobs"] = {"content": self._logprob_entries(text, reply, body, choice=i)}
+            choices.append(choice)
+            generated.append(text + (reply.reasoning_for(i) if is_chat else ""))
+        return choices, generated
 
     @staticmethod
     def _prompt_tokens(body: dict[str, Any]) -> int:
