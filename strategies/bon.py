@@ -56,7 +56,7 @@ class BestOfNParams(CheckParams):
     select: Literal["vote", "confidence", "weighted", "judge", "verifier"] = Field(
         default="confidence", description="how to pick: vote | confidence | weighted | judge | verifier. Default: "
                                           "the best measured on the dev set (with confidence=logprob), see "
-                                          "docs/results/2026-11-29-arith-dev.md")
+                                          "docs/results/2026-12-07-arith-dev.md")
     temperature: float | None = Field(
         default=None, gt=0, le=2, description="sampling temperature when the request has none above 0 (default 0.8)")
     min_success: int = Field(default=1, ge=1, description="fail unless at least this many candidates succeed")
@@ -64,7 +64,7 @@ class BestOfNParams(CheckParams):
         default="logprob", description="trace confidence: DeepConf's mean | tail (last window) | lowest_group "
                                        "(sliding), or logprob (exp of the mean sampled-token log-probability). "
                                        "Default: the best measured on the dev set (logprob ahead of lowest_group at "
-                                       "n=8, n=16 and over cot), see docs/results/2026-11-29-arith-dev.md")
+                                       "n=8, n=16 and over cot), see docs/results/2026-12-07-arith-dev.md")
     window: int = Field(default=16, ge=1, description="tokens per group/tail; a shorter trace is one group")
     top_k: int = Field(default=5, ge=2, le=20, description="top logprobs per token for token confidence")
     count_truncated: bool = Field(

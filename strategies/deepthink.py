@@ -62,7 +62,7 @@ class DeepThinkParams(StrategyParams):
                                                                   "answer that skips the synthesis")
     plan: bool = Field(default=True, description="let the model pick and adapt the approaches (one call); "
                                                  "else the first k of the built-in list. Default: the best "
-                                                 "measured on the dev set, see docs/results/2026-11-29-search.md")
+                                                 "measured on the dev set, see docs/results/2026-12-07-search.md")
     temperature: float | None = Field(default=None, ge=0, le=2, description="exploration temperature (default: "
                                                                             "the request's)")
     plan_tokens: int = Field(default=160, ge=16, description="max tokens of the plan")

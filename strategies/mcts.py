@@ -63,7 +63,7 @@ class MctsParams(CheckParams):
         default="auto", description="nodes are whole answers or reasoning steps; auto: step where it can run (the "
                                     "backend continues text and mcts runs over no other strategy), else answer. "
                                     "Default: the best measured on the dev set, see "
-                                    "docs/results/2026-11-29-search.md")
+                                    "docs/results/2026-12-07-search.md")
     score: Literal["logprob", "confidence", "agreement", "judge", "verifier"] = Field(
         default="logprob", description=f"node scorer: {' | '.join(SCORER_NAMES)} (see strategies.scoring)")
     select: Literal["best", "vote", "weighted"] = Field(

@@ -39,7 +39,7 @@ class SelfConsistencyParams(StrategyParams):
     adaptive: bool = Field(default=False, description="sample in waves; stop once the majority is settled. "
                                                       "Default off: on the dev set the beta rule gave the same "
                                                       "answers at n=8 for barely fewer tokens, in waves (more wall "
-                                                      "time), see docs/results/2026-11-29-arith-dev.md")
+                                                      "time), see docs/results/2026-12-07-arith-dev.md")
     first_wave: int = Field(default=4, ge=1, description="adaptive: samples in the first wave")
     wave: int = Field(default=2, ge=1, description="adaptive: samples in each later wave")
     stop_rule: Literal["beta", "predictive"] = Field(
