@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -102,7 +103,23 @@ from collections.abc import Callable, Mapping  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from ttc_proxy.tools.fakebackend import FakeBackend  # noqa: E402
+from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply  # noqa: E402
+
+
+def held_until_all_arrived(calls: int, script: Callable[[dict[str, Any]], FakeReply]
+                           ) -> Callable[[dict[str, Any]], FakeReply]:
+    """A fake-backend script whose replies all wait until `calls` requests have arrived: a test that counts the
+    calls a strategy sends does not race the cancellation of calls not yet sent (after a failure it answers)."""
+    arrived = threading.Event()
+    seen: list[dict[str, Any]] = []
+
+    def held(body: dict[str, Any]) -> FakeReply:
+        seen.append(body)
+        if len(seen) >= calls:
+            arrived.set()
+        return dataclasses.replace(script(body), release=arrived)
+
+    return held
 
 
 def backend_entry(fake: FakeBackend, **fields: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
 
 from tests.helpers import fake_config
-from tests.helpers import ProxyServer, assert_openai_error, backend_entry, chat, user
+from tests.helpers import ProxyServer, assert_openai_error, backend_entry, chat, held_until_all_arrived, user
 
 
 # ---- retry amplification: an error that will repeat says so, so the official SDK does not run it again ----
@@ -41,18 +40,8 @@ def test_a_failed_strategy_costs_one_run(retrying_sdk, fake):
 
 def test_a_strategy_with_too_few_survivors_costs_one_run(retrying_sdk, fake):
     sdk, attempts = retrying_sdk
-    # The strategy gives up after the second failure and cancels calls not yet sent; the failures answer only
-    # once all four calls have arrived, so the count below does not race that cancellation.
-    all_arrived = threading.Event()
-    seen: list[int] = []
-
-    def script(body):
-        seen.append(body["seed"])
-        if len(seen) == 4:
-            all_arrived.set()
-        return FakeReply(status=500, release=all_arrived) if body["seed"] % 2 else FakeReply()
-
-    fake.script = script
+    # The strategy gives up after the second failure; all four calls are in flight before any answers.
+    fake.script = held_until_all_arrived(4, lambda body: FakeReply(status=500) if body["seed"] % 2 else FakeReply())
     with pytest.raises(openai.InternalServerError) as caught:
         sdk.chat.completions.create(model="sc:n=4,min_success=3-fake-model", messages=user(), seed=1)
     assert caught.value.status_code == 502 and caught.value.code == "strategy_failed"

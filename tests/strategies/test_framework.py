@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -36,7 +35,8 @@ from ttc_proxy.strategies.framework import (
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply, render_template
 
 from tests.helpers import fake_config
-from tests.helpers import ProxyServer, assert_openai_error, chat, sync_client, user, validate_schema
+from tests.helpers import (ProxyServer, assert_openai_error, chat, held_until_all_arrived, sync_client, user,
+                           validate_schema)
 
 SETTINGS = ProxyConfig.model_validate({"backends": [{"name": "x", "base_url": "http://x"}]}).strategies
 
@@ -383,17 +383,9 @@ async def test_gather_successes_cancels_the_rest_once_min_success_is_unreachable
 
 
 def test_one_failure_that_makes_min_success_unreachable_aborts_the_siblings(client, fake):
-    # The failure answers only once all three calls are in flight, so there are siblings to abort at the backend.
-    all_arrived = threading.Event()
-    seen: list[int] = []
-
-    def script(body):
-        seen.append(body["seed"])
-        if len(seen) == 3:
-            all_arrived.set()
-        return FakeReply(status=500, release=all_arrived) if body["seed"] == 0 else FakeReply(delay=3.0)
-
-    fake.script = script
+    # All three calls are in flight before the failure answers, so there are siblings to abort at the backend.
+    fake.script = held_until_all_arrived(
+        3, lambda body: FakeReply(status=500) if body["seed"] == 0 else FakeReply(delay=3.0))
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(model="sc:n=3,min_success=3-fake-model", messages=user(), seed=0)
