@@ -14,6 +14,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,35 +42,43 @@ def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -
     return statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
-async def _pairs(engine_port: int, path: str, proxy_port: int, engine_model: str, stream: bool, pairs: int,
-                 warmup: int, rng: random.Random) -> dict[str, Any]:
-    direct_request = post_bytes(engine_port, _body(engine_model, stream), stream, path=path)
-    proxy_request = post_bytes(proxy_port, _body(CLIENT_MODEL, stream), stream)
-    ports = {"direct": engine_port, "proxy": proxy_port}
-    conns = {side: await connect(port) for side, port in ports.items()}
-    times: dict[str, list[float]] = {"direct": [], "proxy": []}
+async def paired_times(sides: Mapping[str, tuple[int, bytes]], *, stream: bool, pairs: int, warmup: int,
+                       rng: random.Random) -> tuple[dict[str, list[float]], int]:
+    """Each side's time in ms over `pairs` rounds after `warmup` (a stream's: to its first content), the sides sent
+    in random order within each round, one at a time, on one keep-alive connection each; and how many requests
+    failed. `sides` maps a name to (port, request bytes)."""
+    conns = {side: await connect(port) for side, (port, _) in sides.items()}
+    times: dict[str, list[float]] = {side: [] for side in sides}
     failed = 0
     try:
         for i in range(warmup + pairs):
-            order = [("direct", direct_request), ("proxy", proxy_request)]
+            order = list(sides.items())
             rng.shuffle(order)
             measured: dict[str, float] = {}
-            for side, data in order:
+            for side, (port, data) in order:
                 try:
                     status, seconds, ttft, ok = await conns[side].request(data, stream)
                 except ConnectionError:  # the server closed the kept-alive connection (llama-server may): again
-                    conns[side] = await connect(ports[side])
+                    conns[side] = await connect(port)
                     status, seconds, ttft, ok = await conns[side].request(data, stream)
                 # A stream counts by its first content: transformers serve's lack no more than a final [DONE]
                 if status != 200 or (stream and ttft is None) or (not stream and not ok):
                     failed += 1
                 measured[side] = ttft if stream and ttft is not None else seconds
-            if i >= warmup and len(measured) == 2:
+            if i >= warmup and len(measured) == len(sides):
                 for side, value in measured.items():
                     times[side].append(value * 1000.0)
     finally:
         for conn in conns.values():
             conn.close()
+    return times, failed
+
+
+async def _pairs(engine_port: int, path: str, proxy_port: int, engine_model: str, stream: bool, pairs: int,
+                 warmup: int, rng: random.Random) -> dict[str, Any]:
+    sides = {"direct": (engine_port, post_bytes(engine_port, _body(engine_model, stream), stream, path=path)),
+             "proxy": (proxy_port, post_bytes(proxy_port, _body(CLIENT_MODEL, stream), stream))}
+    times, failed = await paired_times(sides, stream=stream, pairs=pairs, warmup=warmup, rng=rng)
     added = [p - d for p, d in zip(times["proxy"], times["direct"])]
     median, low, high = median_interval(added)
     return {"pairs": len(added), "failed": failed,

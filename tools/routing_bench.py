@@ -26,8 +26,8 @@ from typing import Any
 
 from ttc_proxy.proxy.config import config_for_backend_url
 
-from .engine_bench import median_interval
-from .rawhttp import connect, post_bytes
+from .engine_bench import median_interval, paired_times
+from .rawhttp import post_bytes
 from .servers import BENCH_MODEL, HOST, load_average, proxy_runtime, report_header, start_backend, start_proxy
 
 LOGPROB = "select=confidence,confidence=logprob"
@@ -72,27 +72,9 @@ def backend_calls(port: int, body: dict[str, Any]) -> int:
 
 
 async def _pairs(port: int, stages: int, pairs: int, warmup: int, rng: random.Random) -> dict[str, Any]:
-    requests = {side: post_bytes(port, json.dumps(body, separators=(",", ":")).encode(), False)
-                for side, body in (("fixed", fixed_body(stages)), ("auto", auto_body(stages)))}
-    conns = {side: await connect(port) for side in requests}
-    times: dict[str, list[float]] = {"fixed": [], "auto": []}
-    failed = 0
-    try:
-        for i in range(warmup + pairs):
-            order = list(requests.items())
-            rng.shuffle(order)
-            measured: dict[str, float] = {}
-            for side, data in order:
-                status, seconds, _, ok = await conns[side].request(data, False)
-                if status != 200 or not ok:
-                    failed += 1
-                measured[side] = seconds * 1000.0
-            if i >= warmup:
-                for side, value in measured.items():
-                    times[side].append(value)
-    finally:
-        for conn in conns.values():
-            conn.close()
+    sides = {side: (port, post_bytes(port, json.dumps(body, separators=(",", ":")).encode(), False))
+             for side, body in (("fixed", fixed_body(stages)), ("auto", auto_body(stages)))}
+    times, failed = await paired_times(sides, stream=False, pairs=pairs, warmup=warmup, rng=rng)
     added = [a - f for a, f in zip(times["auto"], times["fixed"])]
     median, low, high = median_interval(added)
     return {"stages": stages, "fixed": STAGES[stages - 1][0], "auto": " | ".join(n for n, _ in STAGES[:stages]),

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ttc_proxy.strategies.policy import CascadePolicy
 from ttc_proxy.tools import cli
 from ttc_proxy.tools.fakebackend import FakeBackend, FakeReply
@@ -18,6 +20,14 @@ TASKS = [
      "check": "number"}
     for i in range(1, 11)
 ]
+
+
+@pytest.fixture
+def tasks(tmp_path: Path) -> Path:
+    """TASKS as a task file."""
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    return path
 
 
 def script(body: dict[str, Any]) -> FakeReply:
@@ -37,10 +47,8 @@ def script(body: dict[str, Any]) -> FakeReply:
 
 
 def test_tune_fits_a_cascade_that_escalates_only_the_unsure_tasks(proxy: ProxyServer, fake: FakeBackend,
-                                                                  tmp_path: Path) -> None:
+                                                                  tmp_path: Path, tasks: Path) -> None:
     fake.script = script
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     policy_path, results = tmp_path / "policy.json", tmp_path / "results"
     assert cli.main(["tune", str(tasks), "--model", "fake-model", "--proxy", proxy.url, "--out", str(policy_path),
                      "--results", str(results), "--pool", "4", "--folds", "2", "--no-progress", "--default-budget", "250",
@@ -56,10 +64,8 @@ def test_tune_fits_a_cascade_that_escalates_only_the_unsure_tasks(proxy: ProxySe
 
 
 def test_max_tokens_total_stops_cleanly_and_fits_on_the_tasks_done(proxy: ProxyServer, fake: FakeBackend,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, tasks: Path) -> None:
     fake.script = script
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     results = tmp_path / "results"
     # Each task accounts 97 (cot) + 388 (bon:n=4>cot) + 388 (the chain) tokens: 2,000 are spent within 3 tasks.
     assert cli.main(["tune", str(tasks), "--model", "fake-model", "--proxy", proxy.url, "--out",
@@ -80,15 +86,13 @@ def test_a_candidate_that_is_not_a_strategy_is_refused(proxy: ProxyServer, tmp_p
 
 
 def test_an_engine_without_logprobs_gets_no_logprob_rules(proxy: ProxyServer, fake: FakeBackend,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, tasks: Path) -> None:
     def without_logprobs(body: dict[str, Any]) -> FakeReply:
         reply = script(body)
         reply.logprobs = False
         return reply
 
     fake.script = without_logprobs
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     policy_path, results = tmp_path / "policy.json", tmp_path / "results"
     assert cli.main(["tune", str(tasks), "--model", "fake-model", "--proxy", proxy.url, "--out", str(policy_path),
                      "--results", str(results), "--pool", "4", "--folds", "2", "--no-progress",
@@ -103,10 +107,8 @@ def test_an_engine_without_logprobs_gets_no_logprob_rules(proxy: ProxyServer, fa
 
 
 def test_refit_fits_again_on_an_earlier_runs_tables_without_an_engine(proxy: ProxyServer, fake: FakeBackend,
-                                                                       tmp_path: Path) -> None:
+                                                                       tmp_path: Path, tasks: Path) -> None:
     fake.script = script
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     first, again = tmp_path / "first", tmp_path / "again"
     common = ["--model", "fake-model", "--folds", "2", "--no-progress", "--default-budget", "250"]
     assert cli.main(["tune", str(tasks), "--proxy", proxy.url, "--out", str(first / "p.json"), "--results",
